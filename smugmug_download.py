@@ -98,7 +98,7 @@ RATE_LOW_WATER = 10       # X-RateLimit-Remaining under this: spread calls until
 DOWNLOAD_ATTEMPTS = 5     # tries of one part (resumed with Range where possible)
 ARCHIVE_ERROR_RETRIES = 3 # new archives after a Status "Error"
 ARCHIVE_REMOVED_RETRIES = 3
-CHUNK_SIZE = 1 << 20      # 1 MiB: big enough for low CPU per byte, small enough for constant memory
+CHUNK_SIZE = 256 * 1024   # low CPU per byte, constant memory, and little lost when a run is killed
 MAX_NAME_BYTES = 200
 STATUS_INTERVAL = 0.1     # the progress line is redrawn at most ten times a second
 PROGRESS_LOG_INTERVAL = 60.0
@@ -854,26 +854,30 @@ def album_changed_at(album):
     return max(times) if times else None
 
 
-def current_archive(parts, album, requested, ignored=frozenset()):
-    """The parts of the newest usable archive, one per Part number, or [].
+def is_fresh(part, album, requested, ignored):
+    """May this archive part be used for the album as it is now?
 
-    Usable: not Error/Removed, not in ignored (archives we gave up on), and
-    not older than the album's last change. An archive without a DateAdded is
-    trusted only once we have requested one ourselves.
+    Never one in ignored (listed before our request, or given up on). Once we
+    have requested an archive, every other one is ours; before that, only one
+    not older than the album's last change (its DateAdded proves it).
     """
-    changed = album_changed_at(album)
+    if part.identity in ignored:
+        return False
+    if requested:
+        return True
+    added, changed = parse_time(part.date_added), album_changed_at(album)
+    # Strictly later: times have whole seconds, and an archive from the very
+    # second of a change may predate it.
+    return added is not None and changed is not None and added > changed
+
+
+def current_archive(parts, album, requested, ignored=frozenset()):
+    """The parts of the newest usable archive, one per Part number, or []."""
     best = {}
     for p in parts:
-        if p.status in ("Error", "Removed") or p.identity in ignored:
+        if p.status in ("Error", "Removed") or not is_fresh(p, album, requested, ignored):
             continue
         added = parse_time(p.date_added)
-        if added is None:
-            fresh = requested
-        else:
-            fresh = changed is not None and added >= changed
-            fresh = fresh or (requested and changed is None)
-        if not fresh:
-            continue
         key = (added or datetime.datetime.min.replace(tzinfo=datetime.timezone.utc))
         if p.part not in best or key >= best[p.part][0]:
             best[p.part] = (key, p)
@@ -882,10 +886,7 @@ def current_archive(parts, album, requested, ignored=frozenset()):
 
 def archive_state(parts, album, requested, ignored):
     """('complete'|'preparing'|'error'|'removed', parts) for one look at !download."""
-    fresh_failed = [p for p in parts if p.status in ("Error", "Removed") and p.identity not in ignored
-                    and (requested or not p.date_added or
-                         (album_changed_at(album) and parse_time(p.date_added) and
-                          parse_time(p.date_added) >= album_changed_at(album)))]
+    fresh_failed = [p for p in parts if p.status in ("Error", "Removed") and is_fresh(p, album, requested, ignored)]
     usable = current_archive(parts, album, requested, ignored)
     if usable and all(p.status == "Complete" for p in usable):
         return "complete", usable
@@ -906,27 +907,25 @@ def fetch_details(client, album):
 
 
 def request_archive(client, album, force_new, ignored):
-    """Stage of the request pool: ('complete'|'preparing', album, parts).
+    """Stage of the request pool: (state, album, parts, stale identities).
 
     Reuses a fresh archive SmugMug already has (complete or in preparation)
-    unless force_new; otherwise POSTs for a new one.
+    unless force_new; otherwise POSTs for a new one. Every archive listed
+    before the POST is returned as stale: from then on, only a new one is ours.
     """
     album = fetch_details(client, album)
     if album.image_count == 0:
-        return "empty", album, []
+        return "empty", album, [], set()
     download_uri = album.uri + "!download"
+    existing = archive_parts(client.get(download_uri, kind="archive"))
     if not force_new:
-        existing = archive_parts(client.get(download_uri, kind="archive"))
         state, parts = archive_state(existing, album, False, ignored)
-        if state == "complete":
-            return "complete", album, parts
-        if parts:
-            return "preparing", album, parts
+        if state == "complete" or (state == "preparing" and parts):
+            return state, album, parts, set()
+    stale = {p.identity for p in existing}
     body = client.post(download_uri)
-    state, parts = archive_state(archive_parts(body), album, True, ignored)
-    if state == "complete":
-        return "complete", album, parts
-    return "preparing", album, parts
+    state, parts = archive_state(archive_parts(body), album, True, set(ignored) | stale)
+    return ("complete" if state == "complete" else "preparing"), album, parts, stale
 
 
 def poll_archive(client, album, ignored):
@@ -999,16 +998,27 @@ def fetch_to_file(client, url, temp, progress):
         else:
             raise DownloadError("HTTP %d: %s" % (status, error_message(resp)))
         written = offset
+        # Only the local side's OSErrors are write errors: requests' network
+        # errors are OSErrors too, and are retried by the caller.
         try:
-            with open(temp, mode) as out:
-                for chunk in resp.iter_content(CHUNK_SIZE):
-                    if client.stop.is_set():
-                        raise Interrupted("stopping")
-                    out.write(chunk)
-                    written += len(chunk)
-                    progress(len(chunk))
+            out = open(temp, mode)
         except OSError as exc:
             raise LocalWriteError("%s: %s" % (temp, exc.strerror or exc)) from exc
+        try:
+            for chunk in resp.iter_content(CHUNK_SIZE):
+                if client.stop.is_set():
+                    raise Interrupted("stopping")
+                try:
+                    out.write(chunk)
+                except OSError as exc:
+                    raise LocalWriteError("%s: %s" % (temp, exc.strerror or exc)) from exc
+                written += len(chunk)
+                progress(len(chunk))
+        finally:
+            try:
+                out.close()
+            except OSError as exc:
+                raise LocalWriteError("%s: %s" % (temp, exc.strerror or exc)) from exc
     if expected is not None and written != expected:
         raise DownloadError("got %d of %d bytes" % (written, expected))
     return written
@@ -1492,8 +1502,9 @@ class Orchestrator:
     # -- request and poll --
 
     def on_request(self, job, result):
-        state, album, parts = result
+        state, album, parts, stale = result
         job.album = album
+        job.ignored.update(stale)
         if state == "empty":
             self.end_preparing(job)
             self.finish_album(job)

@@ -198,13 +198,13 @@ class FakeSmugMug:
         self.albums[key] = FakeAlbum(key, node.node_id, list(sizes), names, image_count=count)
         return key
 
-    def touch(self, key, seconds=3600):
+    def touch(self, key):
         """The album changed: new timestamps, new content."""
         with self.lock:
             album = self.albums[key]
             album.version += 1
-            album.last_updated += datetime.timedelta(seconds=seconds)
-            album.images_last_updated += datetime.timedelta(seconds=seconds)
+            now = datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0)
+            album.last_updated = album.images_last_updated = now + datetime.timedelta(seconds=1)
 
     def remove_node(self, node_id):
         with self.lock:
@@ -235,7 +235,8 @@ class FakeSmugMug:
     def start(self):
         self.server = _Server(("127.0.0.1", 0), _Handler)
         self.server.fake = self
-        thread = threading.Thread(target=self.server.serve_forever, name="fake-smugmug", daemon=True)
+        thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05},
+                                  name="fake-smugmug", daemon=True)
         thread.start()
         return self
 
@@ -313,7 +314,7 @@ class FakeSmugMug:
                     "DateAdded": iso(archive.created_at), "DateModified": iso(archive.created_at),
                     "Size": content.size,
                     "WebUri": "%s/download/%s/%d/%s" % (self.base, urllib.parse.quote(archive.archive_id, safe=""),
-                                                        i + 1, urllib.parse.quote(name)),
+                                                        i + 1, urllib.parse.quote(name, safe="")),
                     "Uri": "/api/v2/album/%s!download" % key})
         return out
 

@@ -1,0 +1,115 @@
+"""End to end: the real script against the emulator over HTTP, byte for byte."""
+
+import os
+
+import smugmug_download as sd
+from conftest import expected_tree, sample_expected, tree
+
+
+def test_full_backup_mirrors_the_account(sample, run):
+    """Every album of a 3-level account lands at its path with identical bytes; exit 0."""
+    code, out, err = run()
+    assert code == sd.EXIT_OK, err
+    assert tree(run.out) == sample_expected(sample)
+    # empty album and empty folder are mirrored as folders; Page and unknown types are not
+    assert os.path.isdir(run.out / "Family" / "Empty Album")
+    assert os.listdir(run.out / "Family" / "Empty Album") == []
+    assert os.path.isdir(run.out / "Empty Folder")
+    assert not os.path.exists(run.out / "About Me") and not os.path.exists(run.out / "Mystery")
+    assert "unknown node type" in err
+    # the 10-child folder was paged (server clamps count to 4): 3 pages
+    travel = [e for e in sample.calls("walk") if e["path"].endswith("!children")
+              and e["path"].startswith("/api/v2/node/") and e["query"].get("start") in ("5", "9")]
+    assert len(travel) >= 2
+    # every call was signed correctly
+    assert not [e for e in sample.log if e["status"] == 401]
+    assert "15 albums backed up" in err
+    assert not [n for n in tree(run.out) if n.endswith(".part")]
+
+
+def test_three_part_album_all_parts(sample, run):
+    """A 3-part archive yields three complete files."""
+    code, _, err = run()
+    assert code == 0, err
+    big = sorted(os.listdir(run.out / "Family" / "Big Trip"))
+    assert big == sorted(sample.expected_parts(sample.keys["big"]))
+    assert len(big) == 3
+
+
+def test_hostile_names_stay_inside_output_dir(fake, run):
+    """Names with ../, separators, NUL, device names, 1,000 characters or equal but for case are
+    cleaned; nothing is written outside output_dir."""
+    evil = fake.add_folder("../..", days=1)
+    a1 = fake.add_album("/etc/passwd", evil, days=2)
+    a2 = fake.add_album("CON", evil, days=3)
+    a3 = fake.add_album("x\x00y" + "L" * 1000, evil, days=4)
+    a4 = fake.add_album("Same", evil, days=5)
+    a5 = fake.add_album("same", evil, days=6)
+    a6 = fake.add_album("zip", evil, names=["../../../escaped.zip"], days=7)
+    code, _, err = run()
+    assert code == 0, err
+    node5 = fake.albums[a5].node_id
+    expected = expected_tree(fake, {a1: ".._/_etc_passwd", a2: ".._/CON_", a4: ".._/Same",
+                                    a5: ".._/same (%s)" % node5})
+    got = tree(run.out)
+    for path, data in expected.items():
+        assert got[path] == data
+    long_dirs = [p for p in got if p.startswith(".._/x_y")]
+    assert len(long_dirs) == 1 and len(long_dirs[0].split("/")[1].encode()) == 200
+    assert got[".._/zip/.._.._.._escaped.zip"] == list(fake.expected_parts(a6).values())[0]
+    assert not os.path.exists(run.tmp / "escaped.zip")
+    assert sorted(os.listdir(run.tmp)) == ["backup", "config.json"]
+
+
+def test_post_answer_variants(sample, run):
+    """POST answered 200 without a Download list, and an unknown preparing status, still work."""
+    sample.post_status = 200
+    sample.post_lists_downloads = False
+    sample.unknown_status = "Queued"
+    code, _, err = run()
+    assert code == 0, err
+    assert tree(run.out) == sample_expected(sample)
+
+
+def test_existing_fresh_archive_is_reused(sample, run):
+    """An archive SmugMug already prepared after the album's last change is downloaded, not requested again."""
+    key = sample.keys["xmas"]
+    sample.new_archive(key)
+    code, _, err = run()
+    assert code == 0, err
+    posted = {e["path"] for e in sample.calls("post")}
+    assert "/api/v2/album/%s!download" % key not in posted
+    assert len(posted) == 13           # the others, minus the empty album
+    assert tree(run.out) == sample_expected(sample)
+
+
+def test_download_refused_album_fails_alone(sample, run):
+    """403 on POST: that album is reported as 'downloads not allowed', the rest is backed up, exit 1."""
+    key = sample.keys["bbq"]
+    sample.albums[key].allow_downloads = False
+    code, _, err = run()
+    assert code == sd.EXIT_ALBUMS_FAILED
+    assert "Family/2019/Summer/BBQ: downloads not allowed: Downloads are not allowed for this album" in err
+    assert len([e for e in sample.calls("post") if key in e["path"]]) == 1     # not retried
+    expected = sample_expected(sample)
+    del expected["Family/2019/Summer/BBQ/%s.zip" % key]
+    assert tree(run.out) == expected
+
+
+def test_named_user_and_authuser(sample, run):
+    """smugmug_user names the account; without it the token's own user is used."""
+    code, _, err = run(smugmug_user="tester")
+    assert code == 0, err
+    assert not [e for e in sample.log if e["path"] == "/api/v2!authuser"]
+    code, _, err = run(smugmug_user="nobody-here")
+    assert code == sd.EXIT_USAGE
+    assert err.count("\n") == 1 and "not found" in err
+
+
+def test_bad_credentials_exit_2(sample, run):
+    """A wrong secret: the server answers 401, the run stops with one line and exit 2."""
+    code, _, err = run(access_key_secret="wrong-secret-value")
+    assert code == sd.EXIT_USAGE
+    assert err.strip().splitlines()[-1].startswith(
+        "Error: SmugMug rejected the credentials: oauth_problem=signature_invalid. Run --authorize")
+    assert "Traceback" not in err
