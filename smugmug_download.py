@@ -554,16 +554,15 @@ class RateGate:
         self._spacing_until = 0.0
 
     def wait(self):
-        """Block until this caller's turn; raise Interrupted if the run stops."""
-        with self._lock:
-            now = time.monotonic()
-            spacing = self._spacing if now < self._spacing_until else 0.0
-            turn = max(now, self._not_before)
-            self._not_before = max(self._not_before, turn + spacing)
+        """Block until the gate is open and take a turn; raise Interrupted if the run stops."""
         while True:
-            delay = max(turn, self._not_before - (spacing if spacing else 0.0)) - time.monotonic()
-            if delay <= 0:
-                return
+            with self._lock:
+                now = time.monotonic()
+                if now >= self._not_before:
+                    if now < self._spacing_until:
+                        self._not_before = now + self._spacing
+                    return
+                delay = self._not_before - now
             if self._stop.wait(min(delay, 0.25)):
                 raise Interrupted("stopping")
 
@@ -595,7 +594,7 @@ def connect_retry():
     Only the connect phase: a request that reached the server is retried by
     SmugMugClient itself, signed anew, since an OAuth nonce must not be reused.
     """
-    kwargs = dict(total=None, connect=5, read=0, redirect=5, status=0, other=0,
+    kwargs = dict(total=None, connect=3, read=0, redirect=5, status=0, other=0,
                   backoff_factor=0.5, raise_on_status=False)
     try:
         return Retry(backoff_jitter=0.5, **kwargs)
@@ -691,8 +690,9 @@ class SmugMugClient:
                 status = resp.status_code
                 if status == 429:
                     throttled += 1
-                    wait = parse_retry_after(resp.headers.get("Retry-After"))
-                    wait = backoff_delay(throttled) if wait is None else wait
+                    # Honour Retry-After, but never hammer a server that keeps saying 429.
+                    wait = max(parse_retry_after(resp.headers.get("Retry-After")) or 0.0,
+                               backoff_delay(throttled - 1))
                     log.warning("SmugMug asks to slow down (429): pausing all API calls for %.1f s", wait)
                     self.gate.close_for(wait)
                     if throttled >= RATE_LIMIT_ATTEMPTS:
@@ -1335,7 +1335,6 @@ class Orchestrator:
             self.preparing += 1
             job.in_prep = True
             job.requested_at = time.monotonic()
-            job.generation += 1
             # After an Error or a Removed archive, ask for a new one rather than look again.
             force_new = job.errors > 0 or job.removals > 0
             self.submit("request", "request", job, request_archive, self.client, job.album,
@@ -1529,9 +1528,9 @@ class Orchestrator:
                     return
                 log.warning("archive of %s failed on SmugMug: requesting a new one", job.album.rel)
             else:
-                self.archive_vanished(job, "archive expired (Removed)", counted=False)
+                self.archive_vanished(job, "archive expired (Removed)")
                 return
-            self.waiting.appendleft(job)
+            self.request_again(job)
         else:
             limit = self.config.archive_timeout_hours * 3600
             if time.monotonic() - job.requested_at > limit:
@@ -1543,13 +1542,18 @@ class Orchestrator:
             self.seq += 1
             heapq.heappush(self.polls, (time.monotonic() + delay, self.seq, job))
 
-    def archive_vanished(self, job, why, counted=True):
+    def archive_vanished(self, job, why):
         """Removed or gone: ask again, a bounded number of times."""
         job.removals += 1
         if job.removals > ARCHIVE_REMOVED_RETRIES:
             self.fail(job, why)
             return
         log.warning("%s: %s; requesting it again", job.album.rel, why)
+        self.request_again(job)
+
+    def request_again(self, job):
+        """Give up on the current archive (its downloads still running are ignored) and queue a new request."""
+        job.generation += 1
         job.polls = 0
         job.pending_parts = 0
         self.downloading.discard(job.album.album_key)

@@ -14,6 +14,7 @@ one gets 401. Faults are knobs on FakeSmugMug, each deterministic.
 
 import argparse
 import datetime
+import email.utils
 import http.server
 import itertools
 import json
@@ -398,6 +399,11 @@ class _Server(socketserver.ThreadingMixIn, http.server.HTTPServer):
     allow_reuse_address = True
     request_queue_size = 128
 
+    def handle_error(self, request, client_address):
+        """Clients hanging up (cut downloads, killed runs) are normal here."""
+        if not isinstance(sys.exc_info()[1], (ConnectionError, TimeoutError)):
+            super().handle_error(request, client_address)
+
 
 class _Handler(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
@@ -508,14 +514,17 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         headers = {}
         if fake.rate_remaining is not None:
             headers = {"X-RateLimit-Remaining": str(fake.rate_remaining),
-                       "X-RateLimit-Reset": str(int(time.time()) + 2)}
+                       "X-RateLimit-Reset": str(int(time.time()) + 1)}
         if now < fake.throttle_until:
             fake.throttled_log.append((now, path))
             self.record(method, path, query, 429, kind)
             return self.send(429, {"Code": 429, "Message": "Too Many Requests"},
                              headers={"Retry-After": str(fake.retry_after)})
         if number in fake.throttle_calls:
-            wait = fake.retry_after if isinstance(fake.retry_after, (int, float)) else 2
+            if isinstance(fake.retry_after, (int, float)):
+                wait = fake.retry_after
+            else:
+                wait = email.utils.parsedate_to_datetime(fake.retry_after).timestamp() - time.time()
             fake.throttle_until = now + wait
             fake.throttle_started = now
             self.record(method, path, query, 429, kind)

@@ -1,0 +1,266 @@
+"""A real network, a busy server and bad input: retried, reported, or stopped cleanly."""
+
+import json
+import os
+import resource
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+import smugmug_download as sd
+from conftest import SAMPLE_PATHS, SCRIPT, sample_expected, spawn, tree, wait_for, write_config
+
+
+def test_every_fault_at_once_still_gives_identical_tree(sample, run):
+    """5xx (some HTML), non-JSON 200s, a 429, cut and short downloads, an archive Error once,
+    Removed before and during download: all recovered, byte-identical tree, exit 0."""
+    keys = sample.keys
+    sample.fail_every = 7
+    sample.garbage_every = 11
+    sample.throttle_calls = {5}
+    sample.retry_after = 1
+    sample.cut_after, sample.cut_times = 1000, 1
+    sample.short_times = 1
+    sample.error_once = {keys["bbq"], keys["travel1"]}
+    sample.removed_once = {keys["xmas"]: "before", keys["big"]: "during"}
+    code, _, err = run()
+    assert code == sd.EXIT_OK, err
+    assert tree(run.out) == sample_expected(sample)
+    statuses = {e["status"] for e in sample.log}
+    assert {429, 500, 502, 503}.issubset(statuses) or {429, 500, 502}.issubset(statuses)
+    assert "Traceback" not in err
+
+
+def test_retry_after_holds_every_thread(sample, run):
+    """After a 429 with Retry-After, no API request from any thread arrives before the window ends."""
+    sample.api_latency = 0.005
+    sample.throttle_calls = {8}
+    sample.retry_after = 2
+    code, _, err = run("--workers", "8")
+    assert code == 0, err
+    first = [e for e in sample.log if e["status"] == 429][0]["t"]
+    early = [e for e in sample.log if first + 0.25 < e["t"] < first + 2.0 and not e["path"].startswith("/download")]
+    assert early == []
+    assert "pausing all API calls" in err
+    assert tree(run.out) == sample_expected(sample)
+
+
+def test_retry_after_as_http_date(sample, run):
+    """Retry-After given as an HTTP date is honoured too."""
+    import email.utils
+    sample.throttle_calls = {3}
+    sample.retry_after = email.utils.formatdate(time.time() + 1, usegmt=True)
+    code, _, err = run()
+    assert code == 0, err
+    assert tree(run.out) == sample_expected(sample)
+
+
+def test_low_rate_limit_remaining_slows_down(fake, run):
+    """When X-RateLimit-Remaining runs low, calls are spread out before any 429."""
+    for i in range(2):
+        fake.add_album("A%d" % i)
+    fake.rate_remaining = 2
+    started = time.monotonic()
+    code, _, err = run()
+    assert code == 0, err
+    gaps = [b["t"] - a["t"] for a, b in zip(fake.log, fake.log[1:]) if not b["path"].startswith("/download")]
+    assert time.monotonic() - started > 1.0
+    assert max(gaps) > 0.3
+
+
+def test_archive_error_always_fails_that_album(sample, run):
+    """An archive that always ends in Error is requested 1 + 3 times, then the album fails (exit 1)."""
+    key = sample.keys["travel2"]
+    sample.error_always = {key}
+    code, _, err = run()
+    assert code == sd.EXIT_ALBUMS_FAILED
+    assert len([e for e in sample.calls("post") if key in e["path"]]) == 1 + sd.ARCHIVE_ERROR_RETRIES
+    assert "Travel/Trip 02: SmugMug could not prepare the archive" in err
+    expected = sample_expected(sample)
+    del expected["Travel/Trip 02/%s.zip" % key]
+    assert tree(run.out) == expected
+
+
+def test_downloads_always_cut_fail_the_album_not_the_run(fake, run):
+    """A part that never arrives whole fails its album after bounded retries; no final file."""
+    good = fake.add_album("Good", sizes=(2000,))
+    bad = fake.add_album("Bad", sizes=(50_000,))
+    fake.cut_after, fake.cut_times = 10_000, 10 ** 6
+    fake.albums[good].part_sizes = [5000]
+    fake.cut_after = 6000     # the good one (5000 bytes) is never cut
+    code, _, err = run()
+    assert code == sd.EXIT_ALBUMS_FAILED
+    assert "Bad: download failed after %d tries" % sd.DOWNLOAD_ATTEMPTS in err
+    files = tree(run.out)
+    assert "Bad/%s.zip" % bad not in files
+    assert files["Good/%s.zip" % good] == fake.expected_parts(good)["%s.zip" % good]
+
+
+def test_archive_timeout_fails_album(fake, run):
+    """An archive still not ready after archive_timeout_hours fails the album."""
+    fake.add_album("Slow")
+    fake.prep_seconds = 60
+    code, _, err = run(archive_timeout_hours=0.0002)
+    assert code == sd.EXIT_ALBUMS_FAILED
+    assert "Slow: archive not ready after" in err
+
+
+def test_revoked_token_stops_the_run(sample, run):
+    """A 401 mid-run stops everything at once with exit 2 and the server's message."""
+    sample.revoke_after = 6
+    code, _, err = run()
+    assert code == sd.EXIT_USAGE
+    last = err.strip().splitlines()[-1]
+    assert last == ("Error: SmugMug rejected the credentials: oauth_problem=token_rejected. "
+                    "Run --authorize or check config.json")
+
+
+def test_missing_folder_404_warns_and_goes_on(sample, run):
+    """A folder answering 404 is skipped with a warning; the rest is backed up."""
+    travel = [n for n in sample.nodes.values() if n.name == "Travel"][0]
+    sample.not_found_nodes = {travel.node_id}
+    code, _, err = run()
+    assert code == 0, err
+    assert "folder Travel is gone (404)" in err
+    expected = {k: v for k, v in sample_expected(sample).items() if not k.startswith("Travel/")}
+    assert tree(run.out) == expected
+
+
+def test_write_error_stops_new_work(fake, tmp_path):
+    """A write error (file size limit as a stand-in for a full disk): the run names the file,
+    keeps what is complete, never leaves a partial file at a final name, exits 1."""
+    fake.add_album("Small", sizes=(1000,))
+    fake.add_album("Huge", sizes=(400_000,))
+    out = tmp_path / "backup"
+    config = write_config(tmp_path / "config.json", fake.config(out, workers=1))
+
+    def limit():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))
+
+    proc = spawn(config, preexec_fn=limit)
+    _, err = proc.communicate(timeout=60)
+    err = err.decode()
+    assert proc.returncode == sd.EXIT_ALBUMS_FAILED, err
+    assert "stopping new downloads" in err and "Huge" in err and "File too large" in err
+    files = tree(out)
+    assert not any(k.startswith("Huge/") and not k.endswith(".part") for k in files)
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_interrupt_stops_quickly_keeps_parts_and_state(sample, tmp_path, sig):
+    """Ctrl-C / SIGTERM: exit 130 within 5 s, .part files kept, state saved; a rerun completes."""
+    sample.bandwidth = 100_000
+    out = tmp_path / "backup"
+    config = write_config(tmp_path / "config.json", sample.config(out))
+    proc = spawn(config)
+    assert wait_for(lambda: any(k.endswith(".part") for k in tree(out)) if out.exists() else False)
+    time.sleep(0.3)
+    sent = time.monotonic()
+    proc.send_signal(sig)
+    code = proc.wait(timeout=10)
+    assert time.monotonic() - sent < 5
+    assert code == sd.EXIT_INTERRUPTED
+    err = proc.stderr.read().decode()
+    assert "Traceback" not in err and "Interrupted" in err
+    assert os.path.exists(out / sd.STATE_DIR / sd.STATE_FILE)
+    assert any(k.endswith(".part") for k in tree(out))
+    sample.bandwidth = None
+    proc = spawn(config)
+    assert proc.wait(timeout=60) == 0
+    assert tree(out) == sample_expected(sample)
+
+
+def test_no_secret_reaches_output_log_or_state(sample, run, tmp_path):
+    """Neither the app secret nor the access token or its secret appear anywhere, even --verbose."""
+    sample.fail_every = 9
+    log_file = tmp_path / "run.log"
+    code, out, err = run("--verbose", "--log-file", str(log_file))
+    assert code == 0, err
+    secrets = [sample.app_secret, "test-access-token-5d8e", "test-access-secret-2b6f"]
+    texts = [out, err, log_file.read_text()]
+    for root, _dirs, files in os.walk(run.out / sd.STATE_DIR):
+        texts += [open(os.path.join(root, f), errors="replace").read() for f in files]
+    for text in texts:
+        for secret in secrets:
+            assert secret not in text
+        assert "oauth_signature" not in text and "Authorization" not in text
+    assert "DEBUG" in log_file.read_text()
+
+
+def test_world_readable_config_warns(sample, run):
+    """On POSIX a config readable by others gets a warning."""
+    path = run.config()
+    os.chmod(path, 0o644)
+    code = sd.main(["--config", path, "--dry-run"])
+    err = run.capsys.readouterr().err
+    assert code == 0
+    assert "can be read by other users" in err
+
+
+@pytest.mark.parametrize("content, expected", [
+    (None, "not found"),
+    ("{\n  \"app_key\": \"x\",\n  oops\n}", "not valid JSON at line 3 column 3"),
+    ("[1, 2]", "must hold a JSON object"),
+])
+def test_config_file_errors(tmp_path, capsys, content, expected):
+    """Missing, invalid JSON (with line and column), not an object: one line, exit 2."""
+    path = tmp_path / "config.json"
+    if content is not None:
+        path.write_text(content)
+    code = sd.main(["--config", str(path)])
+    err = capsys.readouterr().err
+    assert code == sd.EXIT_USAGE
+    assert err.count("\n") == 1 and expected in err and err.startswith("Error: ")
+
+
+@pytest.mark.parametrize("change, expected", [
+    ({"access_key": None}, "access_key is missing"),
+    ({"app_key": 42}, "app_key must be a string"),
+    ({"app_key": "PASTE-YOUR-API-KEY-HERE"}, "app_key still holds the placeholder"),
+    ({"api_base": "http://api.smugmug.invalid"}, "only https is allowed"),
+    ({"workers": "four"}, "workers must be a number"),
+    ({"output_dir": "/proc/definitely/not/here"}, "cannot create output_dir"),
+])
+def test_config_value_errors(fake, tmp_path, capsys, change, expected):
+    """Each bad value is named in one line with exit 2; nothing is contacted."""
+    data = fake.config(tmp_path / "out")
+    for key, value in change.items():
+        if value is None:
+            del data[key]
+        else:
+            data[key] = value
+    path = write_config(tmp_path / "config.json", data)
+    code = sd.main(["--config", path])
+    err = capsys.readouterr().err
+    assert code == sd.EXIT_USAGE, err
+    assert expected in err and err.count("\n") == 1
+    assert fake.log == []
+
+
+def test_unknown_config_key_warns(sample, run):
+    """An unknown key is probably a typo: warn, go on."""
+    code, _, err = run(outptu_dir="x")
+    assert code == 0
+    assert "unknown key 'outptu_dir'" in err
+
+
+def test_unreachable_api_is_one_line(tmp_path, capsys):
+    """A server that refuses connections: one clear line, exit 2, no traceback."""
+    import socket
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()
+    data = {"app_key": "k1234", "app_key_secret": "s1234", "access_key": "a1234",
+            "access_key_secret": "b1234", "output_dir": str(tmp_path / "o"),
+            "api_base": "http://127.0.0.1:%d" % port}
+    path = write_config(tmp_path / "config.json", data)
+    code = sd.main(["--config", path])
+    err = capsys.readouterr().err
+    assert code == sd.EXIT_USAGE
+    assert err.startswith("Error: could not reach the account: cannot connect") and err.count("\n") == 1
