@@ -1250,7 +1250,11 @@ class StatusLine:
         if not force and now - self.last < STATUS_INTERVAL:
             return
         self.last = now
-        width = shutil.get_terminal_size((100, 20)).columns - 1
+        try:
+            width = os.get_terminal_size(self.stream.fileno()).columns - 1
+        except (OSError, ValueError, AttributeError):
+            width = 99
+        width = width if width > 20 else 99
         with self.lock:
             self.text = text[:width]
             self.stream.write("\r" + self.text + "\x1b[K")
@@ -1657,13 +1661,13 @@ class Orchestrator:
     def progress_text(self):
         elapsed = max(time.monotonic() - self.started, 0.001)
         waiting = self.preparing + len(self.waiting)
-        text = "albums: %d found, %d preparing, %d downloading, %d done, %d failed | %s, %s/s" % (
-            self.summary.albums_found, waiting, len(self.downloading),
-            self.summary.backed_up + self.summary.unchanged, len(self.summary.failed),
-            human_bytes(self.bytes_done), human_bytes(self.bytes_done / elapsed))
+        done, failed = self.summary.backed_up + self.summary.unchanged, len(self.summary.failed)
         if waiting and not self.downloading:
-            text += " | waiting for %d archive%s to be prepared" % (waiting, "" if waiting == 1 else "s")
-        return text
+            return "albums: %d found, %d done, %d failed | waiting for %d archive%s to be prepared" % (
+                self.summary.albums_found, done, failed, waiting, "" if waiting == 1 else "s")
+        return "albums: %d found, %d preparing, %d downloading, %d done, %d failed | %s at %s/s" % (
+            self.summary.albums_found, waiting, len(self.downloading), done, failed,
+            human_bytes(self.bytes_done), human_bytes(self.bytes_done / elapsed))
 
     def show_progress(self):
         if self.options.dry_run:
@@ -1908,13 +1912,14 @@ def update_secrets(redact, config):
     redact.secrets = [s for s in config.secrets() if s and len(s) >= 4]
 
 
-def read_line(prompt):
+def read_line(prompt, what):
     """One line from stdin (terminal or pipe); UsageError at end of input."""
     sys.stderr.write(prompt)
     sys.stderr.flush()
     line = sys.stdin.readline() if sys.stdin else ""
     if not line:
-        raise UsageError("no input: standard input ended before %s" % prompt.strip().rstrip(":").lower())
+        sys.stderr.write("\n")
+        raise UsageError("no input: standard input ended before %s was given" % what)
     return line.strip()
 
 
@@ -1935,7 +1940,7 @@ def authorize(config_path, data, out=sys.stdout):
                          % redact_urls(getattr(exc, "description", None) or exc))
     out.write("Open this URL in a browser, log in to SmugMug and allow access:\n\n  %s\n\n" % url)
     out.flush()
-    code = read_line("Then type the six-digit code SmugMug shows: ")
+    code = read_line("Then type the six-digit code SmugMug shows: ", "the code")
     if not re.fullmatch(r"\d{6}", code):
         raise UsageError("the code must be the six digits SmugMug shows (got %d characters)" % len(code))
     oauth = OAuth1Session(check.app_key, client_secret=check.app_key_secret,
@@ -1964,12 +1969,16 @@ def authorize(config_path, data, out=sys.stdout):
     out.flush()
 
 
-def new_config_data():
-    """A config built from an app key typed in (when --authorize finds no config file)."""
-    key = read_line("No config file yet. SmugMug API key: ")
-    secret = read_line("API secret: ")
-    return {"app_key": key, "app_key_secret": secret, "access_key": "", "access_key_secret": "",
+def create_config(path):
+    """A new config file from an app key typed in (when --authorize finds none), mode 0600."""
+    key = read_line("No config file %s yet. SmugMug API key: " % path, "the API key")
+    secret = read_line("API secret: ", "the API secret")
+    data = {"app_key": key, "app_key_secret": secret, "access_key": "", "access_key_secret": "",
             "output_dir": "~/SmugMug-backup"}
+    validate_config(dict(data, access_key="-", access_key_secret="-"), path, required=("app_key", "app_key_secret"))
+    write_atomic(path, json.dumps(data, indent=2) + "\n", mode=0o600 if os.name == "posix" else None)
+    log.info("created %s (output_dir %s: edit it if you like)", path, data["output_dir"])
+    return data
 
 
 def print_summary(summary, options, interrupted=False):
@@ -2066,7 +2075,7 @@ def main(argv=None):
         redact = setup_logging(args, status)
         if args.authorize:
             if not os.path.exists(args.config):
-                data = new_config_data()
+                data = create_config(args.config)
             else:
                 data = read_config_file(args.config)
             redact.secrets = [str(v) for k, v in data.items() if k in SECRET_KEYS and v]

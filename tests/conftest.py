@@ -107,7 +107,7 @@ def sample_expected(fake):
 
 def spawn(config_path, *args, **kw):
     """The tool as a subprocess (for signals, locks, terminals)."""
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env = dict(os.environ, PYTHONUNBUFFERED="1", **kw.pop("env", {}))
     return subprocess.Popen([sys.executable, SCRIPT, "--config", str(config_path)] + list(args),
                             stdout=kw.pop("stdout", subprocess.PIPE), stderr=kw.pop("stderr", subprocess.PIPE),
                             stdin=kw.pop("stdin", subprocess.DEVNULL), env=env, **kw)

@@ -1,0 +1,186 @@
+"""The command line: --authorize, --dry-run, --include/--exclude, progress, --help."""
+
+import json
+import os
+import pty
+import re
+import select
+import stat
+import subprocess
+import sys
+import time
+import urllib.request
+
+import smugmug_download as sd
+from conftest import SCRIPT, sample_expected, spawn, tree, write_config
+
+
+def read_until(stream, pattern, timeout=15):
+    """Read a subprocess stream until pattern matches; return the text so far."""
+    text, deadline = "", time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([stream], [], [], 0.1)
+        if ready:
+            chunk = os.read(stream.fileno(), 4096).decode()
+            if not chunk:
+                break
+            text += chunk
+            if re.search(pattern, text):
+                return text
+    raise AssertionError("pattern %r not seen in %r" % (pattern, text))
+
+
+def test_authorize_pin_flow_end_to_end(fake, tmp_path):
+    """--authorize: prints the URL at once, reads the code from a pipe, rewrites the config with
+    the tokens (other keys and order kept, mode 0600), and the tokens then work."""
+    path = tmp_path / "config.json"
+    original = {"app_key": fake.app_key, "app_key_secret": fake.app_secret, "output_dir": str(tmp_path / "out"),
+                "api_base": fake.base, "poll_seconds": 0.02, "poll_max_seconds": 0.1}
+    path.write_text(json.dumps(original))
+    proc = spawn(path, "--authorize", stdin=subprocess.PIPE)
+    text = read_until(proc.stdout, r"http://\S+authorize\S+")
+    url = re.search(r"http://\S+authorize\S+", text).group(0)
+    assert "Access=Full" in url and "Permissions=Add" in url
+    page = urllib.request.urlopen(url).read().decode()
+    code = re.search(r"<b id='code'>(\d{6})</b>", page).group(1)
+    proc.stdin.write((code + "\n").encode())
+    proc.stdin.close()
+    assert proc.wait(timeout=20) == 0, proc.stderr.read()
+    data = json.loads(path.read_text())
+    assert list(data)[:len(original)] == list(original)
+    assert data["access_key"] in fake.tokens and data["access_key_secret"] == fake.tokens[data["access_key"]]
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    assert fake.last_authorize_query.get("Access") == "Full"
+    proc = spawn(path)
+    assert proc.wait(timeout=30) == 0, proc.stderr.read()
+
+
+def test_authorize_creates_config_when_missing(fake, tmp_path):
+    """With no config file, --authorize asks for key and secret on stdin and creates the file (0600);
+    with the file's api_base pointed at the emulator, the flow then completes."""
+    path = tmp_path / "new.json"
+    # The new file names SmugMug itself: route that through a proxy that cannot exist, so the
+    # first attempt fails here without any traffic leaving the machine.
+    proc = spawn(path, "--authorize", stdin=subprocess.PIPE,
+                 env={"HTTPS_PROXY": "http://proxy.invalid:9", "https_proxy": "http://proxy.invalid:9"})
+    _, err = proc.communicate(("%s\n%s\n" % (fake.app_key, fake.app_secret)).encode(), timeout=60)
+    assert proc.returncode == sd.EXIT_USAGE and err.decode().count("Error: ") == 1
+    data = json.loads(path.read_text())
+    assert data["app_key"] == fake.app_key and data["app_key_secret"] == fake.app_secret
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    data["api_base"] = fake.base
+    path.write_text(json.dumps(data))
+    proc = spawn(path, "--authorize", stdin=subprocess.PIPE)
+    url = re.search(r"http://\S+authorize\S+", read_until(proc.stdout, r"authorize\S+")).group(0)
+    code = re.search(r"(\d{6})", urllib.request.urlopen(url).read().decode()).group(1)
+    _, err = proc.communicate((code + "\n").encode(), timeout=20)
+    assert proc.returncode == 0, err
+    assert json.loads(path.read_text())["access_key"] in fake.tokens
+
+
+def test_authorize_stdin_ends_or_wrong_code(fake, tmp_path):
+    """End of input before a code, or a wrong code: one line, exit 2, config untouched."""
+    path = tmp_path / "config.json"
+    original = json.dumps({"app_key": fake.app_key, "app_key_secret": fake.app_secret,
+                           "output_dir": "x", "api_base": fake.base})
+    path.write_text(original)
+    proc = spawn(path, "--authorize")
+    out, err = proc.communicate(timeout=20)
+    assert proc.returncode == sd.EXIT_USAGE
+    assert "http://" in out.decode()
+    assert err.decode().strip().splitlines()[-1].startswith("Error: no input")
+    proc = spawn(path, "--authorize", stdin=subprocess.PIPE)
+    out, err = proc.communicate(b"123456\n", timeout=20)
+    assert proc.returncode == sd.EXIT_USAGE
+    assert "did not accept the code" in err.decode() and err.decode().count("\n") == 1
+    assert path.read_text() == original
+
+
+def test_dry_run_writes_nothing_and_posts_nothing(sample, run):
+    """--dry-run lists albums as new/changed/unchanged, with no POST and nothing written."""
+    code, out, err = run("--dry-run")
+    assert code == 0, err
+    assert not run.out.exists()
+    assert sample.calls("post") == [] and sample.calls("archive") == []
+    lines = out.splitlines()
+    assert "new       Family/Big Trip" in lines and len(lines) == 15
+    assert run()[0] == 0
+    sample.touch(sample.keys["bbq"])
+    before = tree(run.out)
+    posts = len(sample.calls("post"))
+    code, out, err = run("--dry-run")
+    assert code == 0
+    assert "changed   Family/2019/Summer/BBQ" in out.splitlines()
+    assert "unchanged Family/Big Trip" in out.splitlines()
+    assert len(sample.calls("post")) == posts and tree(run.out) == before
+
+
+def test_include_exclude_select_exactly(sample, run):
+    """--include/--exclude pick exactly the matching albums; excluded folders are not walked."""
+    code, _, err = run("--include", "Family/2019/*", "--include", "Travel/Trip 0[12]",
+                       "--exclude", "*/Christmas")
+    assert code == 0, err
+    got = {p.rsplit("/", 1)[0] for p in tree(run.out)}
+    assert got == {"Family/2019/Summer/Beach Day", "Family/2019/Summer/BBQ", "Travel/Trip 01", "Travel/Trip 02"}
+    walked = {e["path"] for e in sample.calls("walk")}
+    empty_folder = [n for n in sample.nodes.values() if n.name == "Empty Folder"][0]
+    assert "/api/v2/node/%s!children" % empty_folder.node_id not in walked
+
+
+def test_output_dir_flag_overrides_config(sample, run, tmp_path):
+    """--output-dir wins over the config's output_dir."""
+    other = tmp_path / "elsewhere"
+    code, _, err = run("--output-dir", str(other))
+    assert code == 0, err
+    assert tree(other) == sample_expected(sample)
+    assert not run.out.exists()
+
+
+def test_status_line_on_a_terminal_only(sample, tmp_path):
+    """On a terminal, a live status line (carriage returns) on stderr; off a terminal, log lines."""
+    sample.prep_seconds = 0.4
+    config = write_config(tmp_path / "config.json", sample.config(tmp_path / "out"))
+    master, slave = pty.openpty()
+    proc = spawn(config, stderr=slave)
+    os.close(slave)
+    text = b""
+    while True:
+        try:
+            chunk = os.read(master, 4096)
+        except OSError:
+            break
+        if not chunk:
+            break
+        text += chunk
+    proc.wait(timeout=30)
+    os.close(master)
+    shown = text.decode(errors="replace")
+    assert proc.returncode == 0
+    assert "\rablums" not in shown and "\ralbums: " in shown
+    assert "waiting for" in shown and "archives to be prepared" in shown
+    assert "backed up Family/Big Trip" not in shown        # per-album lines only off a terminal
+    config2 = write_config(tmp_path / "config2.json", sample.config(tmp_path / "out2"))
+    proc = spawn(config2)
+    _, err = proc.communicate(timeout=30)
+    assert "\r" not in err.decode() and "backed up Family/Big Trip" in err.decode()
+
+
+def test_help_version_and_flag_checks(capsys):
+    """--help groups options with examples; --version; bad combinations are usage errors (exit 2)."""
+    proc = subprocess.run([sys.executable, SCRIPT, "--help"], capture_output=True, text=True)
+    assert proc.returncode == 0
+    for word in ("set-up", "examples:", "--include 'Family/2019/*'", "exit codes", "0 3 * * *"):
+        assert word in proc.stdout
+    proc = subprocess.run([sys.executable, SCRIPT, "--version"], capture_output=True, text=True)
+    assert proc.stdout.strip() == "smugmug_download.py %s" % sd.__version__
+    proc = subprocess.run([sys.executable, SCRIPT, "--quiet", "--verbose"], capture_output=True, text=True)
+    assert proc.returncode == 2 and "--quiet and --verbose" in proc.stderr
+
+
+def test_never_prompts_without_a_terminal(sample, tmp_path):
+    """A cron-style run (stdin closed, no terminal) completes without asking anything."""
+    config = write_config(tmp_path / "config.json", sample.config(tmp_path / "out"))
+    proc = spawn(config, "--quiet", stdin=subprocess.DEVNULL)
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0
+    assert out == b""
