@@ -18,6 +18,9 @@ import smugmug_download  # noqa: E402
 
 SCRIPT = os.path.join(ROOT, "smugmug_download.py")
 
+# Every test talks to 127.0.0.1 only: never through a proxy from the environment.
+os.environ["NO_PROXY"] = os.environ["no_proxy"] = "127.0.0.1,localhost"
+
 
 @pytest.fixture
 def fake():

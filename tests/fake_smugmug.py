@@ -365,7 +365,7 @@ class FakeSmugMug:
                 "UriDescription": "Album by key", "Uris": uris}
 
     def user_json(self):
-        return {"Name": "Test User", "NickName": self.nickname, "QuickShare": False,
+        return {"Name": "Test User", "NickName": self.nickname, "QuickShare": False, "ImageCount": 0,
                 "RefTag": "TESTREF", "ResponseLevel": "Full", "ViewPassHint": "",
                 "Uri": "/api/v2/user/%s" % self.nickname, "UriDescription": "User By Nickname",
                 "WebUri": "https://%s.smugmug.invalid" % self.nickname,
