@@ -366,6 +366,9 @@ class FakeSmugMug:
 
     def user_json(self):
         return {"Name": "Test User", "NickName": self.nickname, "QuickShare": False, "ImageCount": 0,
+                "AccountStatus": "Active", "Domain": "", "DomainOnly": "", "FirstName": "Test",
+                "LastName": "User", "FriendsView": False, "IsTrial": False, "Plan": "Power",
+                "SortBy": "LastUpdated", "TotalAccountSize": 0,
                 "RefTag": "TESTREF", "ResponseLevel": "Full", "ViewPassHint": "",
                 "Uri": "/api/v2/user/%s" % self.nickname, "UriDescription": "User By Nickname",
                 "WebUri": "https://%s.smugmug.invalid" % self.nickname,
