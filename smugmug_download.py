@@ -1465,6 +1465,8 @@ class Orchestrator:
         album = job.album
         status = classify(album, job.record, self.out) if album.has_details or job.record else "new"
         if self.options.dry_run:
+            if status == "unchanged" and job.record.get("path") != album.rel:
+                status = "moved"
             self.options.print_line("%-9s %s" % (status, album.rel))
             return
         if status == "unchanged":
@@ -2044,7 +2046,10 @@ def run(config, options, status):
         orchestrator.shutdown(wait=True)
         state.save()
         status.clear()
-        if not options.dry_run:
+        if options.dry_run:
+            for path in summary.gone:
+                options.print_line("%-9s %s" % ("gone", path))
+        else:
             print_summary(summary, options)
         return EXIT_ALBUMS_FAILED if (summary.failed or summary.write_error) else EXIT_OK
     except NotFound as exc:

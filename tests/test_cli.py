@@ -113,6 +113,12 @@ def test_dry_run_writes_nothing_and_posts_nothing(sample, run):
     assert "changed   Family/2019/Summer/BBQ" in out.splitlines()
     assert "unchanged Family/Big Trip" in out.splitlines()
     assert len(sample.calls("post")) == posts and tree(run.out) == before
+    sample.rename(sample.albums[sample.keys["travel1"]].node_id, "Trip One")
+    sample.remove_node(sample.albums[sample.keys["travel2"]].node_id)
+    code, out, err = run("--dry-run")
+    assert "moved     Travel/Trip One" in out.splitlines()
+    assert "gone      Travel/Trip 02" in out.splitlines()
+    assert tree(run.out) == before
 
 
 def test_include_exclude_select_exactly(sample, run):
