@@ -22,7 +22,6 @@ import collections
 import concurrent.futures
 import datetime
 import email.utils
-import errno
 import fnmatch
 import heapq
 import json
@@ -30,7 +29,6 @@ import logging
 import os
 import random
 import re
-import shutil
 import signal
 import stat
 import sys
@@ -40,7 +38,7 @@ import time
 import unicodedata
 import urllib.parse
 from dataclasses import dataclass, field, replace
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import requests
 from requests.adapters import HTTPAdapter
@@ -1493,9 +1491,9 @@ class Orchestrator:
                 os.rename(old, new)
             else:
                 for part in job.record.get("parts") or []:
-                    src = os.path.join(old, part["FileName"])
-                    if os.path.exists(src):
-                        os.replace(src, os.path.join(new, part["FileName"]))
+                    src, dst = os.path.join(old, part["FileName"]), os.path.join(new, part["FileName"])
+                    if os.path.exists(src) and not os.path.exists(dst):   # never over another album's file
+                        os.rename(src, dst)
         except OSError as exc:
             log.warning("could not move %s to %s (%s): downloading it again", old_rel, job.album.rel, exc)
             return

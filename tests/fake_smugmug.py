@@ -490,7 +490,6 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     # -- routing ------------------------------------------------------------
 
     def dispatch(self, method):
-        fake = self.fake
         split = urllib.parse.urlsplit(self.path)
         path, query = urllib.parse.unquote(split.path), dict(urllib.parse.parse_qsl(split.query))
         body = self.read_body()

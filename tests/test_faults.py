@@ -1,17 +1,14 @@
 """A real network, a busy server and bad input: retried, reported, or stopped cleanly."""
 
-import json
 import os
 import resource
 import signal
-import subprocess
-import sys
 import time
 
 import pytest
 
 import smugmug_download as sd
-from conftest import SAMPLE_PATHS, SCRIPT, sample_expected, spawn, tree, wait_for, write_config
+from conftest import sample_expected, spawn, tree, wait_for, write_config
 
 
 def test_every_fault_at_once_still_gives_identical_tree(sample, run):
