@@ -96,6 +96,7 @@ RATE_LOW_WATER = 10       # X-RateLimit-Remaining under this: spread calls until
 DOWNLOAD_ATTEMPTS = 5     # tries of one part (resumed with Range where possible)
 ARCHIVE_ERROR_RETRIES = 3 # new archives after a Status "Error"
 ARCHIVE_REMOVED_RETRIES = 3
+REQUEST_AGAIN_AFTER_POLLS = 8  # ~35 s of looks with nothing listed: the request was lost
 CHUNK_SIZE = 256 * 1024   # low CPU per byte, constant memory, and little lost when a run is killed
 MAX_NAME_BYTES = 200
 STATUS_INTERVAL = 0.1     # the progress line is redrawn at most ten times a second
@@ -709,6 +710,8 @@ class SmugMugClient:
                         body = None
                     if isinstance(body, dict):
                         return body
+                    if method == "POST" and not resp.content.strip():
+                        return {}         # accepted, no body: what it started is seen by looking again
                     reason = "unreadable answer (HTTP %d, not JSON)" % status
                 elif status >= 500:
                     reason = "HTTP %d: %s" % (status, error_message(resp))
@@ -727,12 +730,14 @@ class SmugMugClient:
 def find_root(client, config):
     """(nickname, root Folder) of the account to back up."""
     nickname = config.smugmug_user
+    user = None
     if not nickname:
         user = envelope_payload(client.get(API_ROOT + "!authuser"))
         nickname = user.get("NickName") if isinstance(user, dict) else None
         if not nickname:
             raise ApiError("!authuser did not name a user")
-    user = envelope_payload(client.get("%s/user/%s" % (API_ROOT, urllib.parse.quote(nickname))))
+    if not uri_of(user, "Node"):
+        user = envelope_payload(client.get("%s/user/%s" % (API_ROOT, urllib.parse.quote(nickname))))
     node_uri = uri_of(user, "Node")
     if not node_uri:
         raise ApiError("user %s has no root node" % nickname)
@@ -859,10 +864,12 @@ def is_fresh(part, album, requested, ignored):
     have requested an archive, every other one is ours; before that, only one
     not older than the album's last change (its DateAdded proves it).
     """
+    if requested:
+        # An undated archive cannot be told from an older one at the same URL:
+        # trust what the server lists after our request rather than wait forever.
+        return not (part.date_added and part.identity in ignored)
     if part.identity in ignored:
         return False
-    if requested:
-        return True
     added, changed = parse_time(part.date_added), album_changed_at(album)
     # Strictly later: times have whole seconds, and an archive from the very
     # second of a change may predate it.
@@ -940,9 +947,10 @@ def download_part(client, part, final_path, resume_ok, progress):
     The byte count is checked against Content-Length / Content-Range. Returns
     the size. The caller renames the .part once every part of the album is done.
     """
-    if not is_secure_url(part.url):
+    url = urllib.parse.urljoin(client.base + "/", part.url)    # a relative WebUri is on the API host
+    if not is_secure_url(url):
         raise DownloadError("refusing to fetch an archive over plain http from %s"
-                            % urllib.parse.urlsplit(part.url).hostname)
+                            % urllib.parse.urlsplit(url).hostname)
     temp = final_path + ".part"
     if not resume_ok:
         remove_quietly(temp)
@@ -952,7 +960,7 @@ def download_part(client, part, final_path, resume_ok, progress):
             if client.stop.wait(backoff_delay(attempt - 1)):
                 raise Interrupted("stopping")
         try:
-            return fetch_to_file(client, part.url, temp, progress)
+            return fetch_to_file(client, url, temp, progress)
         except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError,
                 DownloadError) as exc:
             last_error = redact_urls(exc)
@@ -970,7 +978,7 @@ def fetch_to_file(client, url, temp, progress):
     headers = {"Accept-Encoding": "identity"}
     if offset:
         headers["Range"] = "bytes=%d-" % offset
-    with client.session().get(url, headers=headers, stream=True, timeout=TIMEOUT) as resp:
+    with open_following_redirects(client, url, headers) as resp:
         status = resp.status_code
         if status == 416 and offset:
             total = parse_unsatisfied_range(resp.headers.get("Content-Range"))
@@ -1020,6 +1028,25 @@ def fetch_to_file(client, url, temp, progress):
     if expected is not None and written != expected:
         raise DownloadError("got %d of %d bytes" % (written, expected))
     return written
+
+
+def open_following_redirects(client, url, headers):
+    """A streamed GET of url, following redirects by hand: each hop is signed
+    afresh for its own URL on the archive's or the API's host, sent unsigned
+    elsewhere, and never to plain http off this machine."""
+    trusted = {urllib.parse.urlsplit(url).netloc, urllib.parse.urlsplit(client.base).netloc}
+    for _hop in range(6):
+        auth = None if urllib.parse.urlsplit(url).netloc in trusted else (lambda request: request)
+        resp = client.session().get(url, headers=headers, stream=True, timeout=TIMEOUT,
+                                    allow_redirects=False, auth=auth)
+        location = resp.headers.get("Location")
+        if resp.status_code not in (301, 302, 303, 307, 308) or not location:
+            return resp
+        resp.close()
+        url = urllib.parse.urljoin(url, location)
+        if not is_secure_url(url):
+            raise DownloadError("archive redirected to plain http on %s" % urllib.parse.urlsplit(url).hostname)
+    raise DownloadError("too many redirects")
 
 
 def remove_quietly(path):
@@ -1336,7 +1363,7 @@ class Orchestrator:
             job = self.waiting.popleft()
             self.preparing += 1
             job.in_prep = True
-            job.requested_at = time.monotonic()
+            job.requested_at = job.requested_at or time.monotonic()   # the limit spans re-requests
             # After an Error or a Removed archive, ask for a new one rather than look again.
             force_new = job.errors > 0 or job.removals > 0
             self.submit("request", "request", job, request_archive, self.client, job.album,
@@ -1540,6 +1567,12 @@ class Orchestrator:
             if time.monotonic() - job.requested_at > limit:
                 self.end_preparing(job)
                 self.fail(job, "archive not ready after %s" % human_seconds(limit))
+                return
+            if not parts and job.polls >= REQUEST_AGAIN_AFTER_POLLS:
+                # SmugMug lists nothing for our request: it was probably lost; ask again.
+                self.end_preparing(job)
+                log.debug("%s: no archive listed after %d looks; requesting again", job.album.rel, job.polls)
+                self.request_again(job)
                 return
             delay = poll_delay(job.polls, self.config.poll_seconds, self.config.poll_max_seconds)
             job.polls += 1

@@ -168,6 +168,9 @@ class FakeSmugMug:
         self.revoke_after = None        # API call number after which the token is refused
         self.not_found_nodes = set()    # node ids whose !children answer 404
         self.require_download_oauth = True
+        self.post_empty_body = False    # POST answered with no body at all
+        self.relative_web_uri = False   # WebUri given as a path on the API host
+        self.redirect_downloads = False # WebUri answers 302 to the real file
         self._download_attempts = {}
         self._bucket_lock = threading.Lock()
         self._bucket_time = time.monotonic()
@@ -314,8 +317,10 @@ class FakeSmugMug:
                     "Part": i + 1, "FileName": name, "Status": status,
                     "DateAdded": iso(archive.created_at), "DateModified": iso(archive.created_at),
                     "Size": content.size,
-                    "WebUri": "%s/download/%s/%d/%s" % (self.base, urllib.parse.quote(archive.archive_id, safe=""),
-                                                        i + 1, urllib.parse.quote(name, safe="")),
+                    "WebUri": "%s/%s/%s/%d/%s" % ("" if self.relative_web_uri else self.base,
+                                                  "redirect" if self.redirect_downloads else "download",
+                                                  urllib.parse.quote(archive.archive_id, safe=""),
+                                                  i + 1, urllib.parse.quote(name, safe="")),
                     "Uri": "/api/v2/album/%s!download" % key})
         return out
 
@@ -498,6 +503,13 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 return self.oauth_flow(method, path, query, body)
             if path.startswith("/download/"):
                 return self.download(method, path)
+            if path.startswith("/redirect/"):
+                ok, _ = self.verify_oauth(method, b"", self.fake.tokens)
+                if not ok:
+                    return self.send_error_json(401, "oauth_problem=signature_invalid")
+                return self.send(302, b"", content_type="text/plain",
+                                 headers={"Location": urllib.parse.quote("/download/" + path[len("/redirect/"):],
+                                                                         safe="/")})
             if path.startswith("/api/v2"):
                 return self.api(method, path, query, body)
             self.send_error_json(404, "Not Found")
@@ -634,6 +646,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             if not album.allow_downloads:
                 return 403, {"Code": 403, "Message": "Downloads are not allowed for this album"}
             fake.new_archive(album.key)
+            if fake.post_empty_body:
+                return fake.post_status, b""
             downloads = fake.download_objects(album.key) if fake.post_lists_downloads else None
             return fake.post_status, envelope(method, request_uri, path, "Download", "Objects",
                                               downloads or None, code=fake.post_status)

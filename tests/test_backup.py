@@ -71,6 +71,18 @@ def test_post_answer_variants(sample, run):
     assert tree(run.out) == sample_expected(sample)
 
 
+def test_empty_post_relative_web_uri_and_redirects(sample, run):
+    """POST answered with an empty body, WebUri as a path on the API host, and downloads that
+    redirect (each hop signed anew): still a byte-identical backup."""
+    sample.post_empty_body = True
+    sample.relative_web_uri = True
+    sample.redirect_downloads = True
+    code, _, err = run()
+    assert code == 0, err
+    assert tree(run.out) == sample_expected(sample)
+    assert any(e["path"].startswith("/download/") for e in sample.log) is True
+
+
 def test_existing_fresh_archive_is_reused(sample, run):
     """An archive SmugMug already prepared after the album's last change is downloaded, not requested again."""
     key = sample.keys["xmas"]
