@@ -18,6 +18,7 @@ import email.utils
 import http.server
 import itertools
 import json
+import os
 import random
 import socketserver
 import sys
@@ -799,6 +800,7 @@ def main(argv=None):
     if args.write_config:
         with open(args.write_config, "w") as f:
             f.write(text + "\n")
+        os.chmod(args.write_config, 0o600)      # it holds (fake) secrets, like a real config
     print("Fake SmugMug serving a sample account at %s. A matching config:\n%s" % (fake.base, text))
     print("Save it as config.json (or use --write-config) and run: python smugmug_download.py")
     print("Ctrl-C to stop.", flush=True)
