@@ -631,7 +631,6 @@ class SmugMugClient:
         self._local = threading.local()
         self._sessions = []
         self._sessions_lock = threading.Lock()
-        self.calls = collections.Counter()   # kind -> count (for the benchmark and tests)
 
     def session(self):
         sess = getattr(self._local, "session", None)
@@ -656,13 +655,13 @@ class SmugMugClient:
     def url(self, uri):
         return self.base + path_and_query(uri)
 
-    def get(self, uri, kind="walk", **params):
-        return self.call("GET", uri, kind, params)
+    def get(self, uri, **params):
+        return self.call("GET", uri, params)
 
-    def post(self, uri, kind="post"):
-        return self.call("POST", uri, kind, {})
+    def post(self, uri):
+        return self.call("POST", uri, {})
 
-    def call(self, method, uri, kind, params):
+    def call(self, method, uri, params):
         """One API call: the JSON body of a 2xx answer, or an exception.
 
         Retries network errors, 5xx and unreadable bodies with backoff; 429
@@ -674,7 +673,6 @@ class SmugMugClient:
             if self.stop.is_set():
                 raise Interrupted("stopping")
             self.gate.wait()
-            self.calls[kind] += 1
             try:
                 resp = self.session().request(
                     method, url, params=params or None, timeout=TIMEOUT,
@@ -755,7 +753,7 @@ def list_children(client, folder):
     link = add_query(folder.children_uri, count=PAGE_COUNT, _expand="Album")
     pages = 0
     while link:
-        body = client.get(link, kind="walk")
+        body = client.get(link)
         nodes.extend(as_list(envelope_payload(body)))
         found = body.get("Expansions")
         if isinstance(found, dict):
@@ -905,7 +903,7 @@ def fetch_details(client, album):
     """album with its timestamps, fetched with one GET when the walk had no expansion."""
     if album.has_details:
         return album
-    details = envelope_payload(client.get(album.uri, kind="album"))
+    details = envelope_payload(client.get(album.uri))
     if not isinstance(details, dict):
         raise ApiError("album %s: unreadable answer" % album.album_key)
     return with_details(album, details)
@@ -922,7 +920,7 @@ def request_archive(client, album, force_new, ignored):
     if album.image_count == 0:
         return "empty", album, [], set()
     download_uri = album.uri + "!download"
-    existing = archive_parts(client.get(download_uri, kind="archive"))
+    existing = archive_parts(client.get(download_uri))
     if not force_new:
         state, parts = archive_state(existing, album, False, ignored)
         if state == "complete" or (state == "preparing" and parts):
@@ -935,7 +933,7 @@ def request_archive(client, album, force_new, ignored):
 
 def poll_archive(client, album, ignored):
     """Stage of the poll pool: one look at the album's archive; never sleeps."""
-    body = client.get(album.uri + "!download", kind="poll")
+    body = client.get(album.uri + "!download")
     return archive_state(archive_parts(body), album, True, ignored)
 
 
@@ -1303,13 +1301,24 @@ class AlbumJob:
     removals: int = 0
     requested_at: float = 0.0
     polls: int = 0
-    parts: List[ArchivePart] = field(default_factory=list)
     names: Dict[int, str] = field(default_factory=dict)
     sizes: Dict[int, int] = field(default_factory=dict)
     pending_parts: int = 0
     failed: bool = False
     in_prep: bool = False              # counted in Orchestrator.preparing
     generation: int = 0                # bumped per archive request; stale downloads are ignored
+
+
+def job_of(kind, payload):
+    """The AlbumJob a finished piece of work was about (None for a folder listing)."""
+    if kind == "walk":
+        return None
+    return payload[0] if kind == "download" else payload
+
+
+def partial_key(album, name):
+    """How the state names an album's NAME.part: its path relative to output_dir."""
+    return "/".join(album.path + (name,))
 
 
 class Orchestrator:
@@ -1401,7 +1410,7 @@ class Orchestrator:
             raise
         except LocalWriteError as exc:
             self.stop_new_work(str(exc))
-            self.fail(payload, "could not write: %s" % exc)
+            self.fail(job_of(kind, payload), "could not write: %s" % exc)
             return
         except BackupError as exc:
             self.on_error(kind, payload, exc)
@@ -1422,7 +1431,7 @@ class Orchestrator:
                 log.error("could not list folder %s: %s", where, exc)
                 self.summary.failed[where + "/"] = "could not list folder: %s" % exc
             return
-        job = payload[0] if kind == "download" else payload
+        job = job_of(kind, payload)
         if kind == "download" and payload[3] != job.generation:
             return                      # a part of an archive we have already given up on
         self.end_preparing(job)
@@ -1604,7 +1613,6 @@ class Orchestrator:
         if not parts:
             self.fail(job, "SmugMug listed no archive parts")
             return
-        job.parts = parts
         job.names = part_file_names(parts)
         job.sizes = {}
         job.pending_parts = len(parts)
@@ -1618,7 +1626,7 @@ class Orchestrator:
         self.downloading.add(job.album.album_key)
         for p in parts:
             final = os.path.join(folder, job.names[p.part])
-            key = os.path.relpath(final, self.out).replace(os.sep, "/")
+            key = partial_key(job.album, job.names[p.part])
             resume_ok = self.state.partials.get(key) == p.identity
             if not resume_ok:
                 self.state.record({"partial": [key, p.identity]})
@@ -1644,7 +1652,7 @@ class Orchestrator:
         folder = os.path.join(self.out, *job.album.path)
         try:
             os.makedirs(folder, exist_ok=True)
-            for number, name in job.names.items():
+            for name in job.names.values():
                 os.replace(os.path.join(folder, name) + ".part", os.path.join(folder, name))
             keep = {n.casefold() for n in job.names.values()}
             for old in (job.record or {}).get("parts") or []:
@@ -1657,7 +1665,7 @@ class Orchestrator:
             return
         self.downloading.discard(job.album.album_key)
         for name in job.names.values():
-            key = "/".join(job.album.path + (name,))
+            key = partial_key(job.album, name)
             if key in self.state.partials:
                 self.state.record({"partial": [key, None]})
         self.state.record({"album": album_record(job.album, job.names, job.sizes)})
@@ -1670,7 +1678,7 @@ class Orchestrator:
                      "" if len(job.names) == 1 else "s", human_bytes(total))
 
     def fail(self, job, reason):
-        if not isinstance(job, AlbumJob) or job.failed:
+        if job is None or job.failed:
             return
         job.failed = True
         self.end_preparing(job)
