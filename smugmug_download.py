@@ -208,8 +208,8 @@ class ArchivePart:
 
     @property
     def identity(self):
-        """What makes a NAME.part file resumable: the same archive, the same part."""
-        return "%s|%d|%s" % (strip_query(self.url), self.part, self.date_added)
+        """Which archive file this is, whatever order the server lists it in."""
+        return "%s|%s|%s" % (strip_query(self.url), self.file_name, self.date_added)
 
 
 @dataclass
@@ -829,20 +829,19 @@ def walk_folder(client, folder):
 def archive_parts(body):
     """The Download objects of a !download answer as ArchiveParts (bad ones dropped)."""
     parts = []
-    for item in as_list(envelope_payload(body)):
+    for index, item in enumerate(as_list(envelope_payload(body)), 1):
         url = item.get("WebUri") or item.get("Url") or item.get("URL")
         if not isinstance(url, str) or not url:
             continue
-        number = item.get("Part")
         try:
-            number = int(number) if number is not None else 1
-        except (TypeError, ValueError):
-            number = 1
+            number = int(item["Part"])
+        except (KeyError, TypeError, ValueError):
+            number = index         # no Part numbers: the listing order tells the parts apart
         size = item.get("Size")
         parts.append(ArchivePart(
             part=number,
             file_name=str(item.get("FileName") or ""),
-            status=str(item.get("Status") or "Unknown"),
+            status=str(item.get("Status") or "Unknown").strip().capitalize(),
             url=url,
             date_added=str(item.get("DateAdded") or ""),
             size=size if isinstance(size, int) and not isinstance(size, bool) and size >= 0 else None))
@@ -958,7 +957,7 @@ def download_part(client, part, final_path, resume_ok, progress):
             if client.stop.wait(backoff_delay(attempt - 1)):
                 raise Interrupted("stopping")
         try:
-            return fetch_to_file(client, url, temp, progress)
+            return fetch_to_file(client, url, temp, progress, part.size)
         except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError,
                 DownloadError) as exc:
             last_error = redact_urls(exc)
@@ -967,8 +966,11 @@ def download_part(client, part, final_path, resume_ok, progress):
     raise DownloadError("download failed after %d tries: %s" % (DOWNLOAD_ATTEMPTS, last_error))
 
 
-def fetch_to_file(client, url, temp, progress):
-    """One attempt at completing temp from url; returns the final size."""
+def fetch_to_file(client, url, temp, progress, listed_size=None):
+    """One attempt at completing temp from url; returns the final size.
+
+    The length to check is the answer's Content-Length (or Content-Range);
+    without one, the Size SmugMug listed for the part, if any."""
     try:
         offset = os.path.getsize(temp)
     except OSError:
@@ -994,11 +996,12 @@ def fetch_to_file(client, url, temp, progress):
                 remove_quietly(temp)
                 raise DownloadError("server resumed at the wrong offset (%s)" % resp.headers.get("Content-Range"))
             expected = span[2] if span[2] is not None else (
-                offset + content_length(resp.headers) if content_length(resp.headers) is not None else None)
+                offset + content_length(resp.headers) if content_length(resp.headers) is not None else listed_size)
             mode = "ab"
         elif status == 200:
             offset, mode = 0, "wb"
             expected = content_length(resp.headers)
+            expected = listed_size if expected is None else expected
         else:
             raise DownloadError("HTTP %d: %s" % (status, error_message(resp)))
         written = offset

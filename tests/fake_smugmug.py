@@ -172,6 +172,9 @@ class FakeSmugMug:
         self.post_empty_body = False    # POST answered with no body at all
         self.relative_web_uri = False   # WebUri given as a path on the API host
         self.redirect_downloads = False # WebUri answers 302 to the real file
+        self.omit_part_numbers = False  # Download objects without "Part"
+        self.lowercase_status = False   # "complete" instead of "Complete"
+        self.no_content_length = False  # archive bodies end with the connection, no Content-Length
         self._download_attempts = {}
         self._bucket_lock = threading.Lock()
         self._bucket_time = time.monotonic()
@@ -314,7 +317,7 @@ class FakeSmugMug:
         for archive in self.archives.get(key, []):
             status = self.archive_status(archive)
             for i, (name, content) in enumerate(archive.parts):
-                out.append({
+                obj = {
                     "Part": i + 1, "FileName": name, "Status": status,
                     "DateAdded": iso(archive.created_at), "DateModified": iso(archive.created_at),
                     "Size": content.size,
@@ -322,7 +325,12 @@ class FakeSmugMug:
                                                   "redirect" if self.redirect_downloads else "download",
                                                   urllib.parse.quote(archive.archive_id, safe=""),
                                                   i + 1, urllib.parse.quote(name, safe="")),
-                    "Uri": "/api/v2/album/%s!download" % key})
+                    "Uri": "/api/v2/album/%s!download" % key}
+                if self.omit_part_numbers:
+                    del obj["Part"]
+                if self.lowercase_status:
+                    obj["Status"] = status.lower()
+                out.append(obj)
         return out
 
     # -- JSON objects -----------------------------------------------------
@@ -704,7 +712,11 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             end = min(end, start + (size - start) // 2)
         self.send_response(status)
         self.send_header("Content-Type", "application/zip")
-        self.send_header("Content-Length", str(size - start))
+        if fake.no_content_length:
+            self.send_header("Connection", "close")
+            self.close_connection = True
+        else:
+            self.send_header("Content-Length", str(size - start))
         for k, v in headers.items():
             self.send_header(k, v)
         if end < size:

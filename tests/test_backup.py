@@ -83,6 +83,17 @@ def test_empty_post_relative_web_uri_and_redirects(sample, run):
     assert any(e["path"].startswith("/download/") for e in sample.log) is True
 
 
+def test_parts_without_numbers_lowercase_status_no_length(sample, run):
+    """Download objects without Part, statuses in lower case, and archive bodies without
+    Content-Length (checked against the listed Size): still a byte-identical backup."""
+    sample.omit_part_numbers = True
+    sample.lowercase_status = True
+    sample.no_content_length = True
+    code, _, err = run()
+    assert code == 0, err
+    assert tree(run.out) == sample_expected(sample)
+
+
 def test_existing_fresh_archive_is_reused(sample, run):
     """An archive SmugMug already prepared after the album's last change is downloaded, not requested again."""
     key = sample.keys["xmas"]
