@@ -13,20 +13,26 @@ one gets 401. Faults are knobs on FakeSmugMug, each deterministic.
 """
 
 import argparse
+import bisect
+import dataclasses
 import datetime
 import email.utils
+import functools
+import hashlib
 import http.server
 import itertools
 import json
 import os
 import random
 import socketserver
+import struct
 import sys
 import threading
 import time
 import urllib.parse
+import zlib
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence
 
 from oauthlib.common import Request as OAuthRequest
 from oauthlib.oauth1.rfc5849 import signature as oauth_signature
@@ -41,30 +47,74 @@ def iso(moment):
     return moment.replace(microsecond=0).isoformat()
 
 
+def now_plus_one():
+    """Whole seconds, one second ahead: a change is always newer than anything seen before."""
+    now = datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0)
+    return now + datetime.timedelta(seconds=1)
+
+
+@functools.lru_cache(maxsize=512)      # 128 KiB each: at most 64 MiB held
 def pattern_block(seed):
-    rng = random.Random(seed)
-    block = bytes(rng.getrandbits(8) for _ in range(PATTERN_PERIOD))
+    block = random.Random(seed).randbytes(PATTERN_PERIOD)
     return block + block
 
 
-class Content:
-    """Deterministic archive bytes: byte i is block[i % PERIOD] for a seeded block."""
+# CRC-32 of long periodic content without reading it: zlib's crc32_combine, in Python.
 
-    _cache: Dict[str, bytes] = {}
+def _gf2_times(matrix, vector):
+    total, i = 0, 0
+    while vector:
+        if vector & 1:
+            total ^= matrix[i]
+        vector >>= 1
+        i += 1
+    return total
+
+
+def _gf2_square(matrix):
+    return [_gf2_times(matrix, row) for row in matrix]
+
+
+def crc32_combine(crc1, crc2, len2):
+    """The CRC-32 of A+B from crc1 = crc32(A), crc2 = crc32(B) and len2 = len(B)."""
+    if len2 <= 0:
+        return crc1
+    odd = [0xEDB88320] + [1 << n for n in range(31)]     # the operator for one zero bit
+    even = _gf2_square(odd)                              # two zero bits
+    odd = _gf2_square(even)                              # four zero bits
+    while True:
+        even = _gf2_square(odd)
+        if len2 & 1:
+            crc1 = _gf2_times(even, crc1)
+        len2 >>= 1
+        if not len2:
+            break
+        odd = _gf2_square(even)
+        if len2 & 1:
+            crc1 = _gf2_times(odd, crc1)
+        len2 >>= 1
+        if not len2:
+            break
+    return crc1 ^ crc2
+
+
+class Content:
+    """Deterministic bytes: byte i is block[i % PERIOD] for a block seeded by `seed`.
+    Nothing of size `size` is ever held in memory; crc32() and md5() are computed once per
+    (seed, size) and cached (the CRC in O(log size) time, the MD5 streamed)."""
+
+    _digests: Dict[tuple, object] = {}
     _lock = threading.Lock()
 
     def __init__(self, seed, size):
         self.seed, self.size = seed, size
 
     def block(self):
-        with Content._lock:
-            if self.seed not in Content._cache:
-                Content._cache[self.seed] = pattern_block(self.seed)
-            return Content._cache[self.seed]
+        return pattern_block(self.seed)
 
     def read(self, start, end):
         block, out = self.block(), []
-        pos = start
+        pos, end = max(0, start), min(end, self.size)
         while pos < end:
             offset = pos % PATTERN_PERIOD
             n = min(end - pos, PATTERN_PERIOD)
@@ -74,6 +124,209 @@ class Content:
 
     def whole(self):
         return self.read(0, self.size)
+
+    def _cached(self, what, compute):
+        key = (what, self.seed, self.size)
+        with Content._lock:
+            if key in Content._digests:
+                return Content._digests[key]
+        value = compute()
+        with Content._lock:
+            Content._digests[key] = value
+        return value
+
+    def crc32(self):
+        def compute():
+            period = self.block()[:PATTERN_PERIOD]
+            repeats, rest = divmod(self.size, PATTERN_PERIOD)
+            crc, length = 0, 0                  # CRC of `repeats` periods, by doubling
+            for bit in bin(repeats)[2:] if repeats else "":
+                crc, length = crc32_combine(crc, crc, length), 2 * length
+                if bit == "1":
+                    crc, length = crc32_combine(crc, zlib.crc32(period), PATTERN_PERIOD), length + PATTERN_PERIOD
+            return crc32_combine(crc, zlib.crc32(period[:rest]), rest)
+        return self._cached("crc32", compute)
+
+    def md5(self):
+        def compute():
+            digest = hashlib.md5()
+            for pos in range(0, self.size, 1 << 20):
+                digest.update(self.read(pos, pos + (1 << 20)))
+            return digest.hexdigest()
+        return self._cached("md5", compute)
+
+
+@dataclass
+class FakeImage:
+    """One file of an album (a photo or a video), as !images lists it."""
+    key: str                                  # ImageKey
+    file_name: str
+    size: int = 3000                          # bytes of the original
+    seed: str = ""                            # its content: Content(seed, size)
+    is_video: bool = False
+    title: str = ""
+    caption: str = ""
+    keywords: Sequence[str] = ()
+    date_time_original: str = iso(T0)
+    latitude: float = 0
+    longitude: float = 0
+    altitude: int = 0
+    hidden: bool = False
+    processing: bool = False                  # True: listed, never in an archive
+    archived: bool = True                     # False: no ArchivedUri/ArchivedSize/ArchivedMD5
+    last_updated: datetime.datetime = T0
+    video_size: Optional[int] = None          # the !largestvideo transcode; None: size // 2 + 100
+
+    def __post_init__(self):
+        self.seed = self.seed or "image:%s" % self.key
+        self.keywords = list(self.keywords)
+        if isinstance(self.last_updated, str):
+            self.last_updated = datetime.datetime.fromisoformat(self.last_updated)
+
+    @property
+    def transcode_size(self):
+        return self.video_size if self.video_size is not None else self.size // 2 + 100
+
+    def content(self):
+        """The original file."""
+        return Content(self.seed, self.size)
+
+    def transcode(self):
+        """The video transcode served by !largestvideo (different bytes from the original)."""
+        return Content("transcode:" + self.seed, self.transcode_size)
+
+
+ZIP64_LIMIT = 0xFFFFFFFF
+
+
+def _dos_time(text):
+    try:
+        moment = datetime.datetime.fromisoformat(text)
+    except (TypeError, ValueError):
+        moment = T0
+    moment = max(moment.replace(tzinfo=None), datetime.datetime(1980, 1, 1))
+    return ((moment.year - 1980) << 9 | moment.month << 5 | moment.day,
+            moment.hour << 11 | moment.minute << 5 | moment.second // 2)
+
+
+class ZipContent:
+    """A stored (uncompressed) zip of images, built lazily: the layout comes from the sizes
+    alone, headers are made on demand (the CRC-32 of each image is computed once, cached),
+    and image data is read from each image's Content. Same interface as Content (size, read,
+    whole), plus `entries`: [(name in the zip, FakeImage)] and `data_offsets` (where each
+    entry's data starts). Entries over 4 GiB or past 4 GiB get ZIP64 records."""
+
+    def __init__(self, entries):
+        self.entries = [(name, dataclasses.replace(image)) for name, image in entries]   # a snapshot
+        self._contents = [image.content() for _, image in self.entries]
+        self._names = [name.encode("utf-8") for name, _ in self.entries]
+        self._segments = []             # (start, length, kind, entry index)
+        self.header_offsets, self.data_offsets = [], []
+        pos = 0
+        for i, content in enumerate(self._contents):
+            self.header_offsets.append(pos)
+            length = 30 + len(self._names[i]) + (20 if content.size >= ZIP64_LIMIT else 0)
+            self._segments.append((pos, length, "local", i))
+            pos += length
+            self.data_offsets.append(pos)
+            self._segments.append((pos, content.size, "data", i))
+            pos += content.size
+        self._directory_offset = pos
+        self._directory_size = sum(46 + len(self._names[i]) + self._extra_size(i)
+                                   for i in range(len(self.entries)))
+        self._zip64 = (pos >= ZIP64_LIMIT or self._directory_size >= ZIP64_LIMIT
+                       or len(self.entries) >= 0xFFFF)
+        tail = self._directory_size + 22 + (56 + 20 if self._zip64 else 0)
+        self._segments.append((pos, tail, "tail", None))
+        self.size = pos + tail
+        self._starts = [s[0] for s in self._segments]
+        self._headers = {}
+
+    def _zip64_fields(self, i):
+        size, offset = self._contents[i].size, self.header_offsets[i]
+        return [v for v in (size, size) if v >= ZIP64_LIMIT] + ([offset] if offset >= ZIP64_LIMIT else [])
+
+    def _extra_size(self, i):
+        fields = self._zip64_fields(i)
+        return 4 + 8 * len(fields) if fields else 0
+
+    def _fixed(self, i):
+        """(version needed, flags, DOS time, DOS date, CRC-32) of entry i."""
+        name, image = self.entries[i]
+        date, time_ = _dos_time(image.date_time_original)
+        flags = 0 if self._names[i].decode("utf-8").isascii() else 0x800
+        version = 45 if self._zip64_fields(i) else 20
+        return version, flags, time_, date, self._contents[i].crc32()
+
+    def _local_header(self, i):
+        if ("local", i) not in self._headers:
+            version, flags, time_, date, crc = self._fixed(i)
+            size = self._contents[i].size
+            extra = struct.pack("<HHQQ", 1, 16, size, size) if size >= ZIP64_LIMIT else b""
+            small = min(size, ZIP64_LIMIT)
+            self._headers[("local", i)] = struct.pack(
+                "<IHHHHHIIIHH", 0x04034B50, version, flags, 0, time_, date, crc, small, small,
+                len(self._names[i]), len(extra)) + self._names[i] + extra
+        return self._headers[("local", i)]
+
+    def _tail(self):
+        if "tail" not in self._headers:
+            out = []
+            for i in range(len(self.entries)):
+                version, flags, time_, date, crc = self._fixed(i)
+                fields = self._zip64_fields(i)
+                extra = struct.pack("<HH", 1, 8 * len(fields)) + struct.pack("<%dQ" % len(fields), *fields) \
+                    if fields else b""
+                size = min(self._contents[i].size, ZIP64_LIMIT)
+                out.append(struct.pack(
+                    "<IHHHHHHIIIHHHHHII", 0x02014B50, version, version, flags, 0, time_, date, crc,
+                    size, size, len(self._names[i]), len(extra), 0, 0, 0, 0,
+                    min(self.header_offsets[i], ZIP64_LIMIT)) + self._names[i] + extra)
+            count, where, length = len(self.entries), self._directory_offset, self._directory_size
+            if self._zip64:
+                out.append(struct.pack("<IQHHIIQQQQ", 0x06064B50, 44, 45, 45, 0, 0, count, count,
+                                       length, where))
+                out.append(struct.pack("<IIQI", 0x07064B50, 0, where + length, 1))
+            out.append(struct.pack("<IHHHHIIH", 0x06054B50, 0, 0, min(count, 0xFFFF), min(count, 0xFFFF),
+                                   min(length, ZIP64_LIMIT), min(where, ZIP64_LIMIT), 0))
+            self._headers["tail"] = b"".join(out)
+        return self._headers["tail"]
+
+    def read(self, start, end):
+        start, end = max(0, start), min(end, self.size)
+        out = []
+        index = max(0, bisect.bisect_right(self._starts, start) - 1)
+        while start < end and index < len(self._segments):
+            seg_start, length, kind, i = self._segments[index]
+            a, b = start - seg_start, min(end, seg_start + length) - seg_start
+            if b > a:
+                if kind == "data":
+                    out.append(self._contents[i].read(a, b))
+                else:
+                    out.append((self._local_header(i) if kind == "local" else self._tail())[a:b])
+                start = seg_start + b
+            index += 1
+        return b"".join(out)
+
+    def whole(self):
+        return self.read(0, self.size)
+
+
+def clash_name(name, taken, style):
+    """The name an entry gets in a zip where `taken` names are already used: SmugMug's "-1"
+    style (IMG.jpg, IMG-1.jpg, IMG-2.jpg), " (1)" (IMG (1).jpg), or "keep" (left as is)."""
+    if style == "keep" or name not in taken:
+        return name
+    stem, dot, ext = name.rpartition(".")
+    if not dot:
+        stem, ext = name, ""
+    pattern = "%s-%d" if style == "-1" else "%s (%d)"
+    n = 1
+    while True:
+        candidate = (pattern % (stem, n)) + (("." + ext) if dot else "")
+        if candidate not in taken:
+            return candidate
+        n += 1
 
 
 @dataclass
@@ -89,24 +342,79 @@ class Node:
 
 @dataclass
 class FakeAlbum:
+    """An album: its images and how its archive splits into parts.
+
+    part_sizes (legacy): one image per size, one image per part (part_limit = max(sizes));
+    assigning it later replaces the images the same way (keeping keys and names by position).
+    """
     key: str
     node_id: str
-    part_sizes: List[int]
+    part_sizes: Optional[List[int]] = None
     part_names: Optional[List[str]] = None
     version: int = 1
     last_updated: datetime.datetime = T0
     images_last_updated: datetime.datetime = T0
-    image_count: Optional[int] = None
+    image_count: Optional[int] = None          # ImageCount as reported; None: len(images)
     allow_downloads: bool = True
     prep_seconds: Optional[float] = None
+    images: List[FakeImage] = field(default_factory=list)
+    part_limit: Optional[int] = None           # bytes of image data per part; None: one part
+    new_image_id: Optional[object] = field(default=None, repr=False, compare=False)
 
-    def parts(self):
-        """[(file name, Content)] of the album's current archive."""
-        names = self.part_names or (
-            ["%s.zip" % self.key] if len(self.part_sizes) == 1
-            else ["%s-%d.zip" % (self.key, i + 1) for i in range(len(self.part_sizes))])
-        return [(names[i], Content("%s:%d:%d" % (self.key, self.version, i), size))
-                for i, size in enumerate(self.part_sizes)]
+    def __post_init__(self):
+        if self.part_sizes is not None and not self.images:
+            self._images_from_sizes(self.part_sizes)
+        self.__dict__["_ready"] = True
+
+    def __setattr__(self, name, value):
+        object.__setattr__(self, name, value)
+        if name == "part_sizes" and value is not None and self.__dict__.get("_ready"):
+            self._images_from_sizes(value)
+
+    def _images_from_sizes(self, sizes):
+        old, images = list(self.images), []
+        for i, size in enumerate(sizes):
+            if i < len(old):
+                key, name = old[i].key, old[i].file_name
+            elif self.new_image_id:
+                key, name = self.new_image_id()
+            else:
+                key, name = "%sI%d" % (self.key, i + 1), "IMG_%04d.jpg" % (i + 1)
+            images.append(FakeImage(key, name, size, seed=self.image_seed(key)))
+        self.images = images
+        self.part_limit = max(sizes) if sizes else None
+
+    def image_seed(self, image_key):
+        return "%s:%s:%d" % (self.key, image_key, self.version)
+
+    def archived_images(self, omit_videos=False):
+        return [im for im in self.images if not im.processing and not (omit_videos and im.is_video)]
+
+    def part_name(self, i, count):
+        if self.part_names and i < len(self.part_names):
+            return self.part_names[i]
+        return "%s.zip" % self.key if count == 1 else "%s-%d.zip" % (self.key, i + 1)
+
+    def parts(self, zip_clash="-1", omit_videos=False):
+        """[(file name, ZipContent)] of the album's archive as it would be built now."""
+        groups, current, used = [], [], 0
+        for image in self.archived_images(omit_videos):
+            if current and self.part_limit is not None and used + image.size > self.part_limit:
+                groups.append(current)
+                current, used = [], 0
+            current.append(image)
+            used += image.size
+        if current:
+            groups.append(current)
+        out = []
+        for i, group in enumerate(groups):
+            taken, entries = set(), []
+            for image in group:
+                name = clash_name(image.file_name, taken, zip_clash)
+                taken.add(name)
+                entries.append((name, image))
+            out.append((self.part_name(i, len(groups)), ZipContent(entries)))
+        return out
 
 
 @dataclass
@@ -175,7 +483,24 @@ class FakeSmugMug:
         self.omit_part_numbers = False  # Download objects without "Part"
         self.lowercase_status = False   # "complete" instead of "Complete"
         self.no_content_length = False  # archive bodies end with the connection, no Content-Length
+        # zips, images and files
+        self.zip_clash = "-1"           # same names in one part: "-1" (IMG-1.jpg), " (1)" or "keep"
+        self.zip_omit_videos = False    # archives leave videos out
+        self.images_max_count = 100     # the server clamps !images count to this
+        self.images_default_count = 100
+        self.wrong_file_once = set()    # image keys: the first fetch of its file has one byte flipped
+        self.refuse_originals = set()   # image keys: its ArchivedUri answers 403
+        self.web_uri_only_when_complete = False   # Download objects carry WebUri only when Complete
+        self.omit_size = False          # Download objects without "Size"
+        self.staggered_parts = False    # part i of an archive is Complete after prep_seconds * i
+        self.html_once = set()          # album keys: first download of each part of the first archive is HTML
+        self.corrupt_once = set()       # album keys: first download of part 1 of the first archive has
+                                        # one byte flipped in its first entry's data
+        self.served = {}                # (archive id, part number) -> archive bytes sent
         self._download_attempts = {}
+        self._faults_done = set()       # one-time faults already played
+        self.image_ids = itertools.count(1)
+        self.file_numbers = itertools.count(1)
         self._bucket_lock = threading.Lock()
         self._bucket_time = time.monotonic()
         self._bucket_tokens = 0.0
@@ -198,21 +523,56 @@ class FakeSmugMug:
     def add_folder(self, name, parent=None, **kw):
         return self.add_node("Folder", name, parent or self.root_id, **kw).node_id
 
-    def add_album(self, name, parent=None, sizes=(3000,), names=None, image_count=None, key=None, **kw):
+    def new_image_id(self):
+        """(ImageKey, file name) for a new image: I1, I2... and IMG_0001.jpg... unique in the fake."""
+        return "I%d" % next(self.image_ids), "IMG_%04d.jpg" % next(self.file_numbers)
+
+    def add_album(self, name, parent=None, sizes=(3000,), names=None, image_count=None, key=None,
+                  images=None, part_limit=None, **kw):
+        """A new album; returns its key. Without `images`, one image per entry of `sizes` (that many
+        bytes each, named IMG_0001.jpg...) and one image per part. `images`: a list of dicts of
+        FakeImage fields (key, file name and seed made up when absent), split into parts of at
+        most `part_limit` bytes of image data (None: one part). `names`: the part file names."""
         node = self.add_node("Album", name, parent or self.root_id, **kw)
         key = key or self.new_id("A")
         node.album_key = key
-        count = image_count if image_count is not None else (0 if not sizes else 10 * len(sizes))
-        self.albums[key] = FakeAlbum(key, node.node_id, list(sizes), names, image_count=count)
+        album = FakeAlbum(key, node.node_id, part_names=names, image_count=image_count,
+                          new_image_id=self.new_image_id)
+        if images is None:
+            album.part_sizes = list(sizes)
+        else:
+            album.images = [self.make_image(album, **fields) for fields in images]
+            album.part_limit = part_limit
+        self.albums[key] = album
         return key
 
+    def make_image(self, album, **fields):
+        key, name = self.new_image_id()
+        fields.setdefault("key", key)
+        fields.setdefault("file_name", name)
+        fields.setdefault("seed", album.image_seed(fields["key"]))
+        return FakeImage(**fields)
+
+    def add_image(self, album_key, **fields):
+        """Adds an image (FakeImage fields) at the end of the album; the album's LastUpdated and
+        ImagesLastUpdated become now (+1 s). Returns the FakeImage."""
+        with self.lock:
+            album = self.albums[album_key]
+            image = self.make_image(album, **fields)
+            album.images.append(image)
+            album.last_updated = album.images_last_updated = now_plus_one()
+        return image
+
     def touch(self, key):
-        """The album changed: new timestamps, new content."""
+        """The album changed: new timestamps, new content (every image gets new bytes and a new
+        LastUpdated)."""
         with self.lock:
             album = self.albums[key]
             album.version += 1
-            now = datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0)
-            album.last_updated = album.images_last_updated = now + datetime.timedelta(seconds=1)
+            album.last_updated = album.images_last_updated = now_plus_one()
+            for image in album.images:
+                image.seed = album.image_seed(image.key)
+                image.last_updated = album.last_updated
 
     def remove_node(self, node_id):
         with self.lock:
@@ -230,9 +590,45 @@ class FakeSmugMug:
             node.parent = new_parent
             self.nodes[new_parent].children.append(node_id)
 
+    def album_parts(self, key):
+        """[(part file name, ZipContent)] of an archive of the album requested now."""
+        return self.albums[key].parts(self.zip_clash, self.zip_omit_videos)
+
     def expected_parts(self, key):
         """{file name: bytes} of the album's current archive."""
-        return {name: content.whole() for name, content in self.albums[key].parts()}
+        return {name: content.whole() for name, content in self.album_parts(key)}
+
+    def expected_files(self, key):
+        """{ImageKey: original bytes} of every image of the album (as its ArchivedUri serves)."""
+        return {image.key: image.content().whole() for image in self.albums[key].images}
+
+    def find_image(self, image_key):
+        """(FakeAlbum, FakeImage) of an image key, or (None, None)."""
+        with self.lock:
+            for album in self.albums.values():
+                for image in album.images:
+                    if image.key == image_key:
+                        return album, image
+        return None, None
+
+    def original_bytes(self, image_key):
+        return self.find_image(image_key)[1].content().whole()
+
+    def transcode_bytes(self, image_key):
+        """The bytes the !largestvideo Url of a video serves."""
+        return self.find_image(image_key)[1].transcode().whole()
+
+    def prepared_undownloaded_bytes(self):
+        """Over every archive, the bytes of its parts currently Complete not yet sent (a part's
+        size minus the bytes served for it, at least 0): prepared but not yet downloaded."""
+        total = 0
+        with self.lock:
+            archives = list(self.archive_by_id.values())
+        for archive in archives:
+            for i, (_name, content) in enumerate(archive.parts):
+                if self.archive_status(archive, i) == "Complete":
+                    total += max(0, content.size - self.served.get((archive.archive_id, i + 1), 0))
+        return total
 
     # -- serving ----------------------------------------------------------
 
@@ -261,6 +657,14 @@ class FakeSmugMug:
         data.update(extra)
         return data
 
+    def once(self, fault):
+        """True the first time a one-time fault is asked for, False ever after."""
+        with self.lock:
+            if fault in self._faults_done:
+                return False
+            self._faults_done.add(fault)
+            return True
+
     def calls(self, kind=None, method=None):
         with self.lock:
             return [e for e in self.log if (kind is None or e["kind"] == kind)
@@ -285,12 +689,14 @@ class FakeSmugMug:
 
     # -- archives -----------------------------------------------------------
 
-    def archive_status(self, archive):
+    def archive_status(self, archive, part_index=0):
+        """The Status of one part (0-based) of an archive."""
         if archive.forced_status:
             return archive.forced_status
         album = self.albums[archive.album]
         elapsed = time.monotonic() - archive.created
-        if elapsed >= archive.prep_seconds:
+        prep = archive.prep_seconds * (part_index + 1 if self.staggered_parts else 1)
+        if elapsed >= prep:
             if album.key in self.error_always or (album.key in self.error_once and archive.number == 1):
                 return "Error"
             if self.removed_once.get(album.key) == "before" and archive.number == 1:
@@ -298,7 +704,7 @@ class FakeSmugMug:
             return "Complete"
         if self.unknown_status:
             return self.unknown_status
-        return "Init" if elapsed < archive.prep_seconds / 3 else "Processing"
+        return "Init" if elapsed < prep / 3 else "Processing"
 
     def new_archive(self, key):
         album = self.albums[key]
@@ -307,7 +713,7 @@ class FakeSmugMug:
             archive = Archive("%s#%d" % (key, count), key, album.version, time.monotonic(),
                               datetime.datetime.now(datetime.timezone.utc),
                               album.prep_seconds if album.prep_seconds is not None else self.prep_seconds,
-                              album.parts(), number=count)
+                              self.album_parts(key), number=count)
             self.archives.setdefault(key, []).append(archive)
             self.archive_by_id[archive.archive_id] = archive
         return archive
@@ -315,8 +721,8 @@ class FakeSmugMug:
     def download_objects(self, key):
         out = []
         for archive in self.archives.get(key, []):
-            status = self.archive_status(archive)
             for i, (name, content) in enumerate(archive.parts):
+                status = self.archive_status(archive, i)
                 obj = {
                     "Part": i + 1, "FileName": name, "Status": status,
                     "DateAdded": iso(archive.created_at), "DateModified": iso(archive.created_at),
@@ -328,6 +734,10 @@ class FakeSmugMug:
                     "Uri": "/api/v2/album/%s!download" % key}
                 if self.omit_part_numbers:
                     del obj["Part"]
+                if self.omit_size:
+                    del obj["Size"]
+                if self.web_uri_only_when_complete and status != "Complete":
+                    del obj["WebUri"]
                 if self.lowercase_status:
                     obj["Status"] = status.lower()
                 out.append(obj)
@@ -369,7 +779,8 @@ class FakeSmugMug:
                 "User": _uri("/api/v2/user/%s" % self.nickname, "User", "Object")}
         return {"AlbumKey": album.key, "AllowDownloads": album.allow_downloads, "CanShare": True,
                 "Description": "", "External": True, "HasDownloadPassword": False,
-                "ImageCount": album.image_count, "ImagesLastUpdated": iso(album.images_last_updated),
+                "ImageCount": album.image_count if album.image_count is not None else len(album.images),
+                "ImagesLastUpdated": iso(album.images_last_updated),
                 "Keywords": "", "LastUpdated": iso(album.last_updated), "Name": name,
                 "NiceName": album.key, "UrlName": album.key, "NodeID": album.node_id, "PasswordHint": "",
                 "Protected": False, "ResponseLevel": "Full", "SecurityType": "None",
@@ -377,6 +788,56 @@ class FakeSmugMug:
                 "UrlPath": "/" + album.key, "Uri": "/api/v2/album/%s" % album.key,
                 "WebUri": "https://%s.smugmug.invalid/%s" % (self.nickname, album.key),
                 "UriDescription": "Album by key", "Uris": uris}
+
+    def original_url(self, image):
+        return "%s/original/%s/%s" % (self.base, image.key, urllib.parse.quote(image.file_name, safe=""))
+
+    def transcode_url(self, image):
+        stem = image.file_name.rsplit(".", 1)[0] if "." in image.file_name else image.file_name
+        return "%s/video/%s/1920/%s" % (self.base, image.key, urllib.parse.quote(stem + "-1920.mp4", safe=""))
+
+    def image_json(self, album, image):
+        """An AlbumImage object, shaped like the recorded !images listing."""
+        ext = image.file_name.rsplit(".", 1)[-1].upper() if "." in image.file_name else ""
+        image_uri = "/api/v2/image/%s-0" % image.key
+        uris = {"Album": _uri("/api/v2/album/%s" % album.key, "Album", "Object"),
+                "Image": _uri(image_uri, "Image", "Object"),
+                "ImageAlbum": _uri("/api/v2/album/%s" % album.key, "Album", "Object"),
+                "ImageMetadata": _uri("/api/v2/image/%s!metadata" % image.key, "ImageMetadata", "Object"),
+                "ImageSizes": _uri(image_uri + "!sizes", "ImageSizes", "Object"),
+                "LargestImage": _uri(image_uri + "!largestimage", "LargestImage", "Object")}
+        if image.is_video:
+            uris["LargestVideo"] = _uri(image_uri + "!largestvideo", "LargestVideo", "Object")
+        obj = {"Altitude": image.altitude, "CanBuy": False, "CanEdit": True, "Caption": image.caption,
+               "Collectable": True, "ComponentFileTypes": [], "Date": iso(T0),
+               "DateTimeOriginal": image.date_time_original, "DateTimeUploaded": iso(T0),
+               "FileName": image.file_name, "Format": ext,
+               "FormattedValues": {"Caption": {"html": image.caption, "text": image.caption},
+                                   "FileName": {"html": image.file_name, "text": image.file_name}},
+               "Hidden": image.hidden, "ImageKey": image.key, "IsArchive": False, "IsVideo": image.is_video,
+               "KeywordArray": list(image.keywords), "Keywords": "; ".join(image.keywords),
+               "LastUpdated": iso(image.last_updated),
+               "Latitude": "%.14f" % image.latitude, "Longitude": "%.14f" % image.longitude,
+               "Movable": True, "OriginalHeight": 1080 if image.is_video else 3000,
+               "OriginalSize": image.size, "OriginalWidth": 1920 if image.is_video else 4000,
+               "Processing": image.processing, "Protected": False, "Serial": 0,
+               "ThumbnailUrl": "https://photos.smugmug.invalid/%s/Th/%s-Th.jpg" % (image.key, image.key),
+               "Title": image.title, "UploadKey": str(1000 + sum(map(ord, image.key))),
+               "Uri": "/api/v2/album/%s/image/%s-0" % (album.key, image.key),
+               "UriDescription": "Image from album", "Uris": uris, "Watermark": "No", "Watermarked": False,
+               "WebUri": "https://%s.smugmug.invalid/%s/i-%s" % (self.nickname, album.key, image.key)}
+        if image.archived:
+            obj.update({"ArchivedUri": self.original_url(image), "ArchivedSize": image.size,
+                        "ArchivedMD5": image.content().md5()})
+        return obj
+
+    def largest_video_json(self, image):
+        transcode, duration = image.transcode(), 12.5
+        return {"Url": self.transcode_url(image), "Size": transcode.size, "MD5": transcode.md5(),
+                "Ext": "mp4", "Width": 1920, "Height": 1080, "Duration": duration,
+                "Bitrate": int(transcode.size * 8 / duration),
+                "Uri": "/api/v2/image/%s-0!largestvideo" % image.key,
+                "UriDescription": "Largest size available for video"}
 
     def user_json(self):
         return {"Name": "Test User", "NickName": self.nickname, "QuickShare": False, "ImageCount": 0,
@@ -512,6 +973,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 return self.oauth_flow(method, path, query, body)
             if path.startswith("/download/"):
                 return self.download(method, path)
+            if path.startswith("/original/") or path.startswith("/video/"):
+                return self.file_download(method, path)
             if path.startswith("/redirect/"):
                 ok, _ = self.verify_oauth(method, b"", self.fake.tokens)
                 if not ok:
@@ -584,6 +1047,10 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             return "post" if method == "POST" else "download-get"
         if path.endswith("!children"):
             return "walk"
+        if path.endswith("!images"):
+            return "images"
+        if path.endswith("!largestvideo"):
+            return "video"
         if path.startswith("/api/v2/album/"):
             return "album"
         return "walk"
@@ -616,28 +1083,69 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 return 200, envelope(method, request_uri, path, "Album", "Object", fake.album_json(album))
             if action == "download":
                 return self.album_download(method, request_uri, path, album)
+            if action == "images" and method == "GET":
+                return 200, self.album_images(method, request_uri, path, album, query)
+            return 404, {"Code": 404, "Message": "Not Found"}
+        if path.startswith("/api/v2/image/") and path.endswith("-0!largestvideo"):
+            _album, image = fake.find_image(path[len("/api/v2/image/"):-len("-0!largestvideo")])
+            if image is None or not image.is_video:
+                return 404, {"Response": {"Uri": path}, "Code": 404, "Message": "Not Found"}
+            return 200, envelope(method, request_uri, path, "LargestVideo", "Object",
+                                 fake.largest_video_json(image))
         return 404, {"Code": 404, "Message": "Not Found"}
 
-    def children(self, method, request_uri, path, node, query):
-        fake = self.fake
+    @staticmethod
+    def paging(query, default, maximum):
+        """(start, count) of a paged list: count clamped to 1..maximum."""
         try:
-            count = int(query.get("count") or fake.default_count)
+            count = int(query.get("count") or default)
             start = max(1, int(query.get("start") or 1))
         except ValueError:
-            count, start = fake.default_count, 1
-        count = max(1, min(count, fake.max_count))
-        with fake.lock:
-            ids = list(node.children)
-        page = [fake.nodes[i] for i in ids[start - 1:start - 1 + count] if i in fake.nodes]
-        total = len(ids)
-        extra = "&_expand=Album" if query.get("_expand") == "Album" else ""
+            count, start = default, 1
+        return start, max(1, min(count, maximum))
+
+    @staticmethod
+    def pages(path, total, start, count, shown, extra=""):
+        """Response.Pages; NextPage absent on the last page, PrevPage on the first."""
         link = lambda s: "%s?count=%d&start=%d%s" % (path, count, s, extra)
-        pages = {"Total": total, "Start": start, "Count": len(page), "RequestedCount": count,
+        pages = {"Total": total, "Start": start, "Count": shown, "RequestedCount": count,
                  "FirstPage": link(1), "LastPage": link(max(1, ((total - 1) // count) * count + 1))}
         if start + count <= total:
             pages["NextPage"] = link(start + count)
         if start > 1:
             pages["PrevPage"] = link(max(1, start - count))
+        return pages
+
+    def album_images(self, method, request_uri, path, album, query):
+        """!images: AlbumImage objects, paged; _filter and _filteruri honoured."""
+        fake = self.fake
+        start, count = self.paging(query, fake.images_default_count, fake.images_max_count)
+        with fake.lock:
+            images = list(album.images)
+        page = images[start - 1:start - 1 + count]
+        keep = [f for f in (query.get("_filter") or "").split(",") if f]
+        keep_uris = [f for f in (query.get("_filteruri") or "").split(",") if f]
+        objects = []
+        for image in page:
+            obj = fake.image_json(album, image)
+            if keep:
+                obj = {k: v for k, v in obj.items() if k in keep or k in ("Uri", "Uris")}
+            if keep_uris:
+                obj["Uris"] = {k: v for k, v in obj["Uris"].items() if k in keep_uris}
+            objects.append(obj)
+        extra = "".join("&%s=%s" % (name, urllib.parse.quote(query[name], safe=","))
+                        for name in ("_filter", "_filteruri") if query.get(name))
+        return envelope(method, request_uri, path, "AlbumImage", "Objects", objects or None,
+                        pages=self.pages(path, len(images), start, count, len(page), extra))
+
+    def children(self, method, request_uri, path, node, query):
+        fake = self.fake
+        start, count = self.paging(query, fake.default_count, fake.max_count)
+        with fake.lock:
+            ids = list(node.children)
+        page = [fake.nodes[i] for i in ids[start - 1:start - 1 + count] if i in fake.nodes]
+        extra = "&_expand=Album" if query.get("_expand") == "Album" else ""
+        pages = self.pages(path, len(ids), start, count, len(page), extra)
         expansions = None
         if "Album" in (query.get("_expand") or "").split(","):
             expansions = {}
@@ -686,8 +1194,52 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         if fake.removed_once.get(archive.album) == "during" and archive.number == 1:
             archive.forced_status = "Removed"
             return self.send(404, "<html>expired</html>", content_type="text/html")
-        if archive.forced_status == "Removed" or fake.archive_status(archive) != "Complete":
+        if archive.forced_status == "Removed" or fake.archive_status(archive, part_index) != "Complete":
             return self.send(404, "<html>gone</html>", content_type="text/html")
+        first = archive.number == 1
+        if first and archive.album in fake.html_once and fake.once(("html", key)):
+            self.record(method, path, {"range": self.headers.get("Range")}, 200, "archive")
+            return self.send(200, "<html><head><title>SmugMug - Log In</title></head><body>"
+                                  "<form action='/login'>Please log in</form></body></html>",
+                             content_type="text/html")
+        flip = None
+        if first and part_index == 0 and archive.album in fake.corrupt_once and content.entries:
+            flip = ("corrupt", archive.album, content.data_offsets[0] + content.entries[0][1].size // 2)
+        self.stream(method, path, content, "archive", attempt=attempt, archive_faults=True, flip=flip,
+                    served_key=(archive.archive_id, part_index + 1), content_type="application/zip")
+
+    def file_download(self, method, path):
+        """An image's original (/original/KEY/NAME, its ArchivedUri) or a video's transcode
+        (/video/KEY/1920/NAME-1920.mp4, its !largestvideo Url)."""
+        fake = self.fake
+        pieces = path.split("/")
+        route = pieces[1]
+        if fake.require_download_oauth:
+            ok, _ = self.verify_oauth(method, b"", fake.tokens)
+            if not ok:
+                self.record(method, path, {}, 401, "file")
+                return self.send_error_json(401, "oauth_problem=signature_invalid")
+        _album, image = fake.find_image(pieces[2]) if len(pieces) >= 4 else (None, None)
+        if image is None or (route == "video" and not image.is_video):
+            self.record(method, path, {}, 404, "file")
+            return self.send_error_json(404, "Not Found")
+        if route == "original" and image.key in fake.refuse_originals:
+            self.record(method, path, {}, 403, "file")
+            return self.send_error_json(403, "You do not have permission to download this file")
+        content = image.content() if route == "original" else image.transcode()
+        flip = None
+        if image.key in fake.wrong_file_once and content.size:
+            flip = ("wrong", route, image.key, content.size // 2)
+        self.stream(method, path, content, "file", flip=flip,
+                    content_type="video/mp4" if route == "video" else "application/octet-stream")
+
+    def stream(self, method, path, content, kind, attempt=0, archive_faults=False, flip=None,
+               served_key=None, content_type="application/octet-stream"):
+        """Sends content (Content-Length, Range, the bandwidth cap). archive_faults: the archive
+        knobs apply (wrong_offset_once, cut_after/cut_times, short_times, no_content_length).
+        flip: (one-time fault id..., offset): the first body covering that offset has that byte
+        flipped. served_key: counts the bytes sent in fake.served."""
+        fake = self.fake
         size, start = content.size, 0
         status = 200
         headers = {"Accept-Ranges": "bytes"} if fake.honor_range else {}
@@ -695,24 +1247,28 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         if rng and fake.honor_range and rng.startswith("bytes="):
             first = int(rng[6:].split("-")[0])
             if first >= size:
-                self.record(method, path, {}, 416, "archive")
-                return self.send(416, b"", content_type="application/zip",
+                self.record(method, path, {"range": rng}, 416, kind)
+                return self.send(416, b"", content_type=content_type,
                                  headers={"Content-Range": "bytes */%d" % size})
             start, status = first, 206
-            if fake.wrong_offset_once:
+            if archive_faults and fake.wrong_offset_once:
                 fake.wrong_offset_once = False
                 start = max(0, first - 1000)
             headers["Content-Range"] = "bytes %d-%d/%d" % (start, size - 1, size)
-        self.record(method, path, {"range": rng}, status, "archive")
+        self.record(method, path, {"range": rng}, status, kind)
         end = size
-        if attempt < fake.cut_times and fake.cut_after is not None:
-            end = min(size, start + fake.cut_after)
-        short = attempt < fake.short_times
-        if short:
-            end = min(end, start + (size - start) // 2)
+        if archive_faults:
+            if attempt < fake.cut_times and fake.cut_after is not None:
+                end = min(size, start + fake.cut_after)
+            if attempt < fake.short_times:
+                end = min(end, start + (size - start) // 2)
+        flip_at = None
+        if flip is not None and start <= flip[-1] < end and fake.once(flip[:-1]):
+            flip_at = flip[-1]
+        no_length = archive_faults and fake.no_content_length
         self.send_response(status)
-        self.send_header("Content-Type", "application/zip")
-        if fake.no_content_length:
+        self.send_header("Content-Type", content_type)
+        if no_length:
             self.send_header("Connection", "close")
             self.close_connection = True
         else:
@@ -726,10 +1282,17 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         while pos < end:
             n = min(256 * 1024, end - pos)
             fake.take_bandwidth(n)
-            self.wfile.write(content.read(pos, pos + n))
+            chunk = content.read(pos, pos + n)
+            if flip_at is not None and pos <= flip_at < pos + n:
+                chunk = bytearray(chunk)
+                chunk[flip_at - pos] ^= 0xFF
+                chunk = bytes(chunk)
+            self.wfile.write(chunk)
             pos += n
             with fake.lock:
                 fake.download_bytes += n
+                if served_key is not None:
+                    fake.served[served_key] = fake.served.get(served_key, 0) + n
         if end < size:
             self.close_connection = True
             self.wfile.flush()
