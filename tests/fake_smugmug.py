@@ -5,11 +5,31 @@ Serves real HTTP on 127.0.0.1 from a thread and plays the subset of the API
 described in shared/smugmug-api.md: the envelope, !authuser, users, nodes,
 paged !children (with a clamped count and _expand=Album), albums, the
 !download archive lifecycle (Init -> Processing -> Complete on time knobs),
-multi-part archives served with Content-Length and Range, and the OAuth 1.0a
-PIN flow. Every API call's OAuth signature is verified with oauthlib; a bad
-one gets 401. Faults are knobs on FakeSmugMug, each deterministic.
+multi-part archives served with Content-Length and Range, album images, and
+the OAuth 1.0a PIN flow. Every API call's OAuth signature is verified with
+oauthlib; a bad one gets 401. Faults are knobs on FakeSmugMug, each
+deterministic.
 
-    python tests/fake_smugmug.py            # serve a sample account, print a config
+Albums hold images (FakeImage: key, file name, size, content seed, video or
+not, title, caption, keywords, coordinates...). Archives are real zip files
+(stored, no compression) of the album's images, built lazily (ZipContent: no
+archive is ever held in memory; CRC-32s are computed once and cached): images
+go into parts in listing order, a new part when the next image would take the
+part over the album's part_limit bytes; equal names within one part are
+renamed by the zip_clash knob ("-1": IMG.jpg, IMG-1.jpg...); videos are left
+out with zip_omit_videos; images still Processing never are in archives.
+
+    GET  /api/v2/album/KEY!images          AlbumImage objects, paged (start, count,
+                                           images_max_count), _filter, _filteruri
+    GET  ArchivedUri = BASE/original/IMAGEKEY/NAME        the original bytes
+    GET  /api/v2/image/IMAGEKEY-0!largestvideo            videos only; its Url =
+         BASE/video/IMAGEKEY/1920/NAME-1920.mp4 serves a transcode (other bytes)
+
+Request log kinds: walk, album, post, download-get, images, video (API calls);
+archive (zip parts), file (originals and transcodes).
+
+    python tests/fake_smugmug.py --write-config demo-config.json
+        # serve the sample and rich accounts, write a config, print the command to run
 """
 
 import argparse
@@ -24,6 +44,7 @@ import itertools
 import json
 import os
 import random
+import shlex
 import socketserver
 import struct
 import sys
@@ -1287,15 +1308,23 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 chunk = bytearray(chunk)
                 chunk[flip_at - pos] ^= 0xFF
                 chunk = bytes(chunk)
-            self.wfile.write(chunk)
+            self.count_sent(n, served_key)     # before the write: a client that has read it all
+            try:                                # never sees a count that lags behind
+                self.wfile.write(chunk)
+            except OSError:
+                self.count_sent(-n, served_key)
+                raise
             pos += n
-            with fake.lock:
-                fake.download_bytes += n
-                if served_key is not None:
-                    fake.served[served_key] = fake.served.get(served_key, 0) + n
         if end < size:
             self.close_connection = True
             self.wfile.flush()
+
+    def count_sent(self, n, served_key):
+        fake = self.fake
+        with fake.lock:
+            fake.download_bytes += n
+            if served_key is not None:
+                fake.served[served_key] = fake.served.get(served_key, 0) + n
 
     # -- the OAuth 1.0a PIN flow ---------------------------------------------
 
@@ -1355,6 +1384,42 @@ def sample_account(fake, part_size=3000):
     travel = fake.add_folder("Travel", days=12)
     for i in range(10):
         keys["travel%d" % i] = fake.add_album("Trip %02d" % i, travel, sizes=(part_size + 100 * i,), days=13 + i)
+    beach = fake.albums[keys["beach"]].images[0]
+    beach.title, beach.caption, beach.keywords = "Sunset", "The last swim of the summer", ["beach", "sunset"]
+    beach.latitude, beach.longitude, beach.altitude = 36.6177, -121.9166, 3
+    for n, image in enumerate(fake.albums[keys["big"]].images):
+        image.caption, image.keywords = "Day %d of the trip" % (n + 1), ["trip", "day %d" % (n + 1)]
+        image.date_time_original = iso(T0 + datetime.timedelta(days=200 + n, hours=9))
+    return keys
+
+
+def rich_account(fake, folder="Rich Media", parent=None):
+    """Albums for file-level checks, in a new folder `folder`. Returns {name: album key}:
+    "captions": every image with a title, caption, keywords and coordinates;
+    "video": a video, Clip.MOV (with an ArchivedUri, and a 4000-byte !largestvideo transcode),
+    between two photos;
+    "clash": two images both named IMG_0001.JPG in one part (the zip renames one IMG_0001-1.JPG);
+    "split": a 2-part album with DSC_0001.JPG in both parts (not renamed)."""
+    top = fake.add_folder(folder, parent, days=40)
+    keys = {}
+    places = [("Lisbon", 38.7223, -9.1393, 12), ("Porto", 41.1579, -8.6291, 80), ("Sintra", 38.8029, -9.3817, 207)]
+    keys["captions"] = fake.add_album("Captioned", top, days=41, images=[
+        {"file_name": "P%04d.JPG" % (n + 1), "size": 2500 + 111 * n, "title": place,
+         "caption": "A day in %s" % place, "keywords": [place.lower(), "portugal", "2021"],
+         "latitude": lat, "longitude": lon, "altitude": alt,
+         "date_time_original": "2021-05-%02dT10:%02d:00+00:00" % (n + 1, n)}
+        for n, (place, lat, lon, alt) in enumerate(places)])
+    keys["video"] = fake.add_album("With Video", top, days=42, images=[
+        {"file_name": "Before.jpg", "size": 2000},
+        {"file_name": "Clip.MOV", "size": 9000, "is_video": True, "caption": "Waves", "video_size": 4000},
+        {"file_name": "After.jpg", "size": 2100}])
+    keys["clash"] = fake.add_album("Same Names", top, days=43, images=[
+        {"file_name": "IMG_0001.JPG", "size": 1500, "caption": "first"},
+        {"file_name": "IMG_0001.JPG", "size": 1600, "caption": "second"}])
+    keys["split"] = fake.add_album("Split Names", top, days=44, part_limit=4000, images=[
+        {"file_name": "DSC_0001.JPG", "size": 3000},
+        {"file_name": "DSC_0001.JPG", "size": 3000},
+        {"file_name": "DSC_0002.JPG", "size": 500}])
     return keys
 
 
@@ -1368,6 +1433,7 @@ def main(argv=None):
     fake.prep_seconds = args.prep_seconds
     fake.max_count = 4
     sample_account(fake, part_size=200_000)
+    rich_account(fake)
     fake.start()
     config = fake.config(args.output_dir)
     del config["poll_seconds"], config["poll_max_seconds"]
@@ -1377,7 +1443,12 @@ def main(argv=None):
             f.write(text + "\n")
         os.chmod(args.write_config, 0o600)      # it holds (fake) secrets, like a real config
     print("Fake SmugMug serving a sample account at %s. A matching config:\n%s" % (fake.base, text))
-    print("Save it as config.json (or use --write-config) and run: python smugmug_download.py")
+    if args.write_config:
+        print("Config written to %s. In another terminal run:\n    python smugmug_download.py --config %s"
+              % (args.write_config, shlex.quote(args.write_config)))
+    else:
+        print("Save the config above as a file, e.g. demo-config.json, and in another terminal run:\n"
+              "    python smugmug_download.py --config demo-config.json")
     print("Ctrl-C to stop.", flush=True)
     try:
         while True:

@@ -1,0 +1,393 @@
+"""The emulator itself, over real HTTP: zips, images, originals, videos and the archive knobs."""
+
+import hashlib
+import io
+import time
+import tracemalloc
+import zipfile
+import zlib
+
+import pytest
+import requests
+from requests_oauthlib import OAuth1
+
+import fake_smugmug
+from fake_smugmug import ACCESS_KEY, ACCESS_SECRET, Content, FakeImage, ZipContent
+
+# Every key of an AlbumImage object in the recorded listing (smugcli/album_images.json).
+RECORDED_IMAGE_KEYS = {
+    "Altitude", "ArchivedMD5", "ArchivedSize", "ArchivedUri", "CanBuy", "CanEdit", "Caption", "Collectable",
+    "Date", "FileName", "Format", "FormattedValues", "Hidden", "ImageKey", "IsArchive", "IsVideo",
+    "KeywordArray", "Keywords", "LastUpdated", "Latitude", "Longitude", "Movable", "OriginalHeight",
+    "OriginalSize", "OriginalWidth", "Processing", "Protected", "ThumbnailUrl", "Title", "UploadKey", "Uri",
+    "UriDescription", "Uris", "Watermark", "Watermarked", "WebUri"}
+
+
+@pytest.fixture
+def fast(fake):
+    fake.prep_seconds = 0.005
+    return fake
+
+
+def get(fake, url, **kw):
+    if url.startswith("/"):
+        url = fake.base + url
+    auth = OAuth1(fake.app_key, fake.app_secret, ACCESS_KEY, ACCESS_SECRET)
+    return requests.get(url, auth=auth, headers=dict({"Accept": "application/json"}, **kw.pop("headers", {})),
+                        timeout=10, **kw)
+
+
+def post(fake, path):
+    auth = OAuth1(fake.app_key, fake.app_secret, ACCESS_KEY, ACCESS_SECRET)
+    return requests.post(fake.base + path, auth=auth, headers={"Accept": "application/json"}, timeout=10)
+
+
+def payload(response):
+    body = response.json()["Response"]
+    return body.get(body["Locator"])
+
+
+def complete_downloads(fake, key, timeout=5.0):
+    """POSTs an archive of the album and polls until all its parts are Complete."""
+    assert post(fake, "/api/v2/album/%s!download" % key).status_code == 202
+    deadline = time.monotonic() + timeout
+    while True:
+        downloads = payload(get(fake, "/api/v2/album/%s!download" % key))
+        if all(d["Status"] == "Complete" for d in downloads):
+            return downloads
+        assert time.monotonic() < deadline, downloads
+        time.sleep(0.005)
+
+
+def open_zip(data):
+    archive = zipfile.ZipFile(io.BytesIO(data))
+    return archive, [info.filename for info in archive.infolist()]
+
+
+def images_of(fake, key):
+    return {image.key: image for image in fake.albums[key].images}
+
+
+# -- archives are real zips ------------------------------------------------------------------
+
+def test_posted_archive_downloads_as_real_zips_of_the_originals(fast):
+    key = fast.add_album("Mixed", part_limit=5000, images=[
+        {"file_name": "a.jpg", "size": 3000}, {"file_name": "b.jpg", "size": 1500},
+        {"file_name": "empty.txt", "size": 0}, {"file_name": "ü nicode.jpg", "size": 70_000}])
+    downloads = complete_downloads(fast, key)
+    assert [d["FileName"] for d in downloads] == ["%s-1.zip" % key, "%s-2.zip" % key]
+    by_name = {image.file_name: image for image in fast.albums[key].images}
+    seen = []
+    for d in downloads:
+        response = get(fast, d["WebUri"])
+        assert response.status_code == 200 and response.headers["Content-Type"] == "application/zip"
+        assert int(response.headers["Content-Length"]) == d["Size"] == len(response.content)
+        assert response.content == fast.expected_parts(key)[d["FileName"]]
+        archive, names = open_zip(response.content)
+        assert archive.testzip() is None                   # every entry's CRC is right
+        for info in archive.infolist():
+            assert info.compress_type == zipfile.ZIP_STORED
+            data = archive.read(info)
+            assert zlib.crc32(data) == info.CRC and data == fast.original_bytes(by_name[info.filename].key)
+        seen += names
+    assert seen == ["a.jpg", "b.jpg", "empty.txt", "ü nicode.jpg"]
+    assert fast.calls("archive")[-1]["status"] == 200
+
+
+def test_sizes_give_one_image_per_part_as_before(fake):
+    key = fake.add_album("Legacy", sizes=(3000, 3005, 1234))
+    parts = fake.album_parts(key)
+    assert [name for name, _ in parts] == ["%s-1.zip" % key, "%s-2.zip" % key, "%s-3.zip" % key]
+    assert [[image.size for _, image in zc.entries] for _, zc in parts] == [[3000], [3005], [1234]]
+    other = fake.add_album("Other", sizes=(100,), names=["custom.zip"])
+    assert list(fake.expected_parts(other)) == ["custom.zip"]
+    names = [im.file_name for k in (key, other) for im in fake.albums[k].images]
+    assert names == ["IMG_0001.jpg", "IMG_0002.jpg", "IMG_0003.jpg", "IMG_0004.jpg"]
+    assert fake.album_json(fake.albums[key])["ImageCount"] == 3
+    assert fake.album_json(fake.albums[fake.add_album("Ten", image_count=10)])["ImageCount"] == 10
+    empty = fake.add_album("Empty", sizes=())
+    assert fake.albums[empty].images == [] and fake.album_parts(empty) == []
+    assert fake.album_json(fake.albums[empty])["ImageCount"] == 0
+    fake.albums[key].part_sizes = [1500]               # the legacy way to change an album
+    assert [(im.key, im.size) for im in fake.albums[key].images] == [(fake.albums[key].images[0].key, 1500)]
+    assert len(fake.expected_parts(key)) == 1
+
+
+def test_clashing_names_are_renamed_within_a_part_only(fast):
+    keys = fake_smugmug.rich_account(fast)
+    downloads = complete_downloads(fast, keys["clash"])
+    archive, names = open_zip(get(fast, downloads[0]["WebUri"]).content)
+    assert names == ["IMG_0001.JPG", "IMG_0001-1.JPG"] and archive.testzip() is None
+    first, second = fast.albums[keys["clash"]].images
+    assert archive.read("IMG_0001-1.JPG") == fast.original_bytes(second.key) != archive.read("IMG_0001.JPG")
+    fast.zip_clash = " (1)"
+    assert [n for n, _ in fast.album_parts(keys["clash"])[0][1].entries] == ["IMG_0001.JPG", "IMG_0001 (1).JPG"]
+    fast.zip_clash = "keep"
+    assert [n for n, _ in fast.album_parts(keys["clash"])[0][1].entries] == ["IMG_0001.JPG", "IMG_0001.JPG"]
+    fast.zip_clash = "-1"
+    split = fast.album_parts(keys["split"])
+    assert [[n for n, _ in zc.entries] for _, zc in split] == [["DSC_0001.JPG"], ["DSC_0001.JPG", "DSC_0002.JPG"]]
+    assert fake_smugmug.clash_name("a.jpg", {"a.jpg", "a-1.jpg"}, "-1") == "a-2.jpg"
+    assert fake_smugmug.clash_name("README", {"README"}, " (1)") == "README (1)"
+
+
+def test_videos_left_out_with_the_knob_and_processing_images_never_in(fast):
+    keys = fake_smugmug.rich_account(fast)
+    key = keys["video"]
+    assert [n for n, _ in fast.album_parts(key)[0][1].entries] == ["Before.jpg", "Clip.MOV", "After.jpg"]
+    fast.zip_omit_videos = True
+    fast.albums[key].images[2].processing = True
+    downloads = complete_downloads(fast, key)
+    archive, names = open_zip(get(fast, downloads[0]["WebUri"]).content)
+    assert names == ["Before.jpg"] and archive.testzip() is None
+    assert len(payload(get(fast, "/api/v2/album/%s!images" % key))) == 3     # all still listed
+
+
+def test_touch_and_add_image(fake):
+    key = fake.add_album("Changes", sizes=(2000, 2000))
+    before = fake.expected_files(key)
+    parts_before = fake.expected_parts(key)
+    fake.touch(key)
+    after = fake.expected_files(key)
+    assert set(before) == set(after) and all(before[k] != after[k] for k in before)
+    assert fake.expected_parts(key) != parts_before
+    album = fake.albums[key]
+    assert all(im.last_updated == album.last_updated > fake_smugmug.T0 for im in album.images)
+    album.last_updated = album.images_last_updated = fake_smugmug.T0
+    image = fake.add_image(key, file_name="new.png", size=10, caption="added")
+    assert isinstance(image, FakeImage) and album.images[-1] is image and image.key.startswith("I")
+    assert album.last_updated == album.images_last_updated > fake_smugmug.T0
+    assert fake.album_json(album)["ImageCount"] == 3
+    assert fake.expected_files(key)[image.key] == image.content().whole() and len(image.content().whole()) == 10
+
+
+# -- !images, originals, videos ----------------------------------------------------------
+
+def test_images_paging_follows_next_page_and_filters(fake):
+    fake.images_max_count = 2
+    key = fake.add_album("Five", sizes=(100, 200, 300, 400, 500))
+    response = get(fake, "/api/v2/album/%s!images?count=100&_filter=FileName,ImageKey&_filteruri=LargestImage" % key)
+    body = response.json()["Response"]
+    assert body["Locator"] == "AlbumImage" and body["LocatorType"] == "Objects"
+    assert body["Pages"]["RequestedCount"] == 2 and body["Pages"]["Total"] == 5
+    listed = []
+    while True:
+        for obj in body["AlbumImage"]:
+            assert set(obj) == {"FileName", "ImageKey", "Uri", "Uris"} and set(obj["Uris"]) == {"LargestImage"}
+            listed.append(obj["ImageKey"])
+        if "NextPage" not in body["Pages"]:
+            break
+        body = get(fake, body["Pages"]["NextPage"]).json()["Response"]
+    assert listed == [im.key for im in fake.albums[key].images]
+    assert len(fake.calls("images")) == 3
+    default = get(fake, "/api/v2/album/%s!images" % key).json()["Response"]
+    assert default["Pages"]["Count"] == 2 and "PrevPage" not in default["Pages"]
+    empty = get(fake, "/api/v2/album/%s!images" % fake.add_album("Empty", sizes=())).json()["Response"]
+    assert "AlbumImage" not in empty and empty["Pages"]["Total"] == 0
+
+
+def test_image_objects_carry_the_recorded_fields_and_the_metadata(fake):
+    keys = fake_smugmug.rich_account(fake)
+    objects = payload(get(fake, "/api/v2/album/%s!images" % keys["captions"]))
+    assert RECORDED_IMAGE_KEYS <= set(objects[0])
+    first = objects[0]
+    assert first["Title"] == "Lisbon" and first["Caption"] == "A day in Lisbon"
+    assert first["Keywords"] == "lisbon; portugal; 2021" and first["KeywordArray"] == ["lisbon", "portugal", "2021"]
+    assert first["Latitude"] == "38.72230000000000" and first["Longitude"] == "-9.13930000000000"
+    assert first["Altitude"] == 12 and first["DateTimeOriginal"] == "2021-05-01T10:00:00+00:00"
+    assert first["Uri"] == "/api/v2/album/%s/image/%s-0" % (keys["captions"], first["ImageKey"])
+    assert first["Format"] == "JPG" and first["IsVideo"] is False and "LargestVideo" not in first["Uris"]
+    assert first["ArchivedSize"] == first["OriginalSize"] == 2500
+    fake.albums[keys["captions"]].images[1].archived = False
+    second = payload(get(fake, "/api/v2/album/%s!images" % keys["captions"]))[1]
+    assert not {"ArchivedUri", "ArchivedSize", "ArchivedMD5"} & set(second)
+
+
+def test_archived_uri_serves_the_original_with_its_md5(fake):
+    keys = fake_smugmug.rich_account(fake)
+    for obj in payload(get(fake, "/api/v2/album/%s!images" % keys["video"])):
+        response = get(fake, obj["ArchivedUri"])
+        assert response.status_code == 200 and int(response.headers["Content-Length"]) == obj["ArchivedSize"]
+        assert hashlib.md5(response.content).hexdigest() == obj["ArchivedMD5"]
+        assert response.content == fake.expected_files(keys["video"])[obj["ImageKey"]]
+    ranged = get(fake, obj["ArchivedUri"], headers={"Range": "bytes=100-"})
+    assert ranged.status_code == 206 and ranged.content == fake.original_bytes(obj["ImageKey"])[100:]
+    assert get(fake, obj["ArchivedUri"], headers={"Range": "bytes=99999-"}).status_code == 416
+    assert {e["kind"] for e in fake.calls() if e["path"].startswith("/original/")} == {"file"}
+    fake.refuse_originals = {obj["ImageKey"]}
+    refused = get(fake, obj["ArchivedUri"])
+    assert refused.status_code == 403 and refused.json()["Message"]
+    unsigned = requests.get(obj["ArchivedUri"], timeout=10)
+    assert unsigned.status_code == 401
+
+
+def test_largest_video_serves_a_transcode(fake):
+    keys = fake_smugmug.rich_account(fake)
+    video = [o for o in payload(get(fake, "/api/v2/album/%s!images" % keys["video"])) if o["IsVideo"]][0]
+    uri = video["Uris"]["LargestVideo"]["Uri"]
+    assert uri == "/api/v2/image/%s-0!largestvideo" % video["ImageKey"]
+    response = get(fake, uri)
+    body = response.json()["Response"]
+    assert body["Locator"] == "LargestVideo" and body["LocatorType"] == "Object"
+    largest = body["LargestVideo"]
+    assert largest["Url"].endswith("/1920/Clip-1920.mp4") and largest["Ext"] == "mp4" and largest["Size"] == 4000
+    data = get(fake, largest["Url"]).content
+    assert data == fake.transcode_bytes(video["ImageKey"]) != fake.original_bytes(video["ImageKey"])[:4000]
+    assert hashlib.md5(data).hexdigest() == largest["MD5"]
+    photo = fake.albums[keys["video"]].images[0].key
+    assert get(fake, "/api/v2/image/%s-0!largestvideo" % photo).status_code == 404
+    assert [e["status"] for e in fake.calls("video")] == [200, 404]
+
+
+def test_wrong_file_once_flips_one_byte_of_the_first_fetch(fake):
+    key = fake.add_album("Album", sizes=(5000,))
+    image = fake.albums[key].images[0]
+    fake.wrong_file_once = {image.key}
+    obj = payload(get(fake, "/api/v2/album/%s!images" % key))[0]
+    first, second = get(fake, obj["ArchivedUri"]).content, get(fake, obj["ArchivedUri"]).content
+    assert len(first) == len(second) == 5000
+    assert hashlib.md5(first).hexdigest() != obj["ArchivedMD5"] == hashlib.md5(second).hexdigest()
+    assert sum(a != b for a, b in zip(first, second)) == 1
+
+
+# -- archive knobs ----------------------------------------------------------------------------
+
+def test_corrupt_once_breaks_one_crc_of_the_first_download(fast):
+    key = fast.add_album("Corrupt", part_limit=10_000, images=[{"size": 3000}, {"size": 4000}])
+    fast.corrupt_once = {key}
+    downloads = complete_downloads(fast, key)
+    first = get(fast, downloads[0]["WebUri"]).content
+    archive, names = open_zip(first)                       # it opens...
+    assert len(first) == downloads[0]["Size"] and archive.testzip() == names[0]   # ...but CRC fails
+    with pytest.raises(zipfile.BadZipFile):
+        archive.read(names[0])
+    again = get(fast, downloads[0]["WebUri"]).content
+    assert again == fast.expected_parts(key)["%s.zip" % key] and open_zip(again)[0].testzip() is None
+
+
+def test_html_once_answers_a_login_page_first(fast):
+    key = fast.add_album("Html", sizes=(3000, 3000))
+    fast.html_once = {key}
+    downloads = complete_downloads(fast, key)
+    for d in downloads:
+        page = get(fast, d["WebUri"])
+        assert page.status_code == 200 and page.headers["Content-Type"].startswith("text/html")
+        assert int(page.headers["Content-Length"]) == len(page.content) != d["Size"]
+        assert b"<html" in page.content
+        real = get(fast, d["WebUri"])
+        assert real.headers["Content-Type"] == "application/zip" and len(real.content) == d["Size"]
+    second = complete_downloads(fast, key)[-1]                 # a later archive: no login page
+    assert get(fast, second["WebUri"]).headers["Content-Type"] == "application/zip"
+
+
+def test_web_uri_only_when_complete_and_omit_size(fake):
+    fake.prep_seconds = 30
+    fake.web_uri_only_when_complete = fake.omit_size = True
+    key = fake.add_album("Slow", sizes=(1000,))
+    listed = payload(post(fake, "/api/v2/album/%s!download" % key))
+    assert listed[0]["Status"] in ("Init", "Processing") and "WebUri" not in listed[0] and "Size" not in listed[0]
+    fake.archives[key][0].created -= 31
+    done = payload(get(fake, "/api/v2/album/%s!download" % key))[0]
+    assert done["Status"] == "Complete" and "WebUri" in done and "Size" not in done
+
+
+def test_staggered_parts_served_bytes_and_prepared_undownloaded(fake):
+    fake.prep_seconds = 10
+    fake.staggered_parts = True
+    key = fake.add_album("Staggered", sizes=(3000, 3000, 3000))
+    archive = fake.new_archive(key)
+    assert fake.prepared_undownloaded_bytes() == 0
+    archive.created -= 15                                   # part 1 ready at 10 s, part 2 at 20 s
+    statuses = [d["Status"] for d in payload(get(fake, "/api/v2/album/%s!download" % key))]
+    assert statuses == ["Complete", "Processing", "Processing"]
+    sizes = [content.size for _, content in archive.parts]
+    assert fake.prepared_undownloaded_bytes() == sizes[0]
+    downloads = payload(get(fake, "/api/v2/album/%s!download" % key))
+    assert get(fake, downloads[1]["WebUri"]).status_code == 404         # not ready yet
+    get(fake, downloads[0]["WebUri"], headers={"Range": "bytes=1000-"})
+    assert fake.served[(archive.archive_id, 1)] == sizes[0] - 1000
+    assert fake.prepared_undownloaded_bytes() == 1000
+    archive.created -= 20
+    assert fake.prepared_undownloaded_bytes() == 1000 + sizes[1] + sizes[2]
+    get(fake, downloads[0]["WebUri"])
+    assert fake.prepared_undownloaded_bytes() == sizes[1] + sizes[2]          # floored at 0 for part 1
+
+
+def test_error_always_with_image_archives(fast):
+    key = fast.add_album("Broken", sizes=(1000, 2000))
+    fast.error_always = {key}
+    post(fast, "/api/v2/album/%s!download" % key)
+    time.sleep(0.01)
+    assert [d["Status"] for d in payload(get(fast, "/api/v2/album/%s!download" % key))] == ["Error", "Error"]
+
+
+# -- laziness ---------------------------------------------------------------------------------
+
+class _Reader(io.RawIOBase):
+    """A seekable file over a ZipContent, for zipfile."""
+
+    def __init__(self, content):
+        self.content, self.pos = content, 0
+
+    def readable(self):
+        return True
+
+    def seekable(self):
+        return True
+
+    def seek(self, offset, whence=0):
+        self.pos = (offset, self.pos + offset, self.content.size + offset)[whence]
+        return self.pos
+
+    def tell(self):
+        return self.pos
+
+    def readinto(self, buffer):
+        data = self.content.read(self.pos, self.pos + len(buffer))
+        buffer[:len(data)] = data
+        self.pos += len(data)
+        return len(data)
+
+
+def test_big_zips_are_never_materialised(fake):
+    tracemalloc.start()
+    try:
+        started = time.monotonic()
+        key = fake.add_album("Huge", images=[{"file_name": "a.jpg", "size": 1000},
+                                             {"file_name": "movie.mov", "size": 2 * 2 ** 30, "is_video": True},
+                                             {"file_name": "z.jpg", "size": 200 * 2 ** 20}])
+        (name, content), = fake.album_parts(key)
+        middle = content.read(2 ** 30, 2 ** 30 + 4096)
+        movie = fake.albums[key].images[1]
+        assert middle == movie.content().read(2 ** 30 - content.data_offsets[1],
+                                              2 ** 30 - content.data_offsets[1] + 4096)
+        archive = zipfile.ZipFile(io.BufferedReader(_Reader(content)))      # reads the directory only
+        assert [i.file_size for i in archive.infolist()] == [1000, 2 * 2 ** 30, 200 * 2 ** 20]
+        assert archive.read("a.jpg") == fake.albums[key].images[0].content().whole()
+        assert time.monotonic() - started < 2
+        assert tracemalloc.get_traced_memory()[1] < 20 * 2 ** 20
+    finally:
+        tracemalloc.stop()
+
+
+def test_zip64_past_4_gib_and_fast_crcs(fake):
+    for size in (0, 1, 65520, 65521, 65522, 3 * 65521 + 7, 1_000_003):
+        content = Content("crc-%d" % size, size)
+        assert content.crc32() == zlib.crc32(content.whole())
+    images = [FakeImage("K1", "a.jpg", 100), FakeImage("K2", "big.mov", 5 * 2 ** 30 + 7), FakeImage("K3", "c.jpg", 200)]
+    content = ZipContent([(im.file_name, im) for im in images])
+    archive = zipfile.ZipFile(io.BufferedReader(_Reader(content)))
+    assert [i.file_size for i in archive.infolist()] == [100, 5 * 2 ** 30 + 7, 200]
+    assert archive.read("c.jpg") == images[2].content().whole()
+    with archive.open("big.mov") as f:
+        assert f.read(5000) == images[1].content().read(0, 5000)
+
+
+def test_sample_and_rich_accounts_side_by_side(fake):
+    sample = fake_smugmug.sample_account(fake)
+    rich = fake_smugmug.rich_account(fake)
+    assert len(fake.expected_parts(sample["big"])) == 3 and fake.expected_parts(sample["empty"]) == {}
+    assert len(fake.expected_parts(rich["split"])) == 2
+    assert all(im.caption for im in fake.albums[rich["captions"]].images)
+    names = [fake.nodes[n].name for n in fake.nodes[fake.root_id].children]
+    assert len(names) == len(set(names)) and "Rich Media" in names
