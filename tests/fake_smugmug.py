@@ -632,8 +632,9 @@ class FakeSmugMug:
                         return album, image
         return None, None
 
-    def original_bytes(self, image_key):
-        return self.find_image(image_key)[1].content().whole()
+    def original_bytes(self, *keys):
+        """original_bytes([album_key,] image_key): the bytes its ArchivedUri serves now."""
+        return self.find_image(keys[-1])[1].content().whole()
 
     def transcode_bytes(self, image_key):
         """The bytes the !largestvideo Url of a video serves."""
@@ -1424,7 +1425,7 @@ def rich_account(fake, folder="Rich Media", parent=None):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Serve a sample SmugMug account on localhost.")
+    parser = argparse.ArgumentParser(description="Serve sample SmugMug accounts on localhost.")
     parser.add_argument("--output-dir", default="./sample-backup", help="output_dir of the printed config")
     parser.add_argument("--write-config", metavar="PATH", help="also write the config to PATH")
     parser.add_argument("--prep-seconds", type=float, default=2.0, help="archive preparation time")
@@ -1442,7 +1443,8 @@ def main(argv=None):
         with open(args.write_config, "w") as f:
             f.write(text + "\n")
         os.chmod(args.write_config, 0o600)      # it holds (fake) secrets, like a real config
-    print("Fake SmugMug serving a sample account at %s. A matching config:\n%s" % (fake.base, text))
+    print("Fake SmugMug serving the sample account and rich_account (folder Rich Media) at %s. "
+          "A matching config:\n%s" % (fake.base, text))
     if args.write_config:
         print("Config written to %s. In another terminal run:\n    python smugmug_download.py --config %s"
               % (args.write_config, shlex.quote(args.write_config)))
