@@ -5,14 +5,18 @@ The account's folder tree is walked through the SmugMug API v2 (OAuth1-signed)
 and mirrored under `output_dir`: one folder per SmugMug folder and album, each
 album's photos in the zip archive(s) SmugMug prepares for it.
 
-Design: a walk pool lists folders; every album found goes through three pools,
-each a plain function run by one orchestrator loop that alone owns counters,
-progress output and the backup state:
+Design: a walk pool lists folders; every album found is an AlbumRun, a small
+state machine moved through the pools by one orchestrator loop that alone owns
+counters, progress output, the backup state and the map of who owns each path:
     request  ask SmugMug for a zip archive of the album (or reuse a fresh one)
-    poll     look again, with growing delays, until every part is Complete
-    download stream each part to NAME.part, check its length, rename it
+    poll     look again, paced by what preparations have taken, until Complete
+    download stream each part to NAME.part, check it against the listed Size
+    check    list the album's files (!images), CRC-test the zips, match them
+    fetch    download on its own every file the zips lack (checked by MD5)
+then the album's files take their final names together with its metadata.json.
 Reruns are incremental: albums whose timestamps and files match the state
-record cost no API call beyond the folder walk.
+record cost no API call beyond the folder walk. --verify proves a backup
+against its manifests without asking SmugMug anything.
 
 Usage:  python smugmug_download.py [--config config.json] [--dry-run] ...
 """
@@ -21,8 +25,10 @@ import argparse
 import collections
 import concurrent.futures
 import datetime
+import difflib
 import email.utils
 import fnmatch
+import hashlib
 import heapq
 import json
 import logging
@@ -37,12 +43,14 @@ import threading
 import time
 import unicodedata
 import urllib.parse
+import zipfile
 from dataclasses import dataclass, field, replace
 from typing import Dict, List, Optional, Tuple
 
 import requests
 from requests.adapters import HTTPAdapter
 from requests_oauthlib import OAuth1, OAuth1Session
+import urllib3
 from urllib3.exceptions import ConnectTimeoutError, NewConnectionError
 from urllib3.util.retry import Retry
 
@@ -67,7 +75,7 @@ CONFIG_OPTIONAL = {
     "smugmug_user": (str, ""),
     "api_base": (str, DEFAULT_API_BASE),
     "workers": (int, 4),
-    "max_preparing": (int, 32),
+    "max_preparing": (int, 256),
     "archive_timeout_hours": ((int, float), 6),
     "poll_seconds": ((int, float), 2.0),
     "poll_max_seconds": ((int, float), 30.0),
@@ -80,7 +88,8 @@ STATE_DIR = ".smugmug_download"          # inside output_dir
 STATE_FILE = "state.json"                # snapshot, replaced atomically
 JOURNAL_FILE = "journal.jsonl"           # one line per finished album since the snapshot
 LOCK_FILE = ".smugmug_download.lock"     # inside output_dir, flock'ed while a run lives
-STATE_VERSION = 1
+STATE_VERSION = 2                        # 1: parts only; 2: files, manifest, completeness
+MANIFEST_NAME = "metadata.json"          # in every album folder: what the album holds, and where
 RESERVED_TOP_NAMES = {STATE_DIR.casefold(), LOCK_FILE.casefold()}
 
 # A timeout on every request: connecting should be quick; a busy server may
@@ -96,11 +105,30 @@ RATE_LOW_WATER = 10       # X-RateLimit-Remaining under this: spread calls until
 DOWNLOAD_ATTEMPTS = 5     # tries of one part (resumed with Range where possible)
 ARCHIVE_ERROR_RETRIES = 3 # new archives after a Status "Error"
 ARCHIVE_REMOVED_RETRIES = 3
-REQUEST_AGAIN_AFTER_POLLS = 8  # ~35 s of looks with nothing listed: the request was lost
-CHUNK_SIZE = 256 * 1024   # low CPU per byte, constant memory, and little lost when a run is killed
+REQUEST_AGAIN_AFTER_POLLS = 8  # looks with nothing listed for our request: it was lost
+LOST_REQUEST_RETRIES = 2  # lost requests asked again before the album is saved file by file
+PART_CHECK_RETRIES = 2    # downloads again of a part that is not a sound zip, then the album fails
+FILE_ATTEMPTS = 3         # downloads of one loose file that fails its size or MD5 check
+IMAGES_PAGE_COUNT = 1000  # files asked per !images page; the server may clamp it
+# The fields of !images the completeness check and the manifest use (_filter).
+IMAGE_FIELDS = ("FileName", "ImageKey", "IsVideo", "Processing", "Hidden", "ArchivedUri", "ArchivedSize",
+                "ArchivedMD5", "Title", "Caption", "Keywords", "KeywordArray", "DateTimeOriginal", "Date",
+                "Latitude", "Longitude", "Altitude", "LastUpdated")
+# What the manifest keeps of an album (from the walk's expanded Album object).
+ALBUM_FIELDS = ("AlbumKey", "NodeID", "Name", "Title", "Description", "Keywords", "WebUri",
+                "LastUpdated", "ImagesLastUpdated")
+CHUNK_SIZE = 1024 * 1024  # measured: 1 MiB reads cost a fifth of the CPU of 256 KiB ones; constant memory
 MAX_NAME_BYTES = 200
 STATUS_INTERVAL = 0.1     # the progress line is redrawn at most ten times a second
 PROGRESS_LOG_INTERVAL = 60.0
+# The preparation window (albums requested and not yet downloading), sized as the run goes.
+WINDOW_START = 16         # albums asked for at once before anything is known
+WINDOW_FLOOR = 2
+WINDOW_STEP = 0.25        # seconds between two sizings of the window
+READY_HORIZON = 60.0      # prepared bytes waiting beyond what a minute of downloading takes: shrink
+RATE_SPAN = 5.0           # seconds over which the download rate is measured
+PACER_HISTORY = 50        # preparation times remembered to pace the looks at an archive
+PACER_SCOUTS = 8          # albums looked at early while no preparation time is known yet
 
 
 # Errors #####################################################################
@@ -115,6 +143,10 @@ class UsageError(BackupError):
 
 class AuthError(BackupError):
     """SmugMug rejected the credentials: the whole run stops, exit 2."""
+
+
+class Unreachable(BackupError):
+    """Every call to SmugMug has failed for a while: the run stops early (exit 1)."""
 
 
 class LockedError(BackupError):
@@ -145,8 +177,20 @@ class ArchiveGone(BackupError):
     """The archive expired or vanished: request a new one."""
 
 
+class Abandoned(BackupError):
+    """The album gave up on the archive this download belongs to."""
+
+
 class DownloadError(BackupError):
     """A part could not be downloaded completely after retries."""
+
+
+class Refused(DownloadError):
+    """The server refuses this file (401/403/404/410): retrying will not help."""
+
+
+class BadArchive(BackupError):
+    """A file that should be a zip is not a sound one (unreadable, or an entry fails its CRC)."""
 
 
 class LocalWriteError(BackupError):
@@ -165,7 +209,7 @@ class Config:
     smugmug_user: str = ""
     api_base: str = DEFAULT_API_BASE
     workers: int = 4
-    max_preparing: int = 32
+    max_preparing: int = 256
     archive_timeout_hours: float = 6
     poll_seconds: float = 2.0
     poll_max_seconds: float = 30.0
@@ -191,6 +235,7 @@ class Album:
     images_last_updated: str = ""
     image_count: Optional[int] = None
     has_details: bool = False    # timestamps known (from _expand or a GET)
+    info: tuple = ()             # (field, value) pairs of ALBUM_FIELDS, for the manifest
 
     @property
     def rel(self):
@@ -212,6 +257,50 @@ class ArchivePart:
         return "%s|%s|%s" % (strip_query(self.url), self.file_name, self.date_added)
 
 
+@dataclass(frozen=True)
+class ListedFile:
+    """One file of an album as !images lists it."""
+    key: str                     # ImageKey
+    file_name: str
+    is_video: bool = False
+    processing: bool = False
+    archived_uri: str = ""       # the original; absent where originals may not be downloaded
+    archived_size: Optional[int] = None
+    archived_md5: str = ""
+    video_uri: str = ""          # !largestvideo, for videos without ArchivedUri
+    fields: tuple = ()           # (field, value) pairs kept in the manifest
+
+
+@dataclass(frozen=True)
+class ZipEntry:
+    """One file inside an archive part on disk."""
+    part: str                    # the part's local file name
+    name: str                    # its name inside the zip
+    size: int
+    md5: str = ""                # hex, when asked for
+
+
+@dataclass(frozen=True)
+class FileTask:
+    """A file the archive lacks, to be fetched on its own into the album folder."""
+    key: str                     # ImageKey
+    name: str                    # local file name
+    url: str
+    size: Optional[int]
+    md5: str
+    transcode: bool = False      # from !largestvideo, not the uploaded original
+
+
+@dataclass(frozen=True)
+class AlbumPlan:
+    """What the check stage found: where each listed file is, and what to fetch."""
+    listing: tuple               # ListedFile, in listing order
+    locations: dict              # ImageKey -> {"archive", "entry"} | {"file"} | {"missing"}
+    fetch: tuple = ()            # FileTask
+    bad_parts: dict = field(default_factory=dict)   # part name -> reason (not a sound zip)
+    files_checked: int = 0
+
+
 @dataclass
 class Summary:
     albums_found: int = 0
@@ -220,7 +309,12 @@ class Summary:
     moved: int = 0
     parts: int = 0
     bytes: int = 0
-    failed: Dict[str, str] = field(default_factory=dict)   # album path -> reason
+    files_checked: int = 0
+    files_fetched: int = 0
+    by_file: List[str] = field(default_factory=list)         # albums saved file by file
+    missing: Dict[str, list] = field(default_factory=dict)   # album path -> [(file, reason)]
+    emptied: List[str] = field(default_factory=list)         # albums now empty on SmugMug (files kept)
+    failed: Dict[str, str] = field(default_factory=dict)     # album path -> reason
     gone: List[str] = field(default_factory=list)
     write_error: str = ""
     seconds: float = 0.0
@@ -318,6 +412,112 @@ def part_file_names(parts):
         seen.add(name.casefold())
         names[p.part] = name
     return names
+
+
+def loose_file_names(files, taken):
+    """{ImageKey: local name} for files saved on their own beside the archive parts.
+
+    FileName cleaned by the name rules (extension kept); a name equal ignoring
+    case to one in taken (the parts, the manifest) or to an earlier file gets
+    " (ImageKey)" before its extension. files: (key, file name) in listing order.
+    """
+    seen = {name.casefold() for name in taken}
+    names = {}
+    for key, file_name in files:
+        name = clean_name(file_name or key, keep_extension=True)
+        if name.lower().endswith(".part"):
+            name += "_"
+        if name.casefold() in seen:
+            name = with_suffix(name, " (%s)" % clean_name(key), keep_extension=True)
+        seen.add(name.casefold())
+        names[key] = name
+    return names
+
+
+def int_or_none(value):
+    """A non-negative int from an API field (int or digit string), else None."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value.strip())
+    return value if isinstance(value, int) and value >= 0 else None
+
+
+def listed_file(obj):
+    """A ListedFile from an AlbumImage object, or None when it names no file."""
+    if not isinstance(obj, dict):
+        return None
+    key = obj.get("ImageKey")
+    if not isinstance(key, str) or not key:
+        return None
+    uri = obj.get("ArchivedUri")
+    md5 = obj.get("ArchivedMD5")
+    kept = tuple((k, obj[k]) for k in IMAGE_FIELDS if k in obj and k != "ArchivedUri")
+    return ListedFile(key=key, file_name=str(obj.get("FileName") or ""),
+                      is_video=obj.get("IsVideo") is True, processing=obj.get("Processing") is True,
+                      archived_uri=uri if isinstance(uri, str) else "",
+                      archived_size=int_or_none(obj.get("ArchivedSize")),
+                      archived_md5=md5.lower() if isinstance(md5, str) else "",
+                      video_uri=uri_of(obj, "LargestVideo") or "", fields=kept)
+
+
+_RENAMED = re.compile(r"-\d+| \(\d+\)")
+
+
+def is_renamed_form(entry_name, file_name):
+    """Is entry_name file_name as SmugMug renames a clash inside a zip (IMG-1.jpg, IMG (1).jpg)?"""
+    stem, ext = os.path.splitext(file_name)
+    if not (entry_name.startswith(stem) and entry_name.endswith(ext)) or len(entry_name) <= len(file_name):
+        return False
+    return bool(_RENAMED.fullmatch(entry_name[len(stem):len(entry_name) - len(ext)]))
+
+
+def match_files(listing, entries):
+    """{ImageKey: ZipEntry}: which archive entry holds each listed file.
+
+    An entry holds a file when its name (last path component) is the file's
+    FileName, or SmugMug's renamed form of it, and where the listing gives
+    them, the size and MD5 agree. Each entry is used at most once; exact names
+    are matched before renamed forms, so IMG-1.jpg that is a file's own name is
+    never taken by the clash of IMG.jpg.
+    """
+    def fits(f, e):
+        return ((f.archived_size is None or e.size == f.archived_size)
+                and (not f.archived_md5 or not e.md5 or e.md5 == f.archived_md5))
+
+    used, found = set(), {}
+    base = [(i, e, e.name.rsplit("/", 1)[-1]) for i, e in enumerate(entries)]
+    for same_name in (True, False):
+        for f in listing:
+            if f.key in found or not f.file_name:
+                continue
+            for i, e, name in base:
+                if i in used or not fits(f, e):
+                    continue
+                if (name == f.file_name) if same_name else is_renamed_form(name, f.file_name):
+                    used.add(i)
+                    found[f.key] = e
+                    break
+    return found
+
+
+def manifest_document(album, plan, parts):
+    """The metadata.json of an album: the album, its parts, and each listed file with where it is."""
+    info = dict(album.info)
+    info.setdefault("AlbumKey", album.album_key)
+    info.setdefault("NodeID", album.node_id)
+    info["LastUpdated"], info["ImagesLastUpdated"] = album.last_updated, album.images_last_updated
+    files = []
+    for f in plan.listing:
+        entry = dict(f.fields)
+        entry.setdefault("FileName", f.file_name)
+        entry.setdefault("ImageKey", f.key)
+        entry.update(plan.locations.get(f.key) or {"missing": "not found"})
+        files.append(entry)
+    return {"format": "smugmug_download manifest 1", "tool": "smugmug_download %s" % __version__,
+            "album": {k: info[k] for k in ALBUM_FIELDS if k in info}, "path": album.rel,
+            "parts": [{"file": name, "size": size} for name, size in parts],
+            "files": files}
 
 
 def locator_payload(obj):
@@ -434,18 +634,6 @@ def backoff_delay(attempt, rng=random, base=BACKOFF_BASE, cap=BACKOFF_CAP):
     return delay * (0.5 + 0.5 * rng.random())
 
 
-def poll_delay(attempt, first=2.0, maximum=30.0):
-    """Seconds before the next look at a preparing archive.
-
-    The first look comes after `first` seconds; most archives are ready
-    within seconds, so the next looks follow closely (first/2, then growing by
-    half each time) up to `maximum`, so that a long preparation costs few calls.
-    """
-    if attempt <= 0:
-        return first
-    return min(maximum, (first / 2.0) * (1.5 ** min(attempt - 1, 60)))
-
-
 def parse_content_range(value):
     """(start, end, total) from 'bytes start-end/total'; total may be None ('*')."""
     match = re.fullmatch(r"\s*bytes\s+(\d+)-(\d+)/(\d+|\*)\s*", value or "")
@@ -551,6 +739,7 @@ class RateGate:
         self._not_before = 0.0      # monotonic
         self._spacing = 0.0
         self._spacing_until = 0.0
+        self.pressure = 0           # 429s and low-water warnings so far (read by the orchestrator)
 
     def wait(self):
         """Block until the gate is open and take a turn; raise Interrupted if the run stops."""
@@ -567,6 +756,7 @@ class RateGate:
 
     def close_for(self, seconds):
         with self._lock:
+            self.pressure += 1
             self._not_before = max(self._not_before, time.monotonic() + seconds)
 
     def observe(self, headers):
@@ -583,6 +773,8 @@ class RateGate:
             reset_in = 10.0
         reset_in = max(0.0, min(reset_in, RETRY_AFTER_CAP))
         with self._lock:
+            if time.monotonic() >= self._spacing_until:
+                self.pressure += 1
             self._spacing = reset_in / max(remaining, 1)
             self._spacing_until = time.monotonic() + reset_in
 
@@ -787,7 +979,8 @@ def with_details(album, details):
                    last_updated=str(details.get("LastUpdated") or ""),
                    images_last_updated=str(details.get("ImagesLastUpdated") or ""),
                    image_count=count if isinstance(count, int) and not isinstance(count, bool) else None,
-                   has_details=True)
+                   has_details=True,
+                   info=tuple((k, details[k]) for k in ALBUM_FIELDS if k in details))
 
 
 def walk_folder(client, folder):
@@ -825,26 +1018,68 @@ def walk_folder(client, folder):
 
 
 # Stages #####################################################################
+#
+# Each stage is a plain function run in a pool thread: it talks to SmugMug or
+# reads files and returns what it found. None of them touches shared state;
+# the orchestrator decides what a result means for the album.
+
+MIN_TIME = datetime.datetime.min.replace(tzinfo=datetime.timezone.utc)
+
+
+@dataclass(frozen=True)
+class ArchiveTicket:
+    """Which archive an album waits for: stored on the album, never re-derived.
+
+    posted: we asked SmugMug for a new archive, so a part is ours unless it is
+    stale (listed before our request, or of an archive given up on) or dated
+    before the newest stale one (not_before); before a request, only an
+    archive dated after the album's last change is. added: the DateAdded of
+    the archive chosen when first seen; from then on only that archive's parts
+    count, whatever else SmugMug lists. seen: its parts so far, which become
+    stale if it is given up.
+    """
+    posted: bool = False
+    stale: frozenset = frozenset()
+    not_before: Optional[str] = None
+    added: Optional[str] = None
+    seen: frozenset = frozenset()
+
+    def given_up(self):
+        """The ticket for a new request after this archive failed: it joins the stale ones."""
+        return ArchiveTicket(posted=True, stale=self.stale | self.seen,
+                             not_before=newest_time(self.not_before, self.added))
+
+    def after_listing(self, listed):
+        """The ticket for a request made after this listing: everything in it is stale."""
+        dates = [p.date_added for p in listed if parse_time(p.date_added)]
+        return ArchiveTicket(posted=True, stale=self.stale | {part_key(p) for p in listed},
+                             not_before=newest_time(self.not_before, *dates))
+
+
+def part_key(part):
+    """One Download object, told apart from any other archive's (even one of the same second)."""
+    return "%s|%s|%s|%s" % (part.date_added, part.part, part.file_name, strip_query(part.url))
+
+
+def newest_time(*texts):
+    """The latest of some API times (None and unreadable ones ignored), as given, or None."""
+    dated = [t for t in texts if parse_time(t)]
+    return max(dated, key=parse_time) if dated else None
+
 
 def archive_parts(body):
-    """The Download objects of a !download answer as ArchiveParts (bad ones dropped)."""
+    """The Download objects of a !download answer as ArchiveParts, URL or not (Status decides)."""
     parts = []
-    for index, item in enumerate(as_list(envelope_payload(body)), 1):
+    for item in as_list(envelope_payload(body)):
         url = item.get("WebUri") or item.get("Url") or item.get("URL")
-        if not isinstance(url, str) or not url:
-            continue
-        try:
-            number = int(item["Part"])
-        except (KeyError, TypeError, ValueError):
-            number = index         # no Part numbers: the listing order tells the parts apart
-        size = item.get("Size")
+        number = int_or_none(item.get("Part"))
         parts.append(ArchivePart(
-            part=number,
+            part=number or 0,          # 0: unnumbered; numbered by listing order within its archive
             file_name=str(item.get("FileName") or ""),
             status=str(item.get("Status") or "Unknown").strip().capitalize(),
-            url=url,
+            url=url if isinstance(url, str) else "",
             date_added=str(item.get("DateAdded") or ""),
-            size=size if isinstance(size, int) and not isinstance(size, bool) and size >= 0 else None))
+            size=int_or_none(item.get("Size"))))
     return parts
 
 
@@ -854,48 +1089,47 @@ def album_changed_at(album):
     return max(times) if times else None
 
 
-def is_fresh(part, album, requested, ignored):
-    """May this archive part be used for the album as it is now?
+def read_archive(listing, album, ticket):
+    """What one !download listing means for the album: (state, parts, ticket).
 
-    Never one in ignored (listed before our request, or given up on). Once we
-    have requested an archive, every other one is ours; before that, only one
-    not older than the album's last change (its DateAdded proves it).
+    state: 'complete' (every part downloadable), 'preparing', 'error',
+    'removed', or 'none' (nothing of ours listed yet). Decided by Status first:
+    a URL is needed only to download, so a part in progress without one still
+    counts, and a Complete part without one is an error. The returned ticket
+    remembers the archive chosen.
     """
-    if requested:
-        # An undated archive cannot be told from an older one at the same URL:
-        # trust what the server lists after our request rather than wait forever.
-        return not (part.date_added and part.identity in ignored)
-    if part.identity in ignored:
-        return False
-    added, changed = parse_time(part.date_added), album_changed_at(album)
-    # Strictly later: times have whole seconds, and an archive from the very
-    # second of a change may predate it.
-    return added is not None and changed is not None and added > changed
-
-
-def current_archive(parts, album, requested, ignored=frozenset()):
-    """The parts of the newest usable archive, one per Part number, or []."""
-    best = {}
-    for p in parts:
-        if p.status in ("Error", "Removed") or not is_fresh(p, album, requested, ignored):
-            continue
-        added = parse_time(p.date_added)
-        key = (added or datetime.datetime.min.replace(tzinfo=datetime.timezone.utc))
-        if p.part not in best or key >= best[p.part][0]:
-            best[p.part] = (key, p)
-    return [best[n][1] for n in sorted(best)]
-
-
-def archive_state(parts, album, requested, ignored):
-    """('complete'|'preparing'|'error'|'removed', parts) for one look at !download."""
-    fresh_failed = [p for p in parts if p.status in ("Error", "Removed") and is_fresh(p, album, requested, ignored)]
-    usable = current_archive(parts, album, requested, ignored)
-    if usable and all(p.status == "Complete" for p in usable):
-        return "complete", usable
-    if not usable and fresh_failed:
-        status = "error" if any(p.status == "Error" for p in fresh_failed) else "removed"
-        return status, fresh_failed
-    return "preparing", usable
+    mine = [p for p in listing if part_key(p) not in ticket.stale]
+    if ticket.posted and ticket.not_before:
+        floor = parse_time(ticket.not_before)
+        mine = [p for p in mine if (parse_time(p.date_added) or floor) >= floor]
+    if not ticket.posted:
+        changed = album_changed_at(album)
+        # Strictly later: times have whole seconds, and an archive from the very
+        # second of a change may predate it. Undated archives are never reused.
+        mine = [p for p in mine if changed is not None and (parse_time(p.date_added) or MIN_TIME) > changed]
+    if ticket.added is None:
+        if not mine:
+            return "none", [], ticket
+        newest = max(mine, key=lambda p: parse_time(p.date_added) or MIN_TIME).date_added
+        ticket = replace(ticket, added=newest)
+    group = [p for p in mine if p.date_added == ticket.added]
+    if not group:
+        return "removed", [], ticket           # the archive we waited for is listed no more
+    ticket = replace(ticket, seen=ticket.seen | {part_key(p) for p in group})
+    by_number = {}
+    for index, p in enumerate(group, 1):
+        by_number[p.part or index] = replace(p, part=p.part or index)
+    parts = [by_number[n] for n in sorted(by_number)]
+    statuses = {p.status for p in parts}
+    if "Error" in statuses:
+        return "error", parts, ticket
+    if "Removed" in statuses:
+        return "removed", parts, ticket
+    if statuses != {"Complete"} or sorted(by_number) != list(range(1, len(parts) + 1)):
+        return "preparing", parts, ticket      # a part still in progress, or not listed yet
+    if any(not p.url for p in parts):
+        return "error", parts, ticket          # Complete, but nothing to download it from
+    return "complete", parts, ticket
 
 
 def fetch_details(client, album):
@@ -908,69 +1142,89 @@ def fetch_details(client, album):
     return with_details(album, details)
 
 
-def request_archive(client, album, force_new, ignored):
-    """Stage of the request pool: (state, album, parts, stale identities).
+def request_archive(client, album, ticket, look_first):
+    """Stage of the request pool: (album, state, parts, ticket).
 
-    Reuses a fresh archive SmugMug already has (complete or in preparation)
-    unless force_new; otherwise POSTs for a new one. Every archive listed
-    before the POST is returned as stale: from then on, only a new one is ours.
+    look_first (a changed album, or one the state remembers asking an archive
+    for): list what SmugMug has first; an archive dated after the album's last
+    change is reused, complete or in preparation, and every other one listed is
+    stale from then on. Otherwise, or with a ticket given up on, a new archive
+    is asked for.
     """
     album = fetch_details(client, album)
     if album.image_count == 0:
-        return "empty", album, [], set()
-    download_uri = album.uri + "!download"
-    existing = archive_parts(client.get(download_uri))
-    if not force_new:
-        state, parts = archive_state(existing, album, False, ignored)
-        if state == "complete" or (state == "preparing" and parts):
-            return state, album, parts, set()
-    stale = {p.identity for p in existing}
-    body = client.post(download_uri)
-    state, parts = archive_state(archive_parts(body), album, True, set(ignored) | stale)
-    return ("complete" if state == "complete" else "preparing"), album, parts, stale
+        return album, "empty", [], ticket
+    uri = album.uri + "!download"
+    if not ticket.posted:
+        existing = archive_parts(client.get(uri)) if look_first else []
+        state, parts, chosen = read_archive(existing, album, ticket)
+        if state in ("complete", "preparing"):
+            others = [p for p in existing if part_key(p) not in chosen.seen]
+            return album, state, parts, replace(chosen, stale=chosen.stale | {part_key(p) for p in others})
+        ticket = ticket.after_listing(existing)
+    state, parts, ticket = read_archive(archive_parts(client.post(uri)), album, ticket)
+    return album, state, parts, ticket
 
 
-def poll_archive(client, album, ignored):
+def poll_archive(client, album, ticket):
     """Stage of the poll pool: one look at the album's archive; never sleeps."""
-    body = client.get(album.uri + "!download")
-    return archive_state(archive_parts(body), album, True, ignored)
+    return read_archive(archive_parts(client.get(album.uri + "!download")), album, ticket)
 
 
-def download_part(client, part, final_path, resume_ok, progress):
-    """Stage of the download pool: the part streamed to final_path + '.part'.
+def download_part(client, part, temp, resume_ok, progress, cancel):
+    """Stage of the download pool: one archive part into temp (NAME.part); its size.
 
-    Resumes an existing .part with Range when resume_ok (same archive); a 200
-    restarts from zero; a 206 at the wrong offset is an error and restarts.
-    The byte count is checked against Content-Length / Content-Range. Returns
-    the size. The caller renames the .part once every part of the album is done.
-    """
-    url = urllib.parse.urljoin(client.base + "/", part.url)    # a relative WebUri is on the API host
+    A refusal of the archive's URL means it expired: ArchiveGone."""
+    try:
+        return download_file(client, part.url, temp, part.size, resume_ok, progress, cancel)
+    except Refused as exc:
+        raise ArchiveGone("archive no longer available (%s)" % exc)
+
+
+def fetch_file(client, task, temp, resume_ok, progress, cancel):
+    """Stage of the download pool: a file the archive lacks into temp; its size.
+
+    Checked against the listed size and MD5; a mismatch is fetched again from
+    zero, FILE_ATTEMPTS times in all. Refused propagates: the file is missing."""
+    for attempt in range(FILE_ATTEMPTS):
+        size = download_file(client, task.url, temp, task.size, resume_ok and attempt == 0, progress, cancel)
+        if not task.md5 or md5_of(temp, client.stop) == task.md5:
+            return size
+        log.debug("%s: MD5 mismatch (attempt %d)", task.name, attempt + 1)
+        remove_quietly(temp)
+    raise DownloadError("%s: bytes differ from SmugMug's MD5 after %d tries" % (task.name, FILE_ATTEMPTS))
+
+
+def download_file(client, url, temp, listed_size, resume_ok, progress, cancel):
+    """url streamed into temp, resumed with Range when resume_ok (the same file),
+    retried on network errors; the byte count checked against the listed size
+    and the answer's own length; flushed to disk. Returns the size."""
+    url = urllib.parse.urljoin(client.base + "/", url)    # a relative URL is on the API host
     if not is_secure_url(url):
-        raise DownloadError("refusing to fetch an archive over plain http from %s"
-                            % urllib.parse.urlsplit(url).hostname)
-    temp = final_path + ".part"
+        raise DownloadError("refusing to fetch over plain http from %s" % urllib.parse.urlsplit(url).hostname)
     if not resume_ok:
         remove_quietly(temp)
     last_error = None
     for attempt in range(DOWNLOAD_ATTEMPTS):
-        if attempt:
-            if client.stop.wait(backoff_delay(attempt - 1)):
-                raise Interrupted("stopping")
+        if attempt and client.stop.wait(backoff_delay(attempt - 1)):
+            raise Interrupted("stopping")
         try:
-            return fetch_to_file(client, url, temp, progress, part.size)
+            return fetch_to_file(client, url, temp, progress, listed_size, cancel)
+        except Refused:
+            raise
         except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError,
                 DownloadError) as exc:
             last_error = redact_urls(exc)
-            log.debug("part %d of %s: %s (attempt %d)", part.part, os.path.basename(final_path),
-                      last_error, attempt + 1)
+            log.debug("%s: %s (attempt %d)", os.path.basename(temp), last_error, attempt + 1)
     raise DownloadError("download failed after %d tries: %s" % (DOWNLOAD_ATTEMPTS, last_error))
 
 
-def fetch_to_file(client, url, temp, progress, listed_size=None):
+def fetch_to_file(client, url, temp, progress, listed_size=None, cancel=None):
     """One attempt at completing temp from url; returns the final size.
 
-    The length to check is the answer's Content-Length (or Content-Range);
-    without one, the Size SmugMug listed for the part, if any."""
+    The expected length is the listed size when SmugMug gave one (an answer of
+    another length, such as a login page, is refused before a byte is
+    written), else the answer's Content-Length / Content-Range."""
     try:
         offset = os.path.getsize(temp)
     except OSError:
@@ -982,28 +1236,30 @@ def fetch_to_file(client, url, temp, progress, listed_size=None):
         status = resp.status_code
         if status == 416 and offset:
             total = parse_unsatisfied_range(resp.headers.get("Content-Range"))
-            if total == offset:
+            if total == offset and listed_size in (None, offset):
                 return offset       # the .part was already whole
             remove_quietly(temp)
             raise DownloadError("server refused to resume (416)")
-        if status in (404, 410):
-            raise ArchiveGone("archive no longer available (HTTP %d)" % status)
-        if status in (401, 403):
-            raise ArchiveGone("archive refused (HTTP %d): %s" % (status, error_message(resp)))
+        if status in (401, 403, 404, 410):
+            raise Refused("HTTP %d: %s" % (status, error_message(resp)))
         if status == 206 and offset:
             span = parse_content_range(resp.headers.get("Content-Range"))
             if span is None or span[0] != offset:
                 remove_quietly(temp)
                 raise DownloadError("server resumed at the wrong offset (%s)" % resp.headers.get("Content-Range"))
-            expected = span[2] if span[2] is not None else (
-                offset + content_length(resp.headers) if content_length(resp.headers) is not None else listed_size)
+            length = content_length(resp.headers)
+            answered = span[2] if span[2] is not None else (offset + length if length is not None else None)
             mode = "ab"
         elif status == 200:
             offset, mode = 0, "wb"
-            expected = content_length(resp.headers)
-            expected = listed_size if expected is None else expected
+            answered = content_length(resp.headers)
         else:
             raise DownloadError("HTTP %d: %s" % (status, error_message(resp)))
+        if "text/html" in resp.headers.get("Content-Type", "").lower():
+            raise DownloadError("got an HTML page instead of the file (HTTP %d)" % status)
+        if listed_size is not None and answered is not None and answered != listed_size:
+            raise DownloadError("the server sends %d bytes, SmugMug listed %d" % (answered, listed_size))
+        expected = listed_size if listed_size is not None else answered
         written = offset
         # Only the local side's OSErrors are write errors: requests' network
         # errors are OSErrors too, and are retried by the caller.
@@ -1012,23 +1268,53 @@ def fetch_to_file(client, url, temp, progress, listed_size=None):
         except OSError as exc:
             raise LocalWriteError("%s: %s" % (temp, exc.strerror or exc)) from exc
         try:
-            for chunk in resp.iter_content(CHUNK_SIZE):
+            for chunk in body_chunks(resp):
                 if client.stop.is_set():
                     raise Interrupted("stopping")
+                if cancel is not None and cancel.is_set():
+                    raise Abandoned("archive given up")
                 try:
                     out.write(chunk)
                 except OSError as exc:
                     raise LocalWriteError("%s: %s" % (temp, exc.strerror or exc)) from exc
                 written += len(chunk)
                 progress(len(chunk))
+            if expected is None or written == expected:
+                try:
+                    out.flush()
+                    os.fsync(out.fileno())      # complete on disk before it can take its final name
+                except OSError as exc:
+                    raise LocalWriteError("%s: %s" % (temp, exc.strerror or exc)) from exc
         finally:
             try:
                 out.close()
             except OSError as exc:
                 raise LocalWriteError("%s: %s" % (temp, exc.strerror or exc)) from exc
     if expected is not None and written != expected:
+        if written > expected:
+            remove_quietly(temp)
         raise DownloadError("got %d of %d bytes" % (written, expected))
     return written
+
+
+def body_chunks(resp):
+    """The body of a streamed answer in chunks of up to CHUNK_SIZE, each as soon as it arrives.
+
+    urllib3's read1 hands over what the socket has (measured: a fifth of the
+    CPU of iter_content, and no waiting for a whole chunk on a slow link); a
+    broken connection is a DownloadError, retried by the caller."""
+    raw = resp.raw
+    if not hasattr(raw, "read1"):                  # urllib3 1.x
+        yield from resp.iter_content(CHUNK_SIZE)
+        return
+    while True:
+        try:
+            chunk = raw.read1(CHUNK_SIZE)
+        except (urllib3.exceptions.HTTPError, requests.RequestException) as exc:
+            raise DownloadError("connection broken: %s" % short_network_error(exc)) from exc
+        if not chunk:
+            return
+        yield chunk
 
 
 def open_following_redirects(client, url, headers):
@@ -1046,7 +1332,7 @@ def open_following_redirects(client, url, headers):
         resp.close()
         url = urllib.parse.urljoin(url, location)
         if not is_secure_url(url):
-            raise DownloadError("archive redirected to plain http on %s" % urllib.parse.urlsplit(url).hostname)
+            raise DownloadError("redirected to plain http on %s" % urllib.parse.urlsplit(url).hostname)
     raise DownloadError("too many redirects")
 
 
@@ -1057,17 +1343,312 @@ def remove_quietly(path):
         pass
 
 
+def read_chunks(f, stop=None, progress=None):
+    """The chunks of an open file to its end, for checks in constant memory."""
+    while True:
+        if stop is not None and stop.is_set():
+            raise Interrupted("stopping")
+        chunk = f.read(CHUNK_SIZE)
+        if not chunk:
+            return
+        if progress:
+            progress(len(chunk))
+        yield chunk
+
+
+def md5_of(path, stop=None, progress=None):
+    """Hex MD5 of a file, streamed."""
+    digest = hashlib.md5()
+    with open(path, "rb") as f:
+        for chunk in read_chunks(f, stop, progress):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def zip_entry_names(info):
+    """The names an entry may be listed under: as stored, and UTF-8 read from a zip that did not flag it."""
+    if info.flag_bits & 0x800:
+        return info.filename
+    try:
+        return info.filename.encode("cp437").decode("utf-8")
+    except (UnicodeEncodeError, UnicodeDecodeError):
+        return info.filename
+
+
+def scan_zip(path, part_name, want_md5, stop=None, progress=None):
+    """[ZipEntry] of a zip on disk, every entry read to its end so that zipfile
+    checks its CRC (and its MD5 taken when asked); nothing is extracted.
+    BadArchive names what is wrong."""
+    entries = []
+    try:
+        with zipfile.ZipFile(path) as archive:
+            for info in archive.infolist():
+                if info.is_dir():
+                    continue
+                digest = hashlib.md5() if want_md5 else None
+                try:
+                    with archive.open(info) as member:
+                        for chunk in read_chunks(member, stop, progress):
+                            if digest:
+                                digest.update(chunk)
+                except (zipfile.BadZipFile, EOFError, ValueError) as exc:
+                    why = "CRC error" if "CRC" in str(exc) else "unreadable (%s)" % exc
+                    raise BadArchive("%s: %s in entry %s" % (part_name, why, zip_entry_names(info)))
+                entries.append(ZipEntry(part_name, zip_entry_names(info), info.file_size,
+                                        digest.hexdigest() if digest else ""))
+    except zipfile.BadZipFile as exc:
+        raise BadArchive("%s: not a zip (%s)" % (part_name, exc))
+    except (zipfile.LargeZipFile, NotImplementedError, RuntimeError, EOFError, ValueError) as exc:
+        raise BadArchive("%s: unreadable zip (%s)" % (part_name, exc))
+    except OSError as exc:
+        raise BadArchive("%s: %s" % (part_name, exc.strerror or exc))
+    return entries
+
+
+def list_images(client, album):
+    """Every file of the album (!images, all pages, only the fields used), as ListedFiles."""
+    extra = {"_filter": ",".join(IMAGE_FIELDS), "_filteruri": "LargestVideo"}
+    link = add_query(album.uri + "!images", count=IMAGES_PAGE_COUNT, **extra)
+    files, seen, pages = [], set(), 0
+    while link:
+        body = client.get(link)
+        for obj in as_list(envelope_payload(body)):
+            found = listed_file(obj)
+            if found and found.key not in seen:
+                seen.add(found.key)
+                files.append(found)
+        link = next_page(body)
+        if link:
+            link = add_query(path_and_query(link), **extra)
+        pages += 1
+        if pages > 100000:
+            raise ApiError("paging of %s!images does not end" % album.uri)
+    return files
+
+
+def largest_video(client, listed):
+    """(url, size, md5) of the largest transcode of a video (!largestvideo)."""
+    uri = listed.video_uri or "%s/image/%s-0!largestvideo" % (API_ROOT, listed.key)
+    video = envelope_payload(client.get(uri))
+    url = video.get("Url") if isinstance(video, dict) else None
+    if not isinstance(url, str) or not url:
+        raise ApiError("no video to download")
+    md5 = video.get("MD5")
+    return url, int_or_none(video.get("Size")), md5.lower() if isinstance(md5, str) else ""
+
+
+def check_album(client, album, parts, folder, old_files):
+    """Stage of the check pool: an AlbumPlan for an album whose parts are on disk.
+
+    parts: [(part name, path)] (NAME.part files, or the final files of an
+    earlier backup). Lists the album's files, CRC-tests every entry of every
+    part, matches listing to entries, and decides for each file the archive
+    lacks where it goes and where from; a loose file saved before (old_files)
+    that still has the listed size and MD5 is kept rather than fetched again.
+    """
+    listing = list_images(client, album)
+    want_md5 = any(f.archived_md5 for f in listing)
+    entries, bad = [], {}
+    for name, path in parts:
+        try:
+            entries.extend(scan_zip(path, name, want_md5, client.stop))
+        except BadArchive as exc:
+            bad[name] = str(exc)
+    if bad:
+        return AlbumPlan(tuple(listing), {}, (), bad)
+    found = match_files(listing, entries)
+    locations = {k: {"archive": e.part, "entry": e.name} for k, e in found.items()}
+    lacking = [f for f in listing if f.key not in found]
+    names = loose_file_names([(f.key, f.file_name) for f in lacking], [n for n, _ in parts] + [MANIFEST_NAME])
+    tasks = []
+    for f in lacking:
+        if f.processing:
+            locations[f.key] = {"missing": "still processing on SmugMug"}
+            continue
+        url, size, md5, transcode = f.archived_uri, f.archived_size, f.archived_md5, False
+        if not url and f.is_video:
+            try:
+                url, size, md5 = largest_video(client, f)
+                transcode = True
+            except ApiError as exc:
+                locations[f.key] = {"missing": "video not downloadable: %s" % exc}
+                continue
+        if not url:
+            locations[f.key] = {"missing": "SmugMug offers no original to download"}
+            continue
+        name = names[f.key]
+        locations[f.key] = {"file": name}
+        if transcode:       # not the uploaded file: say so, with what it was checked against
+            locations[f.key].update(transcode=True, size=size, md5=md5)
+        path = os.path.join(folder, name)
+        if name in old_files and file_is(path, size, md5, client.stop):
+            continue
+        tasks.append(FileTask(f.key, name, url, size, md5, transcode))
+    return AlbumPlan(tuple(listing), locations, tuple(tasks), {}, files_checked=len(listing))
+
+
+def file_is(path, size, md5, stop=None):
+    """Does the file at path have this size and MD5 (where given)?"""
+    try:
+        if size is not None and os.path.getsize(path) != size:
+            return False
+        return not md5 or md5_of(path, stop) == md5
+    except OSError:
+        return False
+
+
 # State ######################################################################
+
+def safe_rel(rel):
+    """Is rel a relative path of clean components (nothing that could leave output_dir)?"""
+    if not isinstance(rel, str) or not rel or "\\" in rel or "\x00" in rel:
+        return False
+    return all(piece not in ("", ".", "..") for piece in rel.split("/"))
+
+
+@dataclass
+class SavedFile:
+    """One file of an album's backup, in the album's folder."""
+    name: str
+    size: int
+    kind: str = "archive"        # "archive" (a zip part) or "file" (saved on its own)
+
+
+@dataclass
+class AlbumRecord:
+    """What the state knows of a backed-up album. Typed and validated on load."""
+    key: str
+    node_id: str
+    path: str                    # relative to output_dir, with /
+    last_updated: str = ""
+    images_last_updated: str = ""
+    files: List[SavedFile] = field(default_factory=list)
+    manifest: Optional[int] = None   # size of metadata.json; None: not written yet (a version 1 backup)
+    complete: bool = True        # False: files were missing or still processing: look again next run
+    damaged: List[str] = field(default_factory=list)   # what --verify found wrong
+
+    @property
+    def parts(self):
+        return [f for f in self.files if f.kind == "archive"]
+
+    @classmethod
+    def from_json(cls, key, data):
+        """A valid record, or ValueError naming the bad field."""
+        if not isinstance(data, dict):
+            raise ValueError("not an object")
+        if data.get("AlbumKey", key) != key:
+            raise ValueError("AlbumKey")
+        strings = {}
+        for name in ("NodeID", "path", "LastUpdated", "ImagesLastUpdated"):
+            value = data.get(name, "")
+            if not isinstance(value, str):
+                raise ValueError(name)
+            strings[name] = value
+        if not safe_rel(strings["path"]):
+            raise ValueError("path")
+        raw = data.get("files")
+        if raw is None:        # version 1: archive parts only
+            raw = [{"name": p.get("FileName"), "size": p.get("size")} if isinstance(p, dict) else p
+                   for p in (data.get("parts") or [])]
+        if not isinstance(raw, list):
+            raise ValueError("files")
+        files = []
+        for item in raw:
+            if not isinstance(item, dict):
+                raise ValueError("files")
+            name, size, kind = item.get("name"), item.get("size"), item.get("kind", "archive")
+            if not isinstance(name, str) or "/" in name or not safe_rel(name):
+                raise ValueError("files.name")
+            if int_or_none(size) is None or isinstance(size, str):
+                raise ValueError("files.size")
+            if kind not in ("archive", "file"):
+                raise ValueError("files.kind")
+            files.append(SavedFile(name, size, kind))
+        manifest = data.get("manifest")
+        if manifest is not None and (int_or_none(manifest) is None or isinstance(manifest, str)):
+            raise ValueError("manifest")
+        complete, damaged = data.get("complete", True), data.get("damaged", [])
+        if not isinstance(complete, bool):
+            raise ValueError("complete")
+        if not isinstance(damaged, list) or not all(isinstance(d, str) for d in damaged):
+            raise ValueError("damaged")
+        return cls(key, strings["NodeID"], strings["path"], strings["LastUpdated"],
+                   strings["ImagesLastUpdated"], files, manifest, complete, list(damaged))
+
+    def to_json(self):
+        return {"AlbumKey": self.key, "NodeID": self.node_id, "path": self.path,
+                "LastUpdated": self.last_updated, "ImagesLastUpdated": self.images_last_updated,
+                "files": [{"name": f.name, "size": f.size, "kind": f.kind} for f in self.files],
+                "manifest": self.manifest, "complete": self.complete, "damaged": self.damaged}
+
+    def owned_paths(self):
+        """Every path under output_dir this album owns: its folder, its files, its manifest."""
+        paths = [self.path] + [self.path + "/" + f.name for f in self.files]
+        return paths + ([self.path + "/" + MANIFEST_NAME] if self.manifest is not None else [])
+
+
+@dataclass(frozen=True)
+class Partial:
+    """An unfinished NAME.part: whose it is and which file it holds, so only the same is resumed into it."""
+    album: str
+    identity: str
+
+    @classmethod
+    def from_json(cls, path, data):
+        if not safe_rel(path):
+            raise ValueError("path")
+        if isinstance(data, str):                 # version 1: the identity alone
+            return cls("", data)
+        if isinstance(data, dict) and isinstance(data.get("album"), str) and isinstance(data.get("identity"), str):
+            return cls(data["album"], data["identity"])
+        raise ValueError("partial")
+
+    def to_json(self):
+        return {"album": self.album, "identity": self.identity}
+
+
+class PathOwners:
+    """Who owns each path under output_dir: an album folder or file belongs to one AlbumKey.
+
+    Like git's index, it is consulted before anything is written, renamed or
+    deleted, so that no album ever touches another's files, kept or live.
+    Paths compare ignoring case and Unicode form, as some disks do."""
+
+    def __init__(self, records=()):
+        self._owner = {}
+        for record in records:
+            self.claim(record)
+
+    @staticmethod
+    def _key(rel):
+        return unicodedata.normalize("NFC", rel).casefold()
+
+    def owner(self, rel):
+        return self._owner.get(self._key(rel))
+
+    def may_write(self, rel, key):
+        return self.owner(rel) in (None, key)
+
+    def claim(self, record):
+        for rel in record.owned_paths():
+            self._owner[self._key(rel)] = record.key
+
+    def release(self, record):
+        for rel in record.owned_paths():
+            if self.owner(rel) == record.key:
+                del self._owner[self._key(rel)]
+
 
 class BackupState:
     """The incremental-backup record in output_dir/.smugmug_download/.
 
-    albums: AlbumKey -> {AlbumKey, NodeID, path, LastUpdated,
-    ImagesLastUpdated, parts: [{FileName, size}]}. partials: the archive
-    identity each unfinished NAME.part belongs to, so that only the same
-    archive is ever resumed into it. Owned by the orchestrator thread alone.
-    A snapshot (state.json, replaced atomically) plus a journal with one line
-    per finished album: a crash loses at most the album in flight.
+    albums: AlbumKey -> AlbumRecord. partials: NAME.part path -> Partial.
+    requested: AlbumKeys whose archive was asked for and not yet saved (a run
+    that is stopped looks first at what SmugMug already prepared). Owned by the
+    orchestrator thread alone. A snapshot (state.json, replaced atomically)
+    plus a journal with one line per change: a crash loses at most the album
+    in flight. A record that does not validate is set aside (kept in the
+    snapshot, with a warning) and that album is checked again.
     """
 
     def __init__(self, output_dir, read_only=False):
@@ -1075,6 +1656,8 @@ class BackupState:
         self.read_only = read_only
         self.albums = {}
         self.partials = {}
+        self.requested = set()
+        self.set_aside = {}
         self._journal = None
 
     @property
@@ -1096,22 +1679,26 @@ class BackupState:
             if not isinstance(version, int) or version > STATE_VERSION:
                 log.warning("state file %s is from a newer version (%r) of this tool: "
                             "checking every album again (the file is kept)", self.snapshot_path, version)
-                self._set_aside()
+                self._set_aside_file()
                 return self
-            self.albums = {k: v for k, v in data["albums"].items() if isinstance(v, dict)}
-            partials = data.get("partials")
-            self.partials = dict(partials) if isinstance(partials, dict) else {}
+            for key, raw in data["albums"].items():
+                self._apply({"album": raw, "key": key})
+            for path, raw in (data.get("partials") or {}).items():
+                self._apply({"partial": [path, raw]})
+            self.requested = {k for k in data.get("requested") or [] if isinstance(k, str)}
+            set_aside = data.get("set_aside")
+            self.set_aside.update(set_aside if isinstance(set_aside, dict) else {})
         except FileNotFoundError:
             pass
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, AttributeError) as exc:
             log.warning("state file %s is unreadable (%s): checking every album again "
                         "(the file is kept)", self.snapshot_path, exc)
-            self._set_aside()
+            self._set_aside_file()
             return self
         self._replay_journal()
         return self
 
-    def _set_aside(self):
+    def _set_aside_file(self):
         """Keep a bad state file under another name rather than overwrite it silently."""
         if self.read_only:
             return
@@ -1140,18 +1727,39 @@ class BackupState:
                 self._apply(entry)
 
     def _apply(self, entry):
-        if isinstance(entry.get("album"), dict) and entry["album"].get("AlbumKey"):
-            self.albums[entry["album"]["AlbumKey"]] = entry["album"]
+        """One journal entry: {"album": record} | {"drop": key} | {"partial": [path, Partial|None]}
+        | {"requested": [key, bool]}. A bad record is set aside with a warning."""
+        if "album" in entry:
+            raw = entry["album"]
+            key = entry.get("key") or (raw.get("AlbumKey") if isinstance(raw, dict) else None)
+            if not isinstance(key, str) or not key:
+                return
+            try:
+                self.albums[key] = AlbumRecord.from_json(key, raw)
+                self.set_aside.pop(key, None)
+            except ValueError as exc:
+                log.warning("state record of album %s is damaged (bad %s): set aside, the album "
+                            "is checked again", key, exc)
+                self.albums.pop(key, None)
+                self.set_aside[key] = raw
+        if isinstance(entry.get("drop"), str):
+            self.albums.pop(entry["drop"], None)
         if isinstance(entry.get("partial"), list) and len(entry["partial"]) == 2:
-            path, identity = entry["partial"]
-            if identity is None:
+            path, raw = entry["partial"]
+            if raw is None:
                 self.partials.pop(path, None)
             else:
-                self.partials[path] = identity
+                try:
+                    self.partials[path] = Partial.from_json(path, raw)
+                except ValueError:
+                    log.warning("state entry for %r is damaged: ignored", path)
+        if isinstance(entry.get("requested"), list) and len(entry["requested"]) == 2:
+            key, on = entry["requested"]
+            (self.requested.add if on else self.requested.discard)(key)
 
     def record(self, entry):
-        """Apply an entry and append it to the journal (flushed and fsynced)."""
-        self._apply(entry)
+        """Apply an entry and append it to the journal (flushed and fsynced). OSError: a write error."""
+        self._apply(json.loads(json.dumps(entry)))
         if self.read_only:
             return
         if self._journal is None:
@@ -1161,22 +1769,59 @@ class BackupState:
         self._journal.flush()
         os.fsync(self._journal.fileno())
 
+    def save_album(self, record):
+        self.record({"album": record.to_json()})
+
+    def set_partial(self, path, partial):
+        if self.partials.get(path) != partial:
+            self.record({"partial": [path, partial.to_json() if partial else None]})
+
+    def set_requested(self, key, on):
+        if (key in self.requested) != on:
+            self.record({"requested": [key, on]})
+
     def save(self):
-        """Write the snapshot atomically, then start an empty journal."""
+        """Write the snapshot atomically, then start an empty journal. OSError: a write error."""
         if self.read_only:
             return
         os.makedirs(self.dir, exist_ok=True)
         data = {"version": STATE_VERSION, "tool": "smugmug_download %s" % __version__,
-                "albums": self.albums, "partials": self.partials}
+                "albums": {k: r.to_json() for k, r in self.albums.items()},
+                "partials": {p: v.to_json() for p, v in self.partials.items()},
+                "requested": sorted(self.requested)}
+        if self.set_aside:
+            data["set_aside"] = self.set_aside
         write_atomic(self.snapshot_path, json.dumps(data, ensure_ascii=False, indent=1, sort_keys=True))
         if self._journal is not None:
             self._journal.close()
             self._journal = None
         remove_quietly(self.journal_path)
 
+    def close(self):
+        if self._journal is not None:
+            try:
+                self._journal.close()
+            except OSError:
+                pass
+            self._journal = None
+
+
+def fsync_dir(folder):
+    """Make renames in folder survive a power loss (a no-op where folders cannot be opened)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
 
 def write_atomic(path, text, mode=None):
-    """Replace path with text: a temp file in the same folder, fsync, os.replace."""
+    """Replace path with text: a temp file in the same folder, fsync, os.replace, fsync the folder."""
     folder = os.path.dirname(os.path.abspath(path))
     fd, temp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
     try:
@@ -1190,35 +1835,40 @@ def write_atomic(path, text, mode=None):
     except BaseException:
         remove_quietly(temp)
         raise
+    fsync_dir(folder)
 
 
-def album_record(album, names, sizes):
-    return {"AlbumKey": album.album_key, "NodeID": album.node_id, "path": album.rel,
-            "LastUpdated": album.last_updated, "ImagesLastUpdated": album.images_last_updated,
-            "parts": [{"FileName": names[n], "size": sizes[n]} for n in sorted(names)]}
-
-
-def record_is_complete(record, output_dir):
-    """Is every part the record names on disk, at its recorded size?"""
-    folder = os.path.join(output_dir, *record.get("path", "").split("/"))
-    for part in record.get("parts") or []:
+def file_sizes_match(folder, files):
+    """Is every file on disk at its recorded size?"""
+    for f in files:
         try:
-            if os.path.getsize(os.path.join(folder, part["FileName"])) != part["size"]:
+            if os.path.getsize(os.path.join(folder, f.name)) != f.size:
                 return False
-        except (OSError, KeyError, TypeError):
+        except OSError:
             return False
     return True
 
 
 def classify(album, record, output_dir):
-    """'new', 'changed' or 'unchanged' against the state record (timestamps known)."""
+    """What an album needs against its state record (timestamps known):
+
+    'new' / 'changed' (an archive), 'recheck' (list and check what is on disk,
+    fetch only what is missing: no manifest yet, files missing or damaged, or
+    files SmugMug was still processing last time), or 'unchanged'.
+    """
     if not record:
         return "new"
-    if (record.get("LastUpdated") == album.last_updated
-            and record.get("ImagesLastUpdated") == album.images_last_updated
-            and record_is_complete(record, output_dir)):
-        return "unchanged"
-    return "changed"
+    if record.last_updated != album.last_updated or record.images_last_updated != album.images_last_updated:
+        return "changed"
+    folder = os.path.join(output_dir, *record.path.split("/"))
+    damaged_parts = {f.name for f in record.parts} & set(record.damaged)
+    if damaged_parts or not file_sizes_match(folder, record.parts):
+        return "changed"
+    loose = [f for f in record.files if f.kind == "file"]
+    manifest_ok = record.manifest is not None and file_sizes_match(folder, [SavedFile(MANIFEST_NAME, record.manifest)])
+    if not manifest_ok or not record.complete or record.damaged or not file_sizes_match(folder, loose):
+        return "recheck"
+    return "unchanged"
 
 
 class RunLock:
@@ -1293,30 +1943,162 @@ class StatusLine:
             self.text = ""
 
 
+class AlbumRun:
+    """One album's way through a run: an explicit state machine, touched by the orchestrator alone.
+
+        new -> waiting -> requesting -> preparing -> downloading -> checking -> fetching -> done
+    and besides: waiting again when its archive failed, expired or was never
+    listed (a new request); checking straight from requesting or preparing when
+    SmugMug will not prepare the archive (saved file by file) or from new for
+    a recheck of what is on disk; downloading again from checking when a part
+    is not a sound zip; failed from anywhere. Every retry counter is in tries.
+    """
+
+    MOVES = {
+        "new": ("waiting", "checking", "done", "failed"),
+        "waiting": ("requesting", "failed"),
+        "requesting": ("preparing", "downloading", "waiting", "checking", "done", "failed"),
+        "preparing": ("downloading", "waiting", "checking", "failed"),
+        "downloading": ("checking", "waiting", "failed"),
+        "checking": ("fetching", "downloading", "waiting", "done", "failed"),
+        "fetching": ("done", "failed"),
+        "done": (),
+        "failed": (),
+    }
+
+    def __init__(self, album, record, reason):
+        self.album = album
+        self.record = record          # AlbumRecord before this run, or None
+        self.reason = reason          # new / changed / recheck
+        self.state = "new"
+        self.ticket = ArchiveTicket()  # the archive this album waits for
+        self.tries = collections.Counter()   # error, removed, lost, part_check
+        self.asked_at = 0.0           # when the current archive was requested (monotonic)
+        self.first_asked_at = 0.0     # the timeout spans every request
+        self.looks = 0                # polls of the current request
+        self.look_token = 0           # the one planned look that counts (earlier plans are dropped)
+        self.in_window = False        # counted in the preparation window
+        self.generation = 0           # bumped when an archive is given up: its downloads are stale
+        self.cancel = threading.Event()
+        self.running = collections.Counter()  # downloads in flight, by generation
+        self.outstanding = 0          # downloads (parts or files) of this step not finished
+        self.parts = {}               # local part name -> ArchivePart of the current archive
+        self.sizes = {}               # local part name -> size on disk
+        self.from_disk = False        # the parts are the recorded final files (a recheck)
+        self.by_file = ""             # why the album is saved file by file, if it is
+        self.plan = None              # AlbumPlan from the check stage
+        self.fetched = {}             # loose file name -> size
+        self.missing = {}             # ImageKey -> why it could not be fetched
+
+    def to(self, state):
+        """Move to state; a move the table does not allow is a bug, said loudly."""
+        if state not in self.MOVES[self.state]:
+            raise RuntimeError("album %s: %s -> %s is not a move" % (self.album.rel, self.state, state))
+        self.state = state
+
+    @property
+    def folder_rel(self):
+        return self.album.rel
+
+    def abandon_archive(self):
+        """Give up on the current archive: its running downloads stop and are ignored."""
+        self.generation += 1
+        self.cancel.set()
+        self.cancel = threading.Event()
+        self.outstanding = 0
+        self.parts, self.sizes = {}, {}
+
+
 @dataclass
-class AlbumJob:
-    """One album's way through the pipeline; touched by the orchestrator only."""
-    album: Album
-    record: Optional[dict]
-    reason: str = "new"                # new / changed
-    ignored: set = field(default_factory=set)
-    errors: int = 0
-    removals: int = 0
-    requested_at: float = 0.0
-    polls: int = 0
-    names: Dict[int, str] = field(default_factory=dict)
-    sizes: Dict[int, int] = field(default_factory=dict)
-    pending_parts: int = 0
-    failed: bool = False
-    in_prep: bool = False              # counted in Orchestrator.preparing
-    generation: int = 0                # bumped per archive request; stale downloads are ignored
+class DownloadTask:
+    """A part or a loose file waiting for a download worker."""
+    run: AlbumRun
+    generation: int
+    name: str                     # local final name in the album's folder
+    temp: str
+    resume_ok: bool
+    part: Optional[ArchivePart] = None
+    file: Optional[FileTask] = None
+
+    @property
+    def size(self):
+        return (self.part.size if self.part else self.file.size) or 0
 
 
-def job_of(kind, payload):
-    """The AlbumJob a finished piece of work was about (None for a folder listing)."""
-    if kind == "walk":
+class PrepWindow:
+    """How many albums may be with SmugMug's preparation (requested, preparing,
+    or prepared and not yet downloading) at once: sized as the run goes.
+
+    It grows while download workers sit idle and nothing prepared waits for
+    them; it holds while prepared archives wait; it shrinks when the prepared
+    bytes waiting exceed what the download rate takes in READY_HORIZON seconds
+    (archives expire), and halves when SmugMug rate-limits. Never above cap,
+    never below floor.
+    """
+
+    def __init__(self, cap, floor=WINDOW_FLOOR, start=WINDOW_START):
+        self.cap = max(1, cap)
+        self.floor = min(floor, self.cap)
+        self.size = float(min(max(start, self.floor), self.cap))
+
+    @property
+    def limit(self):
+        return int(self.size)
+
+    def adjust(self, idle_workers, ready_waiting, ready_bytes, rate, throttled, wanted):
+        """One step; wanted: albums are waiting for a slot (growing only helps then)."""
+        if throttled:
+            self.size = max(self.floor, self.size / 2)
+        elif rate and ready_bytes > rate * READY_HORIZON:
+            self.size = max(self.floor, self.size * 0.8)
+        elif ready_waiting:
+            pass
+        elif idle_workers and wanted:
+            self.size = min(self.cap, self.size * 1.5 + 1)
+        return self.limit
+
+
+class PollPacer:
+    """When to look at an archive in preparation, from what preparations have taken.
+
+    Before anything is known, a few scout albums are looked at early and often
+    (after `first` seconds, then after half the time waited so far); the
+    others wait for the first scout's archive to be ready (at most `maximum`
+    seconds). From then on an album's first look comes when the typical
+    archive was ready (the median of the last ones), and each later look after
+    half the time waited so far, between first/2 and maximum seconds. A long
+    preparation costs few calls, and a ready archive sits unseen for about a
+    third of its own preparation time at most.
+    """
+
+    def __init__(self, first, maximum):
+        self.first, self.maximum = first, maximum
+        self.taken = collections.deque(maxlen=PACER_HISTORY)
+        self.scouts = 0
+
+    def observe(self, seconds):
+        self.taken.append(seconds)
+
+    def typical(self):
+        """The median preparation time seen (the fastest while fewer than three), or None."""
+        if not self.taken:
+            return None
+        ordered = sorted(self.taken)
+        return ordered[len(ordered) // 2] if len(ordered) >= 3 else ordered[0]
+
+    def first_delay(self):
+        """Seconds from a request to its first look; None: wait for what the scouts find."""
+        typical = self.typical()
+        if typical is not None:
+            return max(self.first, typical)
+        if self.scouts < PACER_SCOUTS:
+            self.scouts += 1
+            return self.first
         return None
-    return payload[0] if kind == "download" else payload
+
+    def next_delay(self, waited):
+        """Seconds to the next look at an archive not ready after waited seconds."""
+        return min(self.maximum, max(self.first / 2.0, 0.5 * waited))
 
 
 def partial_key(album, name):
@@ -1325,7 +2107,12 @@ def partial_key(album, name):
 
 
 class Orchestrator:
-    """Moves albums between the pools; alone owns counters, output and state."""
+    """Moves albums between the pools; alone owns counters, output, the state and the path owners.
+
+    One error policy: an OSError on this thread is a write error (stop new
+    work, name the file, exit 1); anything a worker raises is its album's
+    failure, with its reason.
+    """
 
     def __init__(self, client, config, options, state, status):
         self.client = client
@@ -1335,26 +2122,41 @@ class Orchestrator:
         self.status = status
         self.out = config.output_dir
         self.summary = Summary()
-        workers = max(1, config.workers)
+        self.workers = max(1, config.workers)
         self.pools = {
-            "walk": concurrent.futures.ThreadPoolExecutor(max(4, 2 * workers), "walk"),
-            "request": concurrent.futures.ThreadPoolExecutor(workers, "request"),
-            "poll": concurrent.futures.ThreadPoolExecutor(workers, "poll"),
-            "download": concurrent.futures.ThreadPoolExecutor(workers, "download"),
+            "walk": concurrent.futures.ThreadPoolExecutor(max(4, 2 * self.workers), "walk"),
+            "request": concurrent.futures.ThreadPoolExecutor(self.workers, "request"),
+            "poll": concurrent.futures.ThreadPoolExecutor(self.workers, "poll"),
+            "check": concurrent.futures.ThreadPoolExecutor(self.workers, "check"),
+            "download": concurrent.futures.ThreadPoolExecutor(self.workers, "download"),
         }
         self.futures = {}                       # future -> (kind, payload)
-        self.waiting = collections.deque()      # AlbumJobs waiting for a request slot
-        self.polls = []                         # heap of (due, seq, AlbumJob)
+        self.waiting = collections.deque()      # AlbumRuns waiting for a window slot
+        self.polls = []                         # heap of (due, seq, AlbumRun, look token)
+        self.deferred = []                      # AlbumRuns waiting for the scouts' first finding
+        self.queue = collections.deque()        # DownloadTasks waiting for a worker
+        self.busy = 0                           # download workers at work
         self.seq = 0
-        self.preparing = 0                      # requested and not yet seen Complete
-        self.downloading = set()
+        self.window = PrepWindow(config.max_preparing)
+        self.in_window = 0
+        self.pacer = PollPacer(config.poll_seconds, config.poll_max_seconds)
+        self.runs = {}                          # AlbumKey -> AlbumRun of this run
+        self.owners = PathOwners(state.albums.values())
+        self.owned_at_start = {PathOwners._key(r.path): k for k, r in state.albums.items()}
         self.seen_nodes = set()
+        self.seen_paths = set()                 # every folder and album path listed (for --include hints)
         self.walk_complete = True
         self.halt = False                       # a local write error: start nothing new
         self.found_keys = set()
+        self.dry_counts = collections.defaultdict(lambda: [0, 0])   # status -> [albums, images]
         self.bytes_done = 0
+        self.bytes_known = 0
+        self.resumed = 0
         self._bytes_lock = threading.Lock()
         self.started = time.monotonic()
+        self.rate_samples = collections.deque([(self.started, 0)])
+        self.last_adjust = 0.0
+        self.pressure_seen = 0
         self.last_progress_log = self.started
 
     # -- submitting work --
@@ -1368,34 +2170,86 @@ class Orchestrator:
         self.submit("walk", "walk", root, walk_folder, self.client, root)
 
     def pump(self):
-        """Start what may start: requests under the preparing bound, due polls."""
+        """Start what may start: requests inside the window, due polls, downloads on free workers."""
         if self.halt:
             return
-        while self.waiting and self.preparing < self.config.max_preparing:
-            job = self.waiting.popleft()
-            self.preparing += 1
-            job.in_prep = True
-            job.requested_at = job.requested_at or time.monotonic()   # the limit spans re-requests
-            # After an Error or a Removed archive, ask for a new one rather than look again.
-            force_new = job.errors > 0 or job.removals > 0
-            self.submit("request", "request", job, request_archive, self.client, job.album,
-                        force_new, frozenset(job.ignored))
+        self.adjust_window()
+        while self.waiting and self.in_window < self.window.limit:
+            self.request(self.waiting.popleft())
         now = time.monotonic()
         while self.polls and self.polls[0][0] <= now:
-            _due, _seq, job = heapq.heappop(self.polls)
-            self.submit("poll", "poll", job, poll_archive, self.client, job.album, frozenset(job.ignored))
+            _due, _seq, run, token = heapq.heappop(self.polls)
+            if run.state == "preparing" and token == run.look_token:
+                self.submit("poll", "poll", (run, run.generation), poll_archive, self.client, run.album, run.ticket)
+        self.start_downloads()
+
+    def start_downloads(self):
+        """Hand queued downloads to free workers; never two downloads on one album's old and new archive."""
+        skipped = collections.deque()
+        while self.queue and self.busy < self.workers:
+            task = self.queue.popleft()
+            run = task.run
+            if task.generation != run.generation or run.state in ("done", "failed"):
+                continue                                     # an archive given up on
+            if any(n for g, n in run.running.items() if g != run.generation):
+                skipped.append(task)                         # the old archive's downloads are still stopping
+                continue
+            self.busy += 1
+            run.running[task.generation] += 1
+            if task.resume_ok and os.path.exists(task.temp):
+                self.resumed += 1
+            if task.part is not None:
+                self.submit("download", "download", task, download_part, self.client, task.part, task.temp,
+                            task.resume_ok, self.add_bytes, run.cancel)
+                if run.in_window and not any(t.run is run and t.part for t in self.queue):
+                    self.leave_window(run)                   # its whole archive is downloading now
+            else:
+                self.submit("download", "fetch", task, fetch_file, self.client, task.file, task.temp,
+                            task.resume_ok, self.add_bytes, run.cancel)
+        self.queue.extendleft(reversed(skipped))
+
+    def adjust_window(self):
+        now = time.monotonic()
+        if now - self.last_adjust < WINDOW_STEP:
+            return
+        self.last_adjust = now
+        pressure = self.client.gate.pressure
+        throttled, self.pressure_seen = pressure > self.pressure_seen, pressure
+        parts = [t for t in self.queue if t.part is not None]
+        self.window.adjust(idle_workers=self.workers - self.busy, ready_waiting=len(parts),
+                           ready_bytes=sum(t.size for t in parts), rate=self.recent_rate(),
+                           throttled=throttled, wanted=bool(self.waiting))
+
+    def recent_rate(self):
+        """Download bytes per second over the last few seconds (None until known)."""
+        now = time.monotonic()
+        self.rate_samples.append((now, self.bytes_done))
+        while len(self.rate_samples) > 2 and now - self.rate_samples[1][0] > RATE_SPAN:
+            self.rate_samples.popleft()
+        (t0, b0), (t1, b1) = self.rate_samples[0], self.rate_samples[-1]
+        return (b1 - b0) / (t1 - t0) if t1 - t0 >= 1.0 and b1 > b0 else None
 
     def next_timeout(self):
-        timeout = STATUS_INTERVAL if self.status.enabled else 1.0
+        timeout = STATUS_INTERVAL if self.status.enabled else 0.25
         if self.polls:
             timeout = min(timeout, max(0.0, self.polls[0][0] - time.monotonic()))
         return timeout
+
+    def enter_window(self, run):
+        if not run.in_window:
+            run.in_window = True
+            self.in_window += 1
+
+    def leave_window(self, run):
+        if run.in_window:
+            run.in_window = False
+            self.in_window -= 1
 
     # -- the loop --
 
     def run(self, root):
         self.start(root)
-        while self.futures or (self.polls and not self.halt) or (self.waiting and not self.halt):
+        while self.futures or (not self.halt and (self.polls or self.waiting or self.queue)):
             self.pump()
             done, _ = concurrent.futures.wait(list(self.futures), timeout=self.next_timeout(),
                                               return_when=concurrent.futures.FIRST_COMPLETED)
@@ -1407,22 +2261,42 @@ class Orchestrator:
         return self.summary
 
     def handle(self, kind, payload, future):
+        """A finished piece of work: its result moves its album on; by the one error policy."""
+        if kind in ("download", "fetch"):
+            self.busy -= 1
+            payload.run.running[payload.generation] -= 1
+        run = payload.run if kind in ("download", "fetch") else payload[0] if kind in ("request", "poll",
+                                                                                          "check", "details") else None
         try:
-            result = future.result()
-        except (AuthError, Interrupted):
+            try:
+                result = future.result()
+            except (AuthError, Interrupted, Unreachable):
+                raise
+            except LocalWriteError as exc:
+                self.stop_new_work(str(exc))
+                self.fail(run, "could not write: %s" % exc)
+                return
+            except BackupError as exc:
+                self.on_error(kind, payload, exc)
+                return
+            except Exception as exc:       # a bug or an unforeseen answer: fail this piece, go on
+                log.debug("unexpected error in %s", kind, exc_info=True)
+                self.on_error(kind, payload, BackupError("%s: %s" % (type(exc).__name__, redact_urls(exc))))
+                return
+            getattr(self, "on_" + kind)(payload, result)
+        except OSError as exc:
+            where = getattr(exc, "filename", None) or self.out
+            self.stop_new_work("%s: %s" % (where, exc.strerror or exc))
+            self.fail(run, "could not write: %s" % (exc.strerror or exc))
+        except (AuthError, Interrupted, Unreachable):
             raise
-        except LocalWriteError as exc:
-            self.stop_new_work(str(exc))
-            self.fail(job_of(kind, payload), "could not write: %s" % exc)
-            return
-        except BackupError as exc:
-            self.on_error(kind, payload, exc)
-            return
-        except Exception as exc:       # a bug or an unforeseen answer: fail this piece, go on
-            log.debug("unexpected error in %s", kind, exc_info=True)
-            self.on_error(kind, payload, BackupError("%s: %s" % (type(exc).__name__, redact_urls(exc))))
-            return
-        getattr(self, "on_" + kind)(payload, result)
+        except Exception as exc:           # a bug here: fail the album by name rather than the run
+            log.debug("internal error after %s", kind, exc_info=True)
+            if run is not None:
+                self.fail(run, "internal error: %s: %s" % (type(exc).__name__, exc))
+            else:
+                self.walk_complete = False
+                self.summary.failed["/".join(getattr(payload, "path", ())) + "/"] = "internal error: %s" % exc
 
     def on_error(self, kind, payload, exc):
         if kind == "walk":
@@ -1434,38 +2308,53 @@ class Orchestrator:
                 log.error("could not list folder %s: %s", where, exc)
                 self.summary.failed[where + "/"] = "could not list folder: %s" % exc
             return
-        job = job_of(kind, payload)
-        if kind == "download" and payload[3] != job.generation:
-            return                      # a part of an archive we have already given up on
-        self.end_preparing(job)
+        if kind in ("download", "fetch"):
+            run = payload.run
+            if payload.generation != run.generation or run.state in ("done", "failed") or isinstance(exc, Abandoned):
+                self.start_pending(run)
+                return                          # a download of an archive given up on
+            if kind == "fetch":
+                self.file_done(run, payload, exc)
+            elif isinstance(exc, ArchiveGone):
+                self.archive_failed(run, "removed", str(exc))
+            else:
+                self.fail(run, str(exc))
+            return
+        run, generation = payload
+        if generation != run.generation or run.state in ("done", "failed"):
+            return
         if isinstance(exc, Forbidden) and kind == "request":
-            self.fail(job, "downloads not allowed: %s" % exc)
-        elif isinstance(exc, ArchiveGone) and kind == "download" and not job.failed:
-            self.archive_vanished(job, str(exc))
+            self.fail(run, "downloads not allowed: %s" % exc)
         else:
-            self.fail(job, str(exc))
+            self.fail(run, str(exc))
 
-    def end_preparing(self, job):
-        if job.in_prep:
-            job.in_prep = False
-            self.preparing -= 1
+    def start_pending(self, run):
+        """Once the last download of an abandoned archive has stopped, the new one may start."""
+        if not any(n for g, n in run.running.items() if g != run.generation):
+            self.start_downloads()
 
     # -- walk --
 
     def on_walk(self, folder, result):
         folders, albums, skipped = result
         for where, why in skipped:
-            log.warning("skipping %s: %s", where, why)
+            self.dry_counts["skipped"][0] += 1
+            if why.startswith("album without"):
+                log.error("%s: %s", where, why)
+                self.summary.failed[where] = why
+            else:
+                log.warning("skipping %s: %s", where, why)
+        self.seen_paths.update("/".join(item.path) for item in folders + albums)
         for sub in folders:
-            if sub.node_id in self.seen_nodes:
+            if sub.node_id in self.seen_nodes or self.halt:
                 continue
             self.seen_nodes.add(sub.node_id)
             rel = "/".join(sub.path)
             if not folder_may_match(rel, self.options.includes, self.options.excludes):
                 log.debug("not walking %s (outside --include/--exclude)", rel)
                 continue
-            if not self.options.dry_run and not self.halt:
-                self.make_dirs(sub.path)
+            if not self.options.dry_run:
+                os.makedirs(os.path.join(self.out, *sub.path), exist_ok=True)
             self.submit("walk", "walk", sub, walk_folder, self.client, sub)
         for album in albums:
             if album.node_id in self.seen_nodes:
@@ -1473,37 +2362,49 @@ class Orchestrator:
             self.seen_nodes.add(album.node_id)
             self.on_album(album)
 
-    def make_dirs(self, path):
-        try:
-            os.makedirs(os.path.join(self.out, *path), exist_ok=True)
-        except OSError as exc:
-            self.stop_new_work("%s: %s" % (os.path.join(self.out, *path), exc.strerror or exc))
+    def place(self, album, record):
+        """The album's local path: the walk's, unless another album owned that folder at the
+        start of the run (a kept backup, or one moving away): then with " (NodeID)"."""
+        alternative = album.path[:-1] + (with_suffix(album.path[-1], " (%s)" % clean_name(album.node_id)),)
+        if record and record.path in (album.rel, "/".join(alternative)):
+            return album if record.path == album.rel else replace(album, path=alternative)
+        owner = self.owned_at_start.get(PathOwners._key(album.rel)) or self.owners.owner(album.rel)
+        if owner not in (None, album.album_key):
+            return replace(album, path=alternative)
+        return album
 
     def on_album(self, album):
         if not is_selected(album.rel, self.options.includes, self.options.excludes):
+            self.dry_counts["skipped"][0] += 1
+            self.dry_counts["skipped"][1] += album.image_count or 0
             return
         self.summary.albums_found += 1
         self.found_keys.add(album.album_key)
         record = self.state.albums.get(album.album_key)
-        job = AlbumJob(album, record)
-        if record and record.get("path") != album.rel and not self.options.dry_run:
-            self.move_album(job)
+        album = self.place(album, record)
+        run = AlbumRun(album, record, "new")
+        if record and record.path != album.rel and not self.options.dry_run and not self.halt:
+            self.move_album(run)
         if album.has_details or not record:
-            self.route(job)
+            self.route(run)
         else:
-            self.submit("request", "details", job, fetch_details, self.client, album)
+            self.submit("request", "details", (run, run.generation), fetch_details, self.client, album)
 
-    def on_details(self, job, album):
-        job.album = album
-        self.route(job)
+    def on_details(self, payload, album):
+        run, _generation = payload
+        run.album = album
+        self.route(run)
 
-    def route(self, job):
+    def route(self, run):
         """Decide what an album needs once its timestamps are known (or it is new)."""
-        album = job.album
-        status = classify(album, job.record, self.out) if album.has_details or job.record else "new"
+        album = run.album
+        status = classify(album, run.record, self.out) if album.has_details or run.record else "new"
         if self.options.dry_run:
-            if status == "unchanged" and job.record.get("path") != album.rel:
+            if status == "unchanged" and run.record.path != album.rel:
                 status = "moved"
+            counts = self.dry_counts[status]
+            counts[0] += 1
+            counts[1] += album.image_count or 0
             self.options.print_line("%-9s %s" % (status, album.rel))
             return
         if status == "unchanged":
@@ -1511,207 +2412,398 @@ class Orchestrator:
             return
         if self.halt:
             return
-        job.reason = status
+        run.reason = status
+        self.runs[album.album_key] = run
         if album.image_count == 0:
-            self.finish_album(job)       # an empty album: its folder, no archive
-            return
-        self.waiting.append(job)
+            self.emptied(run)
+        elif status == "recheck":
+            run.from_disk = True
+            self.check(run)
+        else:
+            run.to("waiting")
+            self.waiting.append(run)
 
-    def move_album(self, job):
-        """The album was renamed or moved on SmugMug: move its local folder along."""
-        old_rel = job.record["path"]
-        old = os.path.join(self.out, *old_rel.split("/"))
-        new = os.path.join(self.out, *job.album.path)
-        if not os.path.isdir(old):
-            return
+    def move_album(self, run):
+        """The album was renamed or moved on SmugMug: move its own files along (never the
+        folder, which may hold other albums' files), never over a file another album owns."""
+        record = run.record
+        old = os.path.join(self.out, *record.path.split("/"))
+        new = os.path.join(self.out, *run.album.path)
+        for name in [f.name for f in record.files] + ([MANIFEST_NAME] if record.manifest is not None else []):
+            src, dst = os.path.join(old, name), os.path.join(new, name)
+            if not os.path.exists(src):
+                continue
+            if os.path.exists(dst) or not self.owners.may_write(run.album.rel + "/" + name, record.key):
+                # Left where it is; the album then lacks it at its new place and is fetched again.
+                log.warning("%s: %s/%s is in the way", run.album.rel, run.album.rel, name)
+                continue
+            os.makedirs(new, exist_ok=True)
+            os.rename(src, dst)
         try:
-            if not os.path.exists(new):
-                os.makedirs(os.path.dirname(new), exist_ok=True)
-                os.rename(old, new)
-            else:
-                for part in job.record.get("parts") or []:
-                    src, dst = os.path.join(old, part["FileName"]), os.path.join(new, part["FileName"])
-                    if os.path.exists(src) and not os.path.exists(dst):   # never over another album's file
-                        os.rename(src, dst)
-        except OSError as exc:
-            log.warning("could not move %s to %s (%s): downloading it again", old_rel, job.album.rel, exc)
-            return
-        log.info("moved %s -> %s", old_rel, job.album.rel)
+            os.rmdir(old)                   # only when nothing else is left in it
+        except OSError:
+            pass
+        moved = replace(record, path=run.album.rel)
+        self.owners.release(record)
+        self.owners.claim(moved)
+        self.state.save_album(moved)
+        run.record = moved
+        log.info("moved %s -> %s", record.path, run.album.rel)
         self.summary.moved += 1
-        job.record = dict(job.record, path=job.album.rel)
-        self.state.record({"album": job.record})
+
+    def emptied(self, run):
+        """An album with no images: its folder and a manifest; files kept from before stay."""
+        record = run.record
+        if record and record.files:
+            kept = replace(record, last_updated=run.album.last_updated,
+                           images_last_updated=run.album.images_last_updated)
+            self.state.save_album(kept)
+            self.summary.emptied.append(run.album.rel)
+            log.warning("%s is empty on SmugMug now: its %d file%s from before are kept", run.album.rel,
+                        len(record.files), "" if len(record.files) == 1 else "s")
+            run.to("done")
+            return
+        run.plan = AlbumPlan((), {})
+        self.commit(run)
 
     # -- request and poll --
 
-    def on_request(self, job, result):
-        state, album, parts, stale = result
-        job.album = album
-        job.ignored.update(stale)
+    def request(self, run):
+        run.to("requesting")
+        self.enter_window(run)
+        run.asked_at = time.monotonic()
+        run.first_asked_at = run.first_asked_at or run.asked_at   # the timeout spans re-requests
+        run.looks = 0
+        look_first = run.record is not None or run.album.album_key in self.state.requested
+        self.submit("request", "request", (run, run.generation), request_archive, self.client, run.album,
+                    run.ticket, look_first)
+
+    def on_request(self, payload, result):
+        run, generation = payload
+        album, state, parts, ticket = result
+        if generation != run.generation or run.state != "requesting":
+            return
+        run.album, run.ticket = album, ticket
+        if ticket.posted:
+            self.state.set_requested(album.album_key, True)
         if state == "empty":
-            self.end_preparing(job)
-            self.finish_album(job)
+            self.leave_window(run)
+            self.emptied(run)
             return
-        self.on_archive(job, state, parts)
+        self.on_archive(run, state, parts)
 
-    def on_poll(self, job, result):
-        state, parts = result
-        self.on_archive(job, state, parts)
+    def on_poll(self, payload, result):
+        run, generation = payload
+        state, parts, ticket = result
+        if generation != run.generation or run.state != "preparing":
+            return
+        run.ticket = ticket
+        self.on_archive(run, state, parts)
 
-    def on_archive(self, job, state, parts):
+    def on_archive(self, run, state, parts):
+        now = time.monotonic()
         if state == "complete":
-            self.end_preparing(job)
-            self.start_downloads(job, parts)
+            first_finding = self.pacer.typical() is None
+            self.pacer.observe(now - run.asked_at)
+            if first_finding:
+                for other in self.deferred:           # the scouts found something: look at the rest
+                    self.schedule_look(other, max(now, other.asked_at + self.pacer.typical()))
+                self.deferred = []
+            self.download(run, parts)
         elif state in ("error", "removed"):
-            self.end_preparing(job)
-            job.ignored.update(p.identity for p in parts)
-            if state == "error":
-                job.errors += 1
-                if job.errors > ARCHIVE_ERROR_RETRIES:
-                    self.fail(job, "SmugMug could not prepare the archive (Error, %d tries)" % job.errors)
-                    return
-                log.warning("archive of %s failed on SmugMug: requesting a new one", job.album.rel)
+            self.archive_failed(run, state, "SmugMug could not prepare the archive (Error)"
+                                if state == "error" else "archive expired (Removed)")
+        elif now - run.first_asked_at > self.config.archive_timeout_hours * 3600:
+            self.save_by_file(run, "archive not ready after %s" % human_seconds(now - run.first_asked_at))
+        elif state == "none" and run.looks >= REQUEST_AGAIN_AFTER_POLLS:
+            run.tries["lost"] += 1
+            if run.tries["lost"] > LOST_REQUEST_RETRIES:
+                self.save_by_file(run, "SmugMug never listed the archive (%d requests)" % run.tries["lost"])
             else:
-                self.archive_vanished(job, "archive expired (Removed)")
-                return
-            self.request_again(job)
+                log.debug("%s: no archive listed after %d looks; requesting again", run.album.rel, run.looks)
+                self.request_again(run)
         else:
-            limit = self.config.archive_timeout_hours * 3600
-            if time.monotonic() - job.requested_at > limit:
-                self.end_preparing(job)
-                self.fail(job, "archive not ready after %s" % human_seconds(limit))
-                return
-            if not parts and job.polls >= REQUEST_AGAIN_AFTER_POLLS:
-                # SmugMug lists nothing for our request: it was probably lost; ask again.
-                self.end_preparing(job)
-                log.debug("%s: no archive listed after %d looks; requesting again", job.album.rel, job.polls)
-                self.request_again(job)
-                return
-            delay = poll_delay(job.polls, self.config.poll_seconds, self.config.poll_max_seconds)
-            job.polls += 1
-            self.seq += 1
-            heapq.heappush(self.polls, (time.monotonic() + delay, self.seq, job))
+            if run.state != "preparing":
+                run.to("preparing")
+            delay = self.pacer.first_delay() if run.looks == 0 else self.pacer.next_delay(now - run.asked_at)
+            run.looks += 1
+            if delay is None:           # nothing known yet: wait for the scouts, not longer than poll_max
+                self.deferred.append(run)
+                delay = self.config.poll_max_seconds
+            self.schedule_look(run, now + delay)
 
-    def archive_vanished(self, job, why):
-        """Removed or gone: ask again, a bounded number of times."""
-        job.removals += 1
-        if job.removals > ARCHIVE_REMOVED_RETRIES:
-            self.fail(job, why)
-            return
-        log.warning("%s: %s; requesting it again", job.album.rel, why)
-        self.request_again(job)
+    def schedule_look(self, run, due):
+        """The next look at the album's archive (any earlier one planned is dropped)."""
+        run.look_token += 1
+        self.seq += 1
+        heapq.heappush(self.polls, (due, self.seq, run, run.look_token))
 
-    def request_again(self, job):
-        """Give up on the current archive (its downloads still running are ignored) and queue a new request."""
-        job.generation += 1
-        job.polls = 0
-        job.pending_parts = 0
-        self.downloading.discard(job.album.album_key)
-        self.waiting.appendleft(job)
+    def archive_failed(self, run, kind, why):
+        """Error or Removed: ask again a bounded number of times, then save the album file by file."""
+        run.tries[kind] += 1
+        limit = ARCHIVE_ERROR_RETRIES if kind == "error" else ARCHIVE_REMOVED_RETRIES
+        if run.tries[kind] > limit:
+            self.save_by_file(run, "%s, %d tries" % (why, run.tries[kind]))
+            return
+        log.warning("%s: %s; requesting a new one", run.album.rel, why)
+        self.request_again(run)
 
-    # -- download --
+    def request_again(self, run):
+        """Give up on the current archive (its downloads stop and are ignored) and queue a new request."""
+        self.leave_window(run)
+        run.abandon_archive()
+        run.ticket = run.ticket.given_up()
+        run.to("waiting")
+        self.waiting.appendleft(run)
 
-    def start_downloads(self, job, parts):
-        if self.halt:
+    def save_by_file(self, run, why):
+        """SmugMug will not prepare the archive: list the album and fetch every file on its own."""
+        self.leave_window(run)
+        run.abandon_archive()
+        run.by_file = why
+        log.warning("%s: %s; saving it file by file", run.album.rel, why)
+        self.check(run)
+
+    # -- download and check --
+
+    def folder_of(self, run):
+        return os.path.join(self.out, *run.album.path)
+
+    def claimable(self, run, names):
+        """Fail the album if one of these names in its folder belongs to another album."""
+        for name in names:
+            owner = self.owners.owner(run.album.rel + "/" + name)
+            if owner not in (None, run.album.album_key):
+                self.fail(run, "%s/%s belongs to album %s" % (run.album.rel, name, owner))
+                return False
+        return True
+
+    def queue_download(self, run, name, part=None, file=None, resume=True):
+        """Queue a part or a file; a NAME.part is resumed only if the state says it holds the same."""
+        temp = os.path.join(self.folder_of(run), name) + ".part"
+        key = partial_key(run.album, name)
+        identity = part.identity if part else "file|%s|%s|%s" % (file.key, file.size, file.md5)
+        partial = Partial(run.album.album_key, identity)
+        resume_ok = resume and self.state.partials.get(key) == partial
+        if not resume_ok:
+            self.state.set_partial(key, partial)
+        self.bytes_known += (part.size if part else file.size) or 0
+        self.queue.append(DownloadTask(run, run.generation, name, temp, resume_ok, part, file))
+
+    def download(self, run, parts):
+        run.to("downloading")
+        names = part_file_names(parts)
+        if not self.claimable(run, names.values()):
             return
-        if not parts:
-            self.fail(job, "SmugMug listed no archive parts")
-            return
-        job.names = part_file_names(parts)
-        job.sizes = {}
-        job.pending_parts = len(parts)
-        folder = os.path.join(self.out, *job.album.path)
-        try:
-            os.makedirs(folder, exist_ok=True)
-        except OSError as exc:
-            self.stop_new_work("%s: %s" % (folder, exc.strerror or exc))
-            self.fail(job, "could not create its folder")
-            return
-        self.downloading.add(job.album.album_key)
+        os.makedirs(self.folder_of(run), exist_ok=True)
+        run.parts = {names[p.part]: p for p in parts}
+        run.sizes = {}
+        run.outstanding = len(parts)
         for p in parts:
-            final = os.path.join(folder, job.names[p.part])
-            key = partial_key(job.album, job.names[p.part])
-            resume_ok = self.state.partials.get(key) == p.identity
-            if not resume_ok:
-                self.state.record({"partial": [key, p.identity]})
-            self.submit("download", "download", (job, p, final, job.generation), download_part,
-                        self.client, p, final, resume_ok, self.add_bytes)
+            self.queue_download(run, names[p.part], part=p)
 
     def add_bytes(self, n):
         """Called from download threads; the orchestrator only reads the total."""
         with self._bytes_lock:
             self.bytes_done += n
 
-    def on_download(self, payload, size):
-        job, part, final, generation = payload
-        if job.failed or generation != job.generation:
+    def on_download(self, task, size):
+        run = task.run
+        if task.generation != run.generation or run.state != "downloading":
+            self.start_pending(run)
             return
-        job.sizes[part.part] = size
-        job.pending_parts -= 1
-        if job.pending_parts == 0:
-            self.finish_album(job)
+        run.sizes[task.name] = size
+        run.outstanding -= 1
+        if run.outstanding == 0:
+            self.check(run)
 
-    def finish_album(self, job):
-        """Every part is a complete NAME.part: rename them, drop obsolete parts, record."""
-        folder = os.path.join(self.out, *job.album.path)
-        try:
-            os.makedirs(folder, exist_ok=True)
-            for name in job.names.values():
-                os.replace(os.path.join(folder, name) + ".part", os.path.join(folder, name))
-            keep = {n.casefold() for n in job.names.values()}
-            for old in (job.record or {}).get("parts") or []:
-                name = old.get("FileName")
-                if isinstance(name, str) and name.casefold() not in keep and name == clean_name(name, keep_extension=True):
-                    remove_quietly(os.path.join(folder, name))
-        except OSError as exc:
-            self.stop_new_work("%s: %s" % (folder, exc.strerror or exc))
-            self.fail(job, "could not finish its files: %s" % exc)
+    def check(self, run):
+        """List the album's files and test its zips (the parts just downloaded, or those on disk)."""
+        run.to("checking")
+        folder = self.folder_of(run)
+        if run.by_file:
+            parts = []
+        elif run.from_disk:
+            parts = [(f.name, os.path.join(folder, f.name)) for f in run.record.parts]
+        else:
+            parts = [(name, os.path.join(folder, name) + ".part") for name in sorted(run.parts)]
+        old_files = {f.name for f in run.record.files if f.kind == "file"} if run.record else set()
+        self.submit("check", "check", (run, run.generation), check_album, self.client, run.album, parts,
+                    folder, old_files)
+
+    def on_check(self, payload, plan):
+        run, generation = payload
+        if generation != run.generation or run.state != "checking":
             return
-        self.downloading.discard(job.album.album_key)
-        for name in job.names.values():
-            key = partial_key(job.album, name)
-            if key in self.state.partials:
-                self.state.record({"partial": [key, None]})
-        self.state.record({"album": album_record(job.album, job.names, job.sizes)})
-        total = sum(job.sizes.values())
+        self.summary.files_checked += plan.files_checked
+        if plan.bad_parts:
+            why = "; ".join(sorted(plan.bad_parts.values()))
+            run.tries["part_check"] += 1
+            if run.tries["part_check"] > PART_CHECK_RETRIES:
+                self.fail(run, "archive is not a sound zip after %d downloads: %s" % (run.tries["part_check"], why))
+            elif run.from_disk:
+                log.warning("%s: %s; requesting a new archive", run.album.rel, why)
+                run.from_disk, run.reason = False, "changed"
+                run.to("waiting")
+                self.waiting.append(run)
+            else:
+                log.warning("%s: %s; downloading it again", run.album.rel, why)
+                run.to("downloading")
+                run.outstanding = len(plan.bad_parts)
+                for name in plan.bad_parts:
+                    self.queue_download(run, name, part=run.parts[name], resume=False)
+            return
+        run.plan = plan
+        if not self.claimable(run, [t.name for t in plan.fetch]):
+            return
+        if plan.fetch:
+            run.to("fetching")
+            os.makedirs(self.folder_of(run), exist_ok=True)
+            run.outstanding = len(plan.fetch)
+            for task in plan.fetch:
+                self.queue_download(run, task.name, file=task)
+        else:
+            self.commit(run)
+
+    def on_fetch(self, task, size):
+        self.file_done(task.run, task, None, size)
+
+    def file_done(self, run, task, exc, size=0):
+        if task.generation != run.generation or run.state != "fetching":
+            return
+        if exc is None:
+            run.fetched[task.name] = size
+            self.summary.files_fetched += 1
+        else:
+            run.missing[task.file.key] = ("refused by SmugMug (%s)" % exc) if isinstance(exc, Refused) else str(exc)
+        run.outstanding -= 1
+        if run.outstanding == 0:
+            self.commit(run)
+
+    # -- the commit point --
+
+    def commit(self, run):
+        """Every file of the album is checked and complete beside its final name: rename them
+        all, write metadata.json, record the album; then drop its old files it no longer has.
+
+        Old files are dropped only when nothing is missing: an incomplete backup
+        never replaces more than it must."""
+        folder, album, plan = self.folder_of(run), run.album, run.plan
+        os.makedirs(folder, exist_ok=True)
+        locations = dict(plan.locations)
+        for key, why in run.missing.items():
+            locations[key] = {"missing": why}
+        new_parts = []
+        if run.from_disk:
+            new_parts = [(f.name, f.size) for f in run.record.parts]
+        elif not run.by_file:
+            new_parts = [(name, run.sizes[name]) for name in sorted(run.parts)]
+        loose = sorted({where["file"] for where in locations.values() if "file" in where})
+        if not self.claimable(run, [n for n, _ in new_parts] + loose + [MANIFEST_NAME]):
+            return
+        renamed = [n for n, _ in new_parts if not run.from_disk] + [n for n in loose if n in run.fetched]
+        for name in renamed:
+            os.replace(os.path.join(folder, name) + ".part", os.path.join(folder, name))
+        files = [SavedFile(n, s, "archive") for n, s in new_parts]
+        files += [SavedFile(n, os.path.getsize(os.path.join(folder, n)), "file") for n in loose]
+        manifest = manifest_document(album, replace(plan, locations=locations), new_parts)
+        text = json.dumps(manifest, ensure_ascii=False, indent=2) + "\n"
+        write_atomic(os.path.join(folder, MANIFEST_NAME), text)
+        missing = {k: w["missing"] for k, w in locations.items() if "missing" in w}
+        lacking = {k: w for k, w in missing.items() if w != "still processing on SmugMug"}
+        old = run.record
+        same_place = old is not None and old.path == album.rel
+        obsolete = [f for f in (old.files if same_place else []) if f.name not in {s.name for s in files}]
+        if missing and same_place:
+            files += [f for f in obsolete if os.path.exists(os.path.join(folder, f.name))]
+            obsolete = []
+        record = AlbumRecord(album.album_key, album.node_id, album.rel, album.last_updated,
+                             album.images_last_updated, files, len(text.encode("utf-8")),
+                             complete=not missing)
+        if old is not None:
+            self.owners.release(old)
+        self.owners.claim(record)
+        self.state.save_album(record)
+        self.state.set_requested(album.album_key, False)
+        for path, partial in list(self.state.partials.items()):
+            if partial.album == album.album_key:
+                remove_quietly(os.path.join(self.out, *path.split("/")) + ".part")
+                self.state.set_partial(path, None)
+        for f in obsolete:
+            if self.owners.may_write(album.rel + "/" + f.name, album.album_key):
+                remove_quietly(os.path.join(folder, f.name))
+        fsync_dir(folder)
+        run.to("done")
+        total = sum(s for _, s in new_parts if not run.from_disk) + sum(run.fetched.values())
         self.summary.backed_up += 1
-        self.summary.parts += len(job.names)
+        self.summary.parts += 0 if run.from_disk else len(new_parts)
         self.summary.bytes += total
-        if not self.status.enabled or self.options.verbose:
-            log.info("backed up %s (%s, %d part%s, %s)", job.album.rel, job.reason, len(job.names),
-                     "" if len(job.names) == 1 else "s", human_bytes(total))
+        if run.by_file:
+            self.summary.by_file.append(album.rel)
+        if missing:
+            names = {f.key: f.file_name for f in plan.listing}
+            self.summary.missing[album.rel] = sorted((names.get(k, k), why) for k, why in missing.items())
+        if lacking:
+            self.summary.backed_up -= 1
+            self.summary.failed[album.rel] = "%d file%s missing: %s" % (
+                len(lacking), "" if len(lacking) == 1 else "s", "; ".join(sorted(set(lacking.values()))))
+            log.error("%s: %s", album.rel, self.summary.failed[album.rel])
+        elif not self.status.enabled or self.options.verbose:
+            log.info("backed up %s (%s%s, %d part%s, %d file%s on their own, %s)", album.rel, run.reason,
+                     ", file by file" if run.by_file else "", len(new_parts), "" if len(new_parts) == 1 else "s",
+                     len(loose), "" if len(loose) == 1 else "s", human_bytes(total))
 
-    def fail(self, job, reason):
-        if job is None or job.failed:
+    def fail(self, run, reason):
+        if run is None or run.state in ("done", "failed"):
             return
-        job.failed = True
-        self.end_preparing(job)
-        self.downloading.discard(job.album.album_key)
-        self.summary.failed[job.album.rel] = reason
-        log.error("%s: %s", job.album.rel, reason)
+        run.to("failed")
+        self.leave_window(run)
+        run.abandon_archive()
+        self.summary.failed[run.album.rel] = reason
+        log.error("%s: %s", run.album.rel, reason)
 
     def stop_new_work(self, why):
+        """A write error: start nothing new (the walk included), let running work end."""
         if not self.halt:
             log.error("stopping new downloads: %s", why)
             self.summary.write_error = why
         self.halt = True
         for future, (kind, _payload) in list(self.futures.items()):
-            if kind in ("download", "request", "poll") and future.cancel():
+            if future.cancel():
                 del self.futures[future]
+                if kind == "walk":
+                    self.walk_complete = False
         self.waiting.clear()
         self.polls.clear()
+        self.queue.clear()
 
     # -- output --
 
     def progress_text(self):
-        elapsed = max(time.monotonic() - self.started, 0.001)
-        waiting = self.preparing + len(self.waiting)
-        done, failed = self.summary.backed_up + self.summary.unchanged, len(self.summary.failed)
-        if waiting and not self.downloading:
-            return "albums: %d found, %d done, %d failed | waiting for %d archive%s to be prepared" % (
-                self.summary.albums_found, done, failed, waiting, "" if waiting == 1 else "s")
-        return "albums: %d found, %d preparing, %d downloading, %d done, %d failed | %s at %s/s" % (
-            self.summary.albums_found, waiting, len(self.downloading), done, failed,
-            human_bytes(self.bytes_done), human_bytes(self.bytes_done / elapsed))
+        s = self.summary
+        done, failed = s.backed_up + s.unchanged, len(s.failed)
+        preparing = sum(1 for r in self.runs.values() if r.state in ("requesting", "preparing"))
+        ready = sum(1 for t in self.queue if t.part is not None)
+        downloading = sum(1 for r in self.runs.values() if r.state in ("downloading", "fetching"))
+        head = "albums: %d found, %d done, %d failed" % (s.albums_found, done, failed)
+        if preparing and not downloading and not self.busy:
+            return "%s | waiting for %d archive%s to be prepared (window %d)" % (
+                head, preparing, "" if preparing == 1 else "s", self.window.limit)
+        rate = self.recent_rate()
+        text = "%s | %d preparing, %d ready, %d downloading (window %d) | %s of %s" % (
+            head, preparing, ready, downloading, self.window.limit, human_bytes(self.bytes_done),
+            human_bytes(max(self.bytes_known, self.bytes_done)))
+        if rate:
+            text += " at %s/s" % human_bytes(rate)
+            left = self.bytes_known - self.bytes_done
+            if left > 0 and not self.waiting and self.walk_done():
+                text += ", ETA %s" % human_seconds(left / rate)
+        if self.resumed:
+            text += " | %d resumed" % self.resumed
+        return text
+
+    def walk_done(self):
+        return not any(kind in ("walk", "details") for kind, _ in self.futures.values())
 
     def show_progress(self):
         if self.options.dry_run:
@@ -1720,16 +2812,29 @@ class Orchestrator:
         now = time.monotonic()
         if not self.status.enabled and now - self.last_progress_log >= PROGRESS_LOG_INTERVAL:
             self.last_progress_log = now
-            waiting = self.preparing + len(self.waiting)
-            if waiting and not self.downloading:
+            waiting = sum(1 for r in self.runs.values() if r.state in ("requesting", "preparing"))
+            if waiting and not self.busy:
                 log.info("waiting for %d archive%s to be prepared by SmugMug", waiting,
                          "" if waiting == 1 else "s")
 
     def finish(self):
-        if self.walk_complete and not self.options.includes and not self.options.excludes:
-            self.summary.gone = sorted(r.get("path", k) for k, r in self.state.albums.items()
-                                       if k not in self.found_keys)
+        unfiltered = not self.options.includes and not self.options.excludes
+        if self.walk_complete and unfiltered:
+            self.summary.gone = sorted(r.path for k, r in self.state.albums.items() if k not in self.found_keys)
+            if not self.options.dry_run and not self.halt and not self.client.stop.is_set():
+                self.drop_abandoned_partials()
         self.summary.seconds = time.monotonic() - self.started
+
+    def drop_abandoned_partials(self):
+        """NAME.part files no unfinished album of this run may resume are removed, with their entries."""
+        keep = {k for k, r in self.runs.items() if r.state != "done"}
+        for path, partial in list(self.state.partials.items()):
+            if partial.album not in keep:
+                try:
+                    remove_quietly(os.path.join(self.out, *path.split("/")) + ".part")
+                    self.state.set_partial(path, None)
+                except OSError as exc:
+                    log.warning("could not remove %s.part: %s", path, exc.strerror or exc)
 
     def shutdown(self, wait):
         for pool in self.pools.values():
@@ -1743,11 +2848,13 @@ examples:
   first time:   python smugmug_download.py --authorize
   back up:      python smugmug_download.py
   what's new:   python smugmug_download.py --dry-run
+  check disk:   python smugmug_download.py --verify
   some albums:  python smugmug_download.py --include 'Family/2019/*' --exclude '*/Private'
   cron:         0 3 * * * cd /path/to/smugmug_download && python smugmug_download.py --quiet --log-file backup.log
 
-exit codes: 0 all backed up (or unchanged), 1 some albums failed, 2 config/usage/
-credentials error, 3 another run holds the lock, 130 interrupted.
+exit codes: 0 all backed up (or unchanged; --verify: all intact), 1 some albums
+failed or a write error (--verify: something damaged), 2 config/usage/credentials
+error, 3 another run holds the lock, 130 interrupted.
 """
 
 
@@ -1756,6 +2863,7 @@ class Options:
 
     def __init__(self, args, out=None):
         self.dry_run = args.dry_run
+        self.verify = getattr(args, "verify", False)
         self.includes = args.include or []
         self.excludes = args.exclude or []
         self.verbose = args.verbose
@@ -1788,11 +2896,16 @@ def build_parser():
                       help="skip albums whose path or a folder above it matches; repeatable; wins over --include")
     what.add_argument("--dry-run", action="store_true",
                       help="list each album as new, changed or unchanged; request and write nothing")
+    what.add_argument("--verify", action="store_true",
+                      help="check the backup on disk against its manifests (every zip entry's CRC and "
+                           "MD5, every loose file) without asking SmugMug; damaged albums are fetched "
+                           "again by the next run")
     how = parser.add_argument_group("how")
     how.add_argument("--workers", type=int, metavar="N",
                      help="parallel downloads (default 4; the other pools are sized to match)")
     how.add_argument("--max-preparing", type=int, metavar="N",
-                     help="albums being prepared by SmugMug at once (default 32)")
+                     help="at most this many albums with SmugMug's archive preparation at once; the "
+                          "window grows to it only while downloads wait (default 256)")
     out = parser.add_argument_group("output")
     out.add_argument("--quiet", action="store_true",
                      help="only warnings, errors and a summary line if something failed (for cron)")
@@ -1809,8 +2922,10 @@ def check_args(parser, args):
         parser.error("--workers must be between 1 and 64")
     if args.max_preparing is not None and not 1 <= args.max_preparing <= 1000:
         parser.error("--max-preparing must be between 1 and 1000")
-    if args.authorize and (args.dry_run or args.include or args.exclude):
-        parser.error("--authorize does not go with --dry-run, --include or --exclude")
+    if args.authorize and (args.dry_run or args.verify or args.include or args.exclude):
+        parser.error("--authorize does not go with --dry-run, --verify, --include or --exclude")
+    if args.verify and args.dry_run:
+        parser.error("--verify and --dry-run do not go together")
 
 
 def read_config_file(path):
@@ -1893,7 +3008,15 @@ class RedactingFilter(logging.Filter):
         self.secrets = [s for s in secrets if s and len(s) >= 4]
 
     def filter(self, record):
-        message = redact_urls(record.getMessage())
+        message = record.getMessage()
+        if record.exc_info or record.exc_text or record.stack_info:
+            # A traceback carries URLs and arguments too: format it here, redacted, and
+            # leave nothing for a handler to format unredacted.
+            extra = [record.exc_text or (logging.Formatter().formatException(record.exc_info)
+                                         if record.exc_info else ""), record.stack_info or ""]
+            message = "\n".join([message] + [e for e in extra if e])
+            record.exc_info, record.exc_text, record.stack_info = None, None, None
+        message = redact_urls(message)
         for secret in self.secrets:
             message = message.replace(secret, "***")
         record.msg, record.args = message, None
@@ -2025,30 +3148,63 @@ def create_config(path):
     return data
 
 
-def print_summary(summary, options, interrupted=False):
+def print_summary(summary, options, interrupted=False, stopped=""):
+    """The end of a run, in the log (the log file always ends with it); failures as errors.
+
+    Under --quiet only the errors reach the terminal, so cron mails only on trouble."""
     failed = len(summary.failed)
-    if options.quiet:
-        if failed or summary.write_error or interrupted:
-            what = "interrupted" if interrupted else "%d album%s failed" % (failed, "" if failed == 1 else "s")
-            first = "; ".join("%s: %s" % kv for kv in list(summary.failed.items())[:3])
-            log.error("smugmug_download: %s (%d backed up, %d unchanged)%s%s", what, summary.backed_up,
-                      summary.unchanged, ": " + first if first else "",
-                      " ..." if failed > 3 else "")
-        return
-    log.info("%s in %s: %d album%s backed up (%d part%s, %s), %d unchanged%s.",
-             "Interrupted" if interrupted else "Done", human_seconds(summary.seconds),
-             summary.backed_up, "" if summary.backed_up == 1 else "s", summary.parts,
-             "" if summary.parts == 1 else "s", human_bytes(summary.bytes), summary.unchanged,
-             ", %d moved" % summary.moved if summary.moved else "")
-    if summary.failed:
-        log.error("%d album%s failed:", failed, "" if failed == 1 else "s")
-        for path, reason in sorted(summary.failed.items()):
-            log.error("  %s: %s", path, reason)
+    done = summary.backed_up + summary.unchanged
+    not_attempted = max(0, summary.albums_found - done - failed)
+    plural = lambda n: "" if n == 1 else "s"
+    if interrupted or stopped or summary.write_error:
+        log.info("%s after %s: %d album%s done, %d failed, %d not attempted%s.",
+                 "Interrupted" if interrupted else "Stopped", human_seconds(summary.seconds), done, plural(done),
+                 failed, not_attempted, " (%s)" % (stopped or summary.write_error) if not interrupted else "")
+    else:
+        log.info("Done in %s: %d album%s backed up (%d part%s, %s), %d unchanged%s.",
+                 human_seconds(summary.seconds), summary.backed_up, plural(summary.backed_up), summary.parts,
+                 plural(summary.parts), human_bytes(summary.bytes), summary.unchanged,
+                 ", %d moved" % summary.moved if summary.moved else "")
+    if summary.files_checked or summary.files_fetched or summary.by_file:
+        log.info("%d file%s checked against SmugMug's listing, %d fetched on their own, %d album%s saved "
+                 "file by file%s.", summary.files_checked, plural(summary.files_checked), summary.files_fetched,
+                 len(summary.by_file), plural(len(summary.by_file)),
+                 (": " + ", ".join(summary.by_file[:5]) + (" ..." if len(summary.by_file) > 5 else ""))
+                 if summary.by_file else "")
+    for path, files in sorted(summary.missing.items()):
+        log.info("%s: %d file%s not saved:", path, len(files), plural(len(files)))
+        for name, why in files[:20]:
+            log.info("  %s: %s", name, why)
+        if len(files) > 20:
+            log.info("  ... and %d more (see its metadata.json)", len(files) - 20)
+    if summary.emptied:
+        log.info("%d album%s empty on SmugMug now (local files kept): %s", len(summary.emptied),
+                 plural(len(summary.emptied)), ", ".join(summary.emptied))
     if summary.gone:
-        log.info("%d album%s gone from SmugMug (local files kept):", len(summary.gone),
-                 "" if len(summary.gone) == 1 else "s")
+        log.info("%d album%s gone from SmugMug (local files kept):", len(summary.gone), plural(len(summary.gone)))
         for path in summary.gone:
             log.info("  %s", path)
+    if summary.failed:
+        log.error("%d album%s failed:", failed, plural(failed))
+        for path, reason in sorted(summary.failed.items()):
+            log.error("  %s: %s", path, reason)
+    if options.quiet and (failed or summary.write_error or interrupted or stopped):
+        what = ("interrupted" if interrupted else "stopped: %s" % (stopped or summary.write_error)
+                if stopped or summary.write_error else "%d album%s failed" % (failed, plural(failed)))
+        log.error("smugmug_download: %s (%d backed up, %d unchanged, %d not attempted)", what,
+                  summary.backed_up, summary.unchanged, not_attempted)
+
+
+def print_dry_run_totals(orchestrator, options):
+    """The size of the job a real run would do: albums (and the images they hold) by status."""
+    counts = orchestrator.dry_counts
+    counts["gone"][0] = len(orchestrator.summary.gone)
+    shown = [s for s in ("new", "changed", "recheck", "unchanged", "moved", "gone", "skipped")
+             if counts[s][0] or s not in ("recheck",)]
+    work = sum(counts[s][1] for s in ("new", "changed", "recheck"))
+    options.print_line("total: %s; %d image%s in the albums to back up" % (
+        ", ".join("%d %s" % (counts[s][0], s) + (" (%d images)" % counts[s][1] if counts[s][1] else "")
+                  for s in shown), work, "" if work == 1 else "s"))
 
 
 def run(config, options, status):
@@ -2070,39 +3226,213 @@ def run(config, options, status):
         log.info("%s account %s into %s", "Checking" if options.dry_run else "Backing up",
                  nickname, config.output_dir)
         orchestrator = Orchestrator(client, config, options, state, status)
+        stopped = ""
         try:
             summary = orchestrator.run(root)
         except (KeyboardInterrupt, Interrupted):
             stop.set()
             orchestrator.shutdown(wait=False)
             status.clear()
-            state.save()
             orchestrator.finish()
+            save_state(state, orchestrator.summary)
             print_summary(orchestrator.summary, options, interrupted=True)
             return EXIT_INTERRUPTED
         except AuthError:
             stop.set()
             orchestrator.shutdown(wait=False)
-            state.save()
+            save_state(state, orchestrator.summary)
             raise
-        orchestrator.shutdown(wait=True)
-        state.save()
+        except Unreachable as exc:
+            stop.set()
+            orchestrator.shutdown(wait=False)
+            orchestrator.finish()
+            summary, stopped = orchestrator.summary, str(exc)
+            log.error("%s", exc)
+        else:
+            orchestrator.shutdown(wait=True)
+        save_state(state, summary)
+        if options.includes and not summary.albums_found and orchestrator.walk_complete:
+            raise UsageError(no_match_message(options.includes, orchestrator.seen_paths))
         status.clear()
         if options.dry_run:
             for path in summary.gone:
                 options.print_line("%-9s %s" % ("gone", path))
+            print_dry_run_totals(orchestrator, options)
         else:
-            print_summary(summary, options)
-        return EXIT_ALBUMS_FAILED if (summary.failed or summary.write_error) else EXIT_OK
+            print_summary(summary, options, stopped=stopped)
+        return EXIT_ALBUMS_FAILED if (summary.failed or summary.write_error or stopped) else EXIT_OK
     except NotFound as exc:
         raise UsageError("SmugMug user %r not found: %s" % (config.smugmug_user, exc))
-    except ApiError as exc:
+    except (ApiError, Unreachable) as exc:
         raise UsageError("could not reach the account: %s" % exc)
     finally:
         stop.set()
         client.close()
+        state.close()
         if lock:
             lock.release()
+
+
+def no_match_message(includes, paths):
+    """--include that selects nothing: a usage error naming the closest existing paths."""
+    hints = []
+    for pattern in includes:
+        folded, prefix = pattern.casefold(), glob_literal_prefix(pattern).rstrip("/").casefold()
+        hints += sorted(p for p in paths if path_matches([folded], p.casefold()) or p.casefold() == prefix)[:3]
+        hints += difflib.get_close_matches(pattern.rstrip("/*"), sorted(paths), n=2, cutoff=0.6)
+    hints = list(dict.fromkeys(hints))[:4]
+    return "--include %s matches no album%s (names are case-sensitive)" % (
+        " ".join(repr(p) for p in includes), "; closest: " + ", ".join(hints) if hints else "")
+
+
+def save_state(state, summary):
+    """The snapshot at the end of a run; a write error there is named, and makes the run fail."""
+    try:
+        state.save()
+    except OSError as exc:
+        why = "%s: %s" % (getattr(exc, "filename", None) or state.snapshot_path, exc.strerror or exc)
+        log.error("could not save the backup state: %s (the journal keeps what was done)", why)
+        summary.write_error = summary.write_error or why
+
+
+# Verify #####################################################################
+
+def verify_album(output_dir, record, stop, progress):
+    """What is wrong with one backed-up album on disk: [(file name, problem)], [] when intact.
+
+    Offline: every part at its recorded size and a sound zip (each entry read
+    to its end, its CRC checked and its MD5 taken), the entries and loose files
+    the manifest names present with the listed size and MD5.
+    """
+    folder = os.path.join(output_dir, *record.path.split("/"))
+    problems = []
+    manifest = None
+    try:
+        with open(os.path.join(folder, MANIFEST_NAME), encoding="utf-8") as f:
+            manifest = json.load(f)
+        if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), list):
+            raise ValueError("no file list")
+    except FileNotFoundError:
+        problems.append((MANIFEST_NAME, "manifest missing"))
+        manifest = None
+    except (OSError, ValueError) as exc:
+        problems.append((MANIFEST_NAME, "manifest unreadable (%s)" % exc))
+        manifest = None
+    entries = {}
+    for saved in record.parts:
+        path = os.path.join(folder, saved.name)
+        try:
+            size = os.path.getsize(path)
+        except OSError:
+            problems.append((saved.name, "part missing"))
+            continue
+        if size != saved.size:
+            problems.append((saved.name, "wrong size (%d bytes, %d saved)" % (size, saved.size)))
+            continue
+        try:
+            for entry in scan_zip(path, saved.name, True, stop, progress):
+                entries.setdefault((saved.name, entry.name), entry)
+        except BadArchive as exc:
+            problems.append((saved.name, str(exc)))
+    sizes = {f.name: f.size for f in record.files}
+    for item in (manifest or {}).get("files", []):
+        if not isinstance(item, dict):
+            continue
+        name = item.get("FileName") or item.get("ImageKey") or "?"
+        md5 = item.get("md5") or item.get("ArchivedMD5") or ""
+        size = int_or_none(item.get("size") if "size" in item else item.get("ArchivedSize"))
+        if "archive" in item:
+            part = item.get("archive")
+            if any(p == part for p, _ in problems):
+                continue
+            entry = entries.get((part, item.get("entry")))
+            if entry is None:
+                problems.append((part, "entry %s of %s missing" % (item.get("entry"), name)))
+            elif size is not None and entry.size != size:
+                problems.append((part, "entry %s: %d bytes, %d listed" % (entry.name, entry.size, size)))
+            elif md5 and entry.md5 != md5.lower():
+                problems.append((part, "MD5 mismatch for file %s" % name))
+        elif "file" in item:
+            loose = item.get("file")
+            path = os.path.join(folder, loose) if isinstance(loose, str) and safe_rel(loose) else None
+            try:
+                have = os.path.getsize(path) if path else None
+            except OSError:
+                have = None
+            want = size if size is not None else sizes.get(loose)
+            if have is None:
+                problems.append((loose, "file %s missing" % loose))
+            elif want is not None and have != want:
+                problems.append((loose, "file %s: %d bytes, %d listed" % (loose, have, want)))
+            elif md5 and md5_of(path, stop, progress) != md5.lower():
+                problems.append((loose, "MD5 mismatch for file %s" % loose))
+            elif not md5 and progress:
+                progress(have)
+    return problems
+
+
+def verify(config, options, status):
+    """--verify: prove the backup against its manifests without asking SmugMug; the exit code."""
+    if not os.path.isdir(config.output_dir):
+        raise UsageError("output_dir %s does not exist: nothing to verify" % config.output_dir)
+    lock = RunLock(config.output_dir).acquire()
+    state = BackupState(config.output_dir)
+    stop = threading.Event()
+    pool = concurrent.futures.ThreadPoolExecutor(max(1, config.workers), "verify")
+    try:
+        state.load()
+        records = sorted((r for r in state.albums.values()
+                          if is_selected(r.path, options.includes, options.excludes)), key=lambda r: r.path)
+        total = sum(f.size for r in records for f in r.files)
+        checked = [0]
+        lock_bytes = threading.Lock()
+
+        def progress(n):
+            with lock_bytes:
+                checked[0] += n
+
+        started = time.monotonic()
+        futures = {pool.submit(verify_album, config.output_dir, r, stop, progress): r for r in records}
+        damaged = 0
+        pending = set(futures)
+        try:
+            while pending:
+                done, pending = concurrent.futures.wait(pending, timeout=STATUS_INTERVAL,
+                                                        return_when=concurrent.futures.FIRST_COMPLETED)
+                for future in done:
+                    record = futures[future]
+                    problems = future.result()
+                    if problems:
+                        damaged += 1
+                        status.clear()
+                        options.print_line("damaged   %s: %s" % (record.path, "; ".join(p for _, p in problems)))
+                    names = sorted({name for name, _ in problems})
+                    if names != record.damaged:
+                        state.save_album(replace(record, damaged=names))
+                elapsed = max(time.monotonic() - started, 0.001)
+                status.show("verifying: %s of %s checked at %s/s, %d damaged" % (
+                    human_bytes(checked[0]), human_bytes(total), human_bytes(checked[0] / elapsed), damaged))
+        except (KeyboardInterrupt, Interrupted):
+            stop.set()
+            status.clear()
+            save_state(state, Summary())
+            log.error("interrupted")
+            return EXIT_INTERRUPTED
+        status.clear()
+        summary = Summary()
+        save_state(state, summary)
+        seconds = time.monotonic() - started
+        log.info("Verified %d album%s, %s in %s (%s/s): %s.", len(records), "" if len(records) == 1 else "s",
+                 human_bytes(checked[0]), human_seconds(seconds), human_bytes(checked[0] / max(seconds, 0.001)),
+                 "%d damaged (the next run fetches them again)" % damaged if damaged else "all intact")
+        if damaged and options.quiet:
+            log.error("smugmug_download --verify: %d damaged album%s", damaged, "" if damaged == 1 else "s")
+        return EXIT_ALBUMS_FAILED if damaged or summary.write_error else EXIT_OK
+    finally:
+        stop.set()
+        pool.shutdown(wait=True, cancel_futures=True)
+        state.close()
+        lock.release()
 
 
 def raise_interrupt(signum, frame):
@@ -2138,6 +3468,8 @@ def main(argv=None):
         config = validate_config(data, args.config)
         update_secrets(redact, config)
         warn_if_readable(args.config)
+        if args.verify:
+            return verify(config, Options(args), status)
         return run(config, Options(args), status)
     except UsageError as exc:
         status.clear()

@@ -1,11 +1,12 @@
 #!/usr/bin/env python3
 """Speed, API economy and footprint of smugmug_download against the emulator.
 
-    python tests/benchmark.py [--scenarios account,rerun,big,walk] [--big-mib 1024]
+    python tests/benchmark.py [--scenarios account,slow-prep,slow-link,big,walk] [--big-mib 1024]
 
-Not collected by pytest. Starts tests/fake_smugmug.py with realistic knobs,
-runs the real script as a subprocess (so its peak RSS and CPU time are its
-own, from wait4), and prints a table with the targets of issue #6.
+Not collected by pytest. Starts tests/fake_smugmug.py with realistic knobs (its
+archives are real zips of the albums' images), runs the real script as a
+subprocess at its default settings (so its peak RSS and CPU time are its own,
+from wait4), and prints a table with the targets of issues #6, #11 and #13.
 """
 
 import argparse
@@ -16,6 +17,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -53,85 +55,163 @@ def write_config(folder, fake, **extra):
     return path
 
 
-def build_account(fake, albums=120, seed=7):
-    """~120 albums in 3 folder levels, archives of 2-6 MB, preparation 1-3 s each."""
+def images_of(rng, total, count):
+    """count image specs whose sizes add up to about total bytes."""
+    sizes = [rng.uniform(0.5, 1.5) for _ in range(count)]
+    scale = total / sum(sizes)
+    return [{"file_name": "IMG_%04d.JPG" % i, "size": max(1, int(s * scale))} for i, s in enumerate(sizes)]
+
+
+def build_account(fake, albums=120, seed=7, size=(2 * MB, 6 * MB), prep=(1.0, 3.0)):
+    """Albums in 3 folder levels, 5-15 images each; {key: (preparation seconds, archive bytes)}."""
     rng = random.Random(seed)
     info = {}
     tops = [fake.add_folder("Top %d" % i) for i in range(4)]
     mids = [fake.add_folder("Mid %d" % j, top) for top in tops for j in range(3)]
     leaves = [fake.add_folder("Leaf %d" % k, mid) for mid in mids for k in range(2)]
     for i in range(albums):
-        size = rng.randint(2 * MB, 6 * MB)
-        key = fake.add_album("Album %03d" % i, leaves[i % len(leaves)], sizes=(size,))
-        fake.albums[key].prep_seconds = rng.uniform(1.0, 3.0)
-        info[key] = (fake.albums[key].prep_seconds, size)
+        total = rng.randint(*size)
+        key = fake.add_album("Album %03d" % i, leaves[i % len(leaves)],
+                             images=images_of(rng, total, rng.randint(5, 15)))
+        fake.albums[key].prep_seconds = rng.uniform(*prep)
+        info[key] = (fake.albums[key].prep_seconds, total)
     return info
 
 
 def api_calls_by_kind(fake):
-    """walk / archive GET / POST / poll counts: a !download GET before the album's POST is the
-    archive check, every later one a poll."""
-    counts = {"walk": 0, "archive GET": 0, "POST": 0, "poll": 0}
-    posted = set()
+    """POST / archive GET (a !download GET) / images listings / other per-album calls / walk."""
+    counts = {"walk": 0, "archive GET": 0, "POST": 0, "images": 0, "other": 0}
     for e in fake.log:
-        if e["path"].startswith("/download/"):
+        kind = e["kind"]
+        if kind in ("archive", "file"):
             continue
-        if e["kind"] == "post":
+        if kind == "post":
             counts["POST"] += 1
-            posted.add(e["path"])
-        elif e["kind"] == "download-get":
-            counts["poll" if e["path"] in posted else "archive GET"] += 1
-        else:
+        elif kind == "download-get":
+            counts["archive GET"] += 1
+        elif kind == "images":
+            counts["images"] += 1
+        elif kind == "walk":
             counts["walk"] += 1
+        else:
+            counts["other"] += 1
     return counts
+
+
+class Sampler:
+    """Samples the emulator's prepared-but-not-downloaded bytes while a run goes."""
+
+    def __init__(self, fake):
+        self.fake, self.peak, self.stop = fake, 0, threading.Event()
+        self.thread = threading.Thread(target=self.loop, daemon=True)
+
+    def loop(self):
+        while not self.stop.wait(0.2):
+            with self.fake.lock:
+                self.peak = max(self.peak, self.fake.prepared_undownloaded_bytes())
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.thread.join()
+
+
+def bound_of(info, cap, walk):
+    """The time no tool could beat: walk, then the first preparation, then the link's capacity
+    (or the slowest album's own preparation and download)."""
+    total = sum(size for _, size in info.values())
+    return walk + max(min(p for p, _ in info.values()) + total / cap,
+                      max(p + size / cap for p, size in info.values()))
+
+
+def throttled_early(fake):
+    """API requests that arrived while a Retry-After window was closed, later than the
+    calls already under way when the 429 was sent (0.25 s)."""
+    started = getattr(fake, "throttle_started", None)
+    return len([t for t, _ in fake.throttled_log if started is None or t > started + 0.25])
+
+
+def measure_run(rows, name, fake, info, folder, config, target, extra_rows=True):
+    code, walk, _, _ = run_measured(tool(config, "--dry-run"))
+    assert code == 0, "dry run failed"
+    fake.log.clear()
+    fake.throttled_log.clear()
+    with Sampler(fake) as sampler:
+        code, wall, rss, cpu = run_measured(tool(config))
+    assert code == 0, "%s: backup failed (exit %d)" % (name, code)
+    bound = bound_of(info, fake.bandwidth, walk)
+    calls = api_calls_by_kind(fake)
+    n = len(info)
+    per_album = (calls["archive GET"] + calls["POST"] + calls["images"] + calls["other"]) / n
+    total = sum(size for _, size in info.values())
+    rows.append((name, "albums / bytes", "%d / %.0f MB" % (n, total / MB), ""))
+    rows.append((name, "wall time (walk)", "%.2f s (%.2f s)" % (wall, walk), ""))
+    rows.append((name, "wall / lower bound", "%.2f (bound %.2f s)" % (wall / bound, bound),
+                 "<= %.2f: %s" % (target, ok(wall / bound <= target))))
+    rows.append((name, "API calls per album", ", ".join("%s %.2f" % (k, v / n) for k, v in calls.items()
+                                                       if k != "walk"), "<= 5: %s" % ok(per_album <= 5)))
+    rows.append((name, "prepared, not downloaded (peak)", "%.0f MB" % (sampler.peak / MB), ""))
+    rows.append((name, "requests inside Retry-After", "%d" % throttled_early(fake),
+                 "0: %s" % ok(throttled_early(fake) == 0)))
+    return wall, sampler.peak
 
 
 def scenario_account(rows, keep):
     fake = fake_smugmug.FakeSmugMug().start()
     fake.api_latency = 0.030
     fake.bandwidth = 60 * MB
+    fake.throttle_calls = {200}
+    fake.retry_after = 1
     info = build_account(fake)
     folder = tempfile.mkdtemp(prefix="bench-account-")
     config = write_config(folder, fake)
-    # walk time: a dry run of the same account (API latency included)
-    code, walk, _, _ = run_measured(tool(config, "--dry-run"))
-    assert code == 0
-    fake.log.clear()
-    code, wall, rss, cpu = run_measured(tool(config))
-    assert code == 0, "backup failed"
-    total = sum(size for _, size in info.values())
-    cap = fake.bandwidth
-    bound = walk + max(min(p for p, _ in info.values()) + total / cap,
-                       max(p + size / cap for p, size in info.values()))
-    calls = api_calls_by_kind(fake)
-    n = len(info)
-    per_album = {k: v / n for k, v in calls.items()}
-    besides = (calls["archive GET"] + calls["POST"] + calls["poll"]) / n
-    rows.append(("account", "albums / bytes", "%d / %.0f MB" % (n, total / MB), ""))
-    rows.append(("account", "walk time (dry run)", "%.2f s" % walk, ""))
-    rows.append(("account", "wall time", "%.2f s" % wall, ""))
-    rows.append(("account", "lower bound", "%.2f s" % bound, ""))
-    rows.append(("account", "wall / bound", "%.2f" % (wall / bound), "<= 1.25: %s" % ok(wall / bound <= 1.25)))
-    rows.append(("account", "API calls per album",
-                 ", ".join("%s %.2f" % kv for kv in per_album.items()), ""))
-    rows.append(("account", "per-album calls besides download", "%.2f" % besides, "<= 5: %s" % ok(besides <= 5)))
-    # rerun: unchanged
+    measure_run(rows, "account", fake, info, folder, config, 1.15)
     fake.log.clear()
     code, wall2, _, _ = run_measured(tool(config))
     assert code == 0
     calls2 = api_calls_by_kind(fake)
+    other = calls2["archive GET"] + calls2["POST"] + calls2["images"] + calls2["other"]
     rows.append(("rerun", "wall time", "%.2f s" % wall2, ""))
-    rows.append(("rerun", "API calls (walk / other)", "%d / %d" % (
-        calls2["walk"], calls2["archive GET"] + calls2["POST"] + calls2["poll"]),
-        "no per-album calls: %s" % ok(calls2["archive GET"] + calls2["POST"] + calls2["poll"] == 0)))
-    # the same account from scratch with a larger preparation window
-    shutil.rmtree(os.path.join(folder, "backup"), ignore_errors=True)
-    fake.archives.clear()
-    fake.log.clear()
-    code, wall3, _, _ = run_measured(tool(config, "--max-preparing", "64"))
-    assert code == 0
-    rows.append(("account", "wall / bound, --max-preparing 64", "%.2f (%.2f s)" % (wall3 / bound, wall3),
-                 "<= 1.25: %s" % ok(wall3 / bound <= 1.25)))
+    rows.append(("rerun", "API calls (walk / other)", "%d / %d" % (calls2["walk"], other),
+                 "no per-album calls: %s" % ok(other == 0)))
+    code, wall3, _, _ = run_measured(tool(config, "--verify"))
+    rows.append(("rerun", "--verify of the account", "%.2f s, exit %d" % (wall3, code), "exit 0: %s" % ok(code == 0)))
+    fake.stop()
+    if not keep:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def scenario_slow_prep(rows, keep):
+    """300 albums, preparation 10-40 s, 5-20 MB each, 60 MB/s, 30 ms latency."""
+    fake = fake_smugmug.FakeSmugMug().start()
+    fake.api_latency = 0.030
+    fake.bandwidth = 60 * MB
+    info = build_account(fake, albums=300, seed=11, size=(5 * MB, 20 * MB), prep=(10.0, 40.0))
+    folder = tempfile.mkdtemp(prefix="bench-slowprep-")
+    config = write_config(folder, fake)
+    measure_run(rows, "slow-prep", fake, info, folder, config, 1.20)
+    fake.stop()
+    if not keep:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def scenario_slow_link(rows, keep):
+    """The account scenario over a 5 MB/s link: prepared archives must not pile up."""
+    fake = fake_smugmug.FakeSmugMug().start()
+    fake.api_latency = 0.030
+    fake.bandwidth = 5 * MB
+    info = build_account(fake)
+    folder = tempfile.mkdtemp(prefix="bench-slowlink-")
+    config = write_config(folder, fake)
+    wall, peak = measure_run(rows, "slow-link", fake, info, folder, config, 10.0)
+    total = sum(size for _, size in info.values())
+    rows.append(("slow-link", "wall / (bytes / cap)", "%.2f" % (wall / (total / fake.bandwidth)),
+                 "<= 1.10: %s" % ok(wall / (total / fake.bandwidth) <= 1.10)))
+    rows.append(("slow-link", "peak prepared vs 2 min of link", "%.0f MB / %.0f MB" % (
+        peak / MB, 120 * fake.bandwidth / MB), "below: %s" % ok(peak <= 120 * fake.bandwidth)))
     fake.stop()
     if not keep:
         shutil.rmtree(folder, ignore_errors=True)
@@ -141,18 +221,21 @@ def scenario_big(rows, keep, mib):
     fake = fake_smugmug.FakeSmugMug().start()
     fake.require_download_oauth = False          # so that curl can fetch the same URL
     size = mib * 1024 * 1024
-    key = fake.add_album("Big", sizes=(size,))
+    count = max(1, mib // 16)
+    key = fake.add_album("Big", images=[{"file_name": "IMG_%04d.JPG" % i, "size": size // count}
+                                        for i in range(count)])
     fake.albums[key].prep_seconds = 0.2
     folder = tempfile.mkdtemp(prefix="bench-big-")
     config = write_config(folder, fake)
     code, wall, rss, cpu = run_measured(tool(config))
     assert code == 0, "big backup failed"
-    got = os.path.getsize(os.path.join(folder, "backup", "Big", "%s.zip" % key))
-    assert got == size
-    url = fake.download_objects(key)[-1]["WebUri"]
+    path = os.path.join(folder, "backup", "Big", "%s.zip" % key)
+    got = os.path.getsize(path)
+    url = [o for o in fake.download_objects(key) if o["Status"] == "Complete"][-1]["WebUri"]
     curl = shutil.which("curl")
-    gib = size / 2 ** 30
-    rows.append(("big", "archive", "%d MiB, %.1f s, %.0f MB/s" % (mib, wall, size / MB / wall), ""))
+    gib = got / 2 ** 30
+    rows.append(("big", "archive (%d images), check included" % count,
+                 "%d MiB, %.1f s, %.0f MB/s" % (got / 2 ** 20, wall, got / MB / wall), ""))
     rows.append(("big", "tool peak RSS", "%.1f MB" % rss, "<= 80 MB: %s" % ok(rss <= 80)))
     rows.append(("big", "tool CPU per GiB", "%.2f s" % (cpu / gib), ""))
     if curl:
@@ -161,8 +244,15 @@ def scenario_big(rows, keep, mib):
         rows.append(("big", "curl CPU per GiB", "%.2f s (%.1f s wall)" % (ccpu / gib, cwall), ""))
         ratio = cpu / max(ccpu, 1e-3)
         rows.append(("big", "tool / curl CPU", "%.2f" % ratio, "<= 2.5: %s" % ok(ratio <= 2.5)))
+        os.remove(os.path.join(folder, "curl.out"))
     else:
         rows.append(("big", "curl", "not installed", ""))
+    # --verify of the same archive against reading it (cat), both from the page cache
+    code, vwall, vrss, vcpu = run_measured(tool(config, "--verify"))
+    assert code == 0, "verify failed"
+    cat_wall = run_measured(["sh", "-c", "cat '%s' > /dev/null" % path])[1]
+    rows.append(("big", "--verify", "%.2f s (%.0f MB/s), RSS %.1f MB" % (vwall, got / MB / vwall, vrss), ""))
+    rows.append(("big", "cat FILE > /dev/null", "%.2f s (%.0f MB/s)" % (cat_wall, got / MB / max(cat_wall, 1e-3)), ""))
     fake.stop()
     if not keep:
         shutil.rmtree(folder, ignore_errors=True)
@@ -195,25 +285,31 @@ def ok(flag):
     return "met" if flag else "MISSED"
 
 
+SCENARIOS = {"account": scenario_account, "slow-prep": scenario_slow_prep, "slow-link": scenario_slow_link,
+             "walk": scenario_walk}
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--scenarios", default="account,big,walk",
-                        help="comma-separated: account (includes rerun), big, walk")
+    parser.add_argument("--scenarios", default="account,slow-prep,slow-link,big,walk",
+                        help="comma-separated: account (with rerun and verify), slow-prep, slow-link, big, walk")
     parser.add_argument("--big-mib", type=int, default=1024, help="size of the big archive")
     parser.add_argument("--keep", action="store_true", help="keep the temporary backups")
     args = parser.parse_args(argv)
     rows = []
-    chosen = args.scenarios.split(",")
-    if "account" in chosen or "rerun" in chosen:
-        scenario_account(rows, args.keep)
-    if "big" in chosen:
-        scenario_big(rows, args.keep, args.big_mib)
-    if "walk" in chosen:
-        scenario_walk(rows, args.keep)
-    print("machine: %d cores, Python %s" % (os.cpu_count(), sys.version.split()[0]))
+    for name in args.scenarios.split(","):
+        started = time.monotonic()
+        if name == "big":
+            scenario_big(rows, args.keep, args.big_mib)
+        elif name in SCENARIOS:
+            SCENARIOS[name](rows, args.keep)
+        else:
+            parser.error("unknown scenario %s" % name)
+        print("# %s done in %.0f s" % (name, time.monotonic() - started), file=sys.stderr, flush=True)
+    print("machine: %d cores, Python %s, %s" % (os.cpu_count(), sys.version.split()[0], time.strftime("%Y-%m-%d")))
     width = max(len(r[1]) for r in rows)
     for scenario, what, value, target in rows:
-        print("%-8s %-*s  %-40s %s" % (scenario, width, what, value, target))
+        print("%-9s %-*s  %-58s %s" % (scenario, width, what, value, target))
     return 0
 
 

@@ -71,13 +71,14 @@ def run(fake, tmp_path, capsys):
     return Runner(fake, tmp_path, capsys)
 
 
-def tree(folder):
-    """{relative path: bytes} of every file under folder, state and lock left out."""
+def tree(folder, manifests=False):
+    """{relative path: bytes} of every file under folder, state and lock left out (and the
+    albums' metadata.json unless manifests)."""
     files = {}
     for root, dirs, names in os.walk(folder):
         dirs[:] = [d for d in dirs if d != smugmug_download.STATE_DIR]
         for name in names:
-            if name == smugmug_download.LOCK_FILE:
+            if name == smugmug_download.LOCK_FILE or (name == smugmug_download.MANIFEST_NAME and not manifests):
                 continue
             full = os.path.join(root, name)
             with open(full, "rb") as f:
@@ -114,6 +115,12 @@ def spawn(config_path, *args, **kw):
     return subprocess.Popen([sys.executable, SCRIPT, "--config", str(config_path)] + list(args),
                             stdout=kw.pop("stdout", subprocess.PIPE), stderr=kw.pop("stderr", subprocess.PIPE),
                             stdin=kw.pop("stdin", subprocess.DEVNULL), env=env, **kw)
+
+
+def manifest(folder):
+    """The metadata.json of an album folder, parsed."""
+    with open(os.path.join(folder, smugmug_download.MANIFEST_NAME), encoding="utf-8") as f:
+        return json.load(f)
 
 
 def wait_for(predicate, timeout=20.0, step=0.01):

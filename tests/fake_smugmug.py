@@ -518,6 +518,11 @@ class FakeSmugMug:
         self.corrupt_once = set()       # album keys: first download of part 1 of the first archive has
                                         # one byte flipped in its first entry's data
         self.served = {}                # (archive id, part number) -> archive bytes sent
+        self.error_archives = set()     # archive ids that end in Error when their preparation ends
+        self.never_list = set()         # album keys: a POST is accepted, but no archive is ever listed
+        self.gone_parts = set()         # (album key, part number): that part of the album's first
+                                        # archive answers 404 (expired) while the others stream
+        self.no_largest_video = set()   # image keys: !largestvideo answers 404
         self._download_attempts = {}
         self._faults_done = set()       # one-time faults already played
         self.image_ids = itertools.count(1)
@@ -719,7 +724,8 @@ class FakeSmugMug:
         elapsed = time.monotonic() - archive.created
         prep = archive.prep_seconds * (part_index + 1 if self.staggered_parts else 1)
         if elapsed >= prep:
-            if album.key in self.error_always or (album.key in self.error_once and archive.number == 1):
+            if (album.key in self.error_always or (album.key in self.error_once and archive.number == 1)
+                    or archive.archive_id in self.error_archives):
                 return "Error"
             if self.removed_once.get(album.key) == "before" and archive.number == 1:
                 return "Removed"          # expired before anyone downloaded it
@@ -944,9 +950,12 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self.send(status, {"Code": status, "Message": message})
 
     def record(self, method, path, query, status, kind):
+        """Log a request; returns its entry (a streamed body adds "t_end" when it ends)."""
+        entry = {"t": time.monotonic(), "method": method, "path": path, "query": query, "status": status,
+                 "kind": kind}
         with self.fake.lock:
-            self.fake.log.append({"t": time.monotonic(), "method": method, "path": path,
-                                  "query": query, "status": status, "kind": kind})
+            self.fake.log.append(entry)
+        return entry
 
     def verify_oauth(self, method, body, token_secrets, need_token=True):
         """(ok, oauth params) after checking the signature with oauthlib."""
@@ -1110,7 +1119,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             return 404, {"Code": 404, "Message": "Not Found"}
         if path.startswith("/api/v2/image/") and path.endswith("-0!largestvideo"):
             _album, image = fake.find_image(path[len("/api/v2/image/"):-len("-0!largestvideo")])
-            if image is None or not image.is_video:
+            if image is None or not image.is_video or image.key in fake.no_largest_video:
                 return 404, {"Response": {"Uri": path}, "Code": 404, "Message": "Not Found"}
             return 200, envelope(method, request_uri, path, "LargestVideo", "Object",
                                  fake.largest_video_json(image))
@@ -1184,6 +1193,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         if method == "POST":
             if not album.allow_downloads:
                 return 403, {"Code": 403, "Message": "Downloads are not allowed for this album"}
+            if album.key in fake.never_list:
+                return fake.post_status, envelope(method, request_uri, path, "Download", "Objects", None,
+                                                  code=fake.post_status)
             fake.new_archive(album.key)
             if fake.post_empty_body:
                 return fake.post_status, b""
@@ -1216,7 +1228,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         if fake.removed_once.get(archive.album) == "during" and archive.number == 1:
             archive.forced_status = "Removed"
             return self.send(404, "<html>expired</html>", content_type="text/html")
-        if archive.forced_status == "Removed" or fake.archive_status(archive, part_index) != "Complete":
+        if archive.forced_status == "Removed" or fake.archive_status(archive, part_index) != "Complete" or (
+                archive.number == 1 and (archive.album, part_index + 1) in fake.gone_parts):
+            self.record(method, path, {"range": self.headers.get("Range")}, 404, "archive")
             return self.send(404, "<html>gone</html>", content_type="text/html")
         first = archive.number == 1
         if first and archive.album in fake.html_once and fake.once(("html", key)):
@@ -1277,7 +1291,16 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 fake.wrong_offset_once = False
                 start = max(0, first - 1000)
             headers["Content-Range"] = "bytes %d-%d/%d" % (start, size - 1, size)
-        self.record(method, path, {"range": rng}, status, kind)
+        entry = self.record(method, path, {"range": rng}, status, kind)
+        try:
+            self.send_body(content, kind, status, start, size, headers, attempt, archive_faults, flip, served_key,
+                           content_type)
+        finally:
+            entry["t_end"] = time.monotonic()
+
+    def send_body(self, content, kind, status, start, size, headers, attempt, archive_faults, flip, served_key,
+                  content_type):
+        fake = self.fake
         end = size
         if archive_faults:
             if attempt < fake.cut_times and fake.cut_after is not None:

@@ -103,7 +103,9 @@ def test_dry_run_writes_nothing_and_posts_nothing(sample, run):
     assert not run.out.exists()
     assert sample.calls("post") == [] and sample.calls("archive") == []
     lines = out.splitlines()
-    assert "new       Family/Big Trip" in lines and len(lines) == 15
+    assert "new       Family/Big Trip" in lines and len(lines) == 16
+    assert lines[-1] == ("total: 15 new (16 images), 0 changed, 0 unchanged, 0 moved, 0 gone, 1 skipped; "
+                         "16 images in the albums to back up")
     assert run()[0] == 0
     sample.touch(sample.keys["bbq"])
     before = tree(run.out)

@@ -107,16 +107,6 @@ def test_backoff_delay_grows_with_jitter_and_cap():
         assert d / 2 <= value <= d
 
 
-def test_poll_delay_schedule():
-    """Polls start near 2 s, look again soon, then grow to 30 s."""
-    delays = [sd.poll_delay(n) for n in range(15)]
-    assert delays[0] == 2.0
-    assert delays[1] == 1.0
-    assert all(a <= b for a, b in zip(delays[1:], delays[2:]))
-    assert delays[-1] == 30.0
-    assert sd.poll_delay(10 ** 6) == 30.0
-
-
 def test_content_range_parsing():
     assert sd.parse_content_range("bytes 100-199/200") == (100, 199, 200)
     assert sd.parse_content_range("bytes 0-9/*") == (0, 9, None)
@@ -153,33 +143,179 @@ def _part(n, status, added, url="https://x/a"):
     return sd.ArchivePart(n, "a-%d.zip" % n, status, url, added)
 
 
-def test_archive_selection_freshness():
-    """Only archives not older than the album's last change are reused; newest per part."""
-    album = _album()
-    old = [_part(1, "Complete", "2019-12-31T00:00:00+00:00")]
-    assert sd.archive_state(old, album, False, set()) == ("preparing", [])
-    fresh = [_part(1, "Complete", "2020-01-02T00:00:00+00:00", "https://x/1"),
-             _part(1, "Complete", "2020-01-03T00:00:00+00:00", "https://x/2"),
-             _part(2, "Processing", "2020-01-03T00:00:00+00:00")]
-    state, parts = sd.archive_state(fresh, album, False, set())
-    assert state == "preparing" and [p.url for p in parts] == ["https://x/2", "https://x/a"]
-    done = [_part(1, "Complete", "2020-01-03T00:00:00+00:00"), _part(2, "Complete", "2020-01-03T00:00:00+00:00")]
-    assert sd.archive_state(done, album, False, set())[0] == "complete"
+NEW, NEWER = "2020-01-02T00:00:00+00:00", "2020-01-03T00:00:00+00:00"
 
 
-def test_archive_states_error_removed_unknown():
-    """Error and Removed are reported; unknown statuses count as in progress."""
+def test_reuse_only_archives_after_the_change():
+    """Before a request, only an archive dated strictly after the album's last change is used;
+    the newest such archive is chosen and remembered on the ticket."""
     album = _album()
-    err = [_part(1, "Error", "2020-01-03T00:00:00+00:00")]
-    assert sd.archive_state(err, album, True, set())[0] == "error"
-    assert sd.archive_state(err, album, True, {err[0].identity})[0] == "preparing"
-    gone = [_part(1, "Removed", "2020-01-03T00:00:00+00:00")]
-    assert sd.archive_state(gone, album, True, set())[0] == "removed"
-    odd = [_part(1, "Queued", "2020-01-03T00:00:00+00:00")]
-    assert sd.archive_state(odd, album, True, set())[0] == "preparing"
+    old = [_part(1, "Complete", "2019-12-31T00:00:00+00:00"), _part(1, "Complete", "2020-01-01T00:00:00+00:00")]
+    assert sd.read_archive(old, album, sd.ArchiveTicket())[0] == "none"
+    listing = [_part(1, "Complete", NEW, "https://x/1"), _part(1, "Processing", NEWER, ""),
+               _part(2, "Processing", NEWER, "")]
+    state, parts, ticket = sd.read_archive(listing, album, sd.ArchiveTicket())
+    assert state == "preparing" and ticket.added == NEWER and [p.part for p in parts] == [1, 2]
+
+
+def test_the_chosen_archive_failing_never_falls_back_to_another():
+    """Defect 1: once an archive is chosen, its Error is the album's Error, even when an older
+    Complete archive is listed beside it; given up, it becomes stale."""
+    album = _album()
+    ticket = sd.ArchiveTicket(posted=True, added=NEWER)
+    listing = [_part(1, "Complete", NEW, "https://x/old"), _part(1, "Error", NEWER, "")]
+    assert sd.read_archive(listing, album, ticket)[0] == "error"
+    again = ticket.given_up()
+    assert again.posted and again.not_before == NEWER and again.added is None
+    _, _, seen = sd.read_archive(listing, album, ticket)
+    again = seen.given_up()
+    assert sd.read_archive(listing, album, again)[0] == "none"
+    later = listing + [_part(1, "Complete", NEWER, "https://x/new")]       # the same second
+    state, parts, _ = sd.read_archive(later, album, again)
+    assert state == "complete" and parts[0].url == "https://x/new"
+
+
+def test_status_decides_before_the_url():
+    """Defect 12: parts without a URL still count by their Status: Error is an error, a part in
+    progress keeps the archive preparing; Complete with no URL is an error; parts must be 1..n."""
+    album = _album()
+    ticket = sd.ArchiveTicket(posted=True)
+    assert sd.read_archive([_part(1, "Error", NEW, "")], album, ticket)[0] == "error"
+    mixed = [_part(1, "Complete", NEW), _part(2, "Processing", NEW, "")]
+    assert sd.read_archive(mixed, album, ticket)[0] == "preparing"
+    assert sd.read_archive([_part(2, "Complete", NEW)], album, ticket)[0] == "preparing"
+    assert sd.read_archive([_part(1, "Complete", NEW, "")], album, ticket)[0] == "error"
+    assert sd.read_archive([_part(1, "Removed", NEW)], album, ticket)[0] == "removed"
+    assert sd.read_archive([_part(1, "Queued", NEW)], album, ticket)[0] == "preparing"
+    assert sd.read_archive([], album, ticket)[0] == "none"
+
+
+def test_undated_and_unnumbered_archives():
+    """Undated archives are never reused, but trusted after our request; parts without numbers
+    are numbered by their order within their archive."""
+    album = _album()
     undated = [_part(1, "Complete", "")]
-    assert sd.archive_state(undated, album, False, set())[0] == "preparing"
-    assert sd.archive_state(undated, album, True, set())[0] == "complete"
+    assert sd.read_archive(undated, album, sd.ArchiveTicket())[0] == "none"
+    assert sd.read_archive(undated, album, sd.ArchiveTicket(posted=True))[0] == "complete"
+    body = {"Response": {"Locator": "Download", "Download": [
+        {"FileName": "a.zip", "Status": "complete", "DateAdded": NEW, "WebUri": "https://x/1"},
+        {"FileName": "b.zip", "Status": "Complete", "DateAdded": NEW, "WebUri": "https://x/2"},
+        {"FileName": "c.zip", "Status": "Complete", "DateAdded": NEWER, "WebUri": "https://x/3"}]}}
+    state, parts, _ = sd.read_archive(sd.archive_parts(body), album,
+                                      sd.ArchiveTicket(posted=True, stale=frozenset(
+                                          sd.part_key(p) for p in sd.archive_parts(body)[2:])))
+    assert state == "complete" and [(p.part, p.file_name) for p in parts] == [(1, "a.zip"), (2, "b.zip")]
+
+
+def _listed(key, name, size=None, md5=""):
+    return sd.ListedFile(key, name, archived_size=size, archived_md5=md5)
+
+
+def test_match_by_name_and_size_renamed_forms_once_each():
+    """Entries match by FileName or SmugMug's renamed forms (-1, (1)) and by size; each entry
+    once; an exact name wins over a renamed form."""
+    listing = [_listed("a", "IMG.jpg", 10), _listed("b", "IMG.jpg", 20), _listed("c", "IMG-1.jpg", 30),
+               _listed("d", "DSC.jpg", 5), _listed("e", "DSC.jpg", 5), _listed("f", "gone.mov", 7)]
+    entries = [sd.ZipEntry("p1.zip", "IMG.jpg", 20), sd.ZipEntry("p1.zip", "IMG-2.jpg", 10),
+               sd.ZipEntry("p2.zip", "IMG-1.jpg", 30), sd.ZipEntry("p1.zip", "DSC.jpg", 5),
+               sd.ZipEntry("p2.zip", "folder/DSC (1).jpg", 5)]
+    found = sd.match_files(listing, entries)
+    assert found["a"].name == "IMG-2.jpg" and found["b"].name == "IMG.jpg" and found["c"].name == "IMG-1.jpg"
+    assert {found["d"].name, found["e"].name} == {"DSC.jpg", "folder/DSC (1).jpg"}
+    assert "f" not in found
+    assert sd.match_files([_listed("x", "a.jpg", 3, "abc")], [sd.ZipEntry("p", "a.jpg", 3, "def")]) == {}
+
+
+def test_loose_file_names_avoid_parts_manifest_and_each_other():
+    """Loose files keep their cleaned FileName; a clash gets " (ImageKey)" before the extension."""
+    names = sd.loose_file_names([("k1", "a.zip"), ("k2", "Metadata.JSON"), ("k3", "x/y.jpg"), ("k4", "X_Y.JPG")],
+                                ["a.zip", sd.MANIFEST_NAME])
+    assert names == {"k1": "a (k1).zip", "k2": "Metadata (k2).JSON", "k3": "x_y.jpg", "k4": "X_Y (k4).JPG"}
+
+
+def test_state_records_are_validated(tmp_path):
+    """Defect 6: a record with a bad field (path null, a path leaving output_dir, a negative size)
+    is set aside with its key, the others load; version 1 records load as archive parts."""
+    good = {"AlbumKey": "G", "NodeID": "n", "path": "A/B", "LastUpdated": "", "ImagesLastUpdated": "",
+            "parts": [{"FileName": "G.zip", "size": 3}]}
+    assert sd.AlbumRecord.from_json("G", good).files == [sd.SavedFile("G.zip", 3, "archive")]
+    for bad in ({"path": None}, {"path": "../etc"}, {"path": "A//B"}, {"files": [{"name": "x", "size": -1}]},
+                {"files": [{"name": "../x", "size": 1}]}, {"complete": "yes"}, {"NodeID": 5}):
+        with pytest.raises(ValueError):
+            sd.AlbumRecord.from_json("G", dict(good, **bad))
+    import json
+    os = __import__("os")
+    state_dir = tmp_path / sd.STATE_DIR
+    os.makedirs(state_dir)
+    (state_dir / sd.STATE_FILE).write_text(json.dumps({"version": 1, "albums": {
+        "G": good, "B": dict(good, AlbumKey="B", path=None)}, "partials": {"A/B/G.zip": "id"}}))
+    state = sd.BackupState(str(tmp_path)).load()
+    assert set(state.albums) == {"G"} and "B" in state.set_aside
+    assert state.partials["A/B/G.zip"] == sd.Partial("", "id")
+
+
+def test_path_owners():
+    """Every recorded path has one owner; case and Unicode form do not make a second path."""
+    record = sd.AlbumRecord("K", "n", "Family/Caf\u00e9", files=[sd.SavedFile("K.zip", 1)], manifest=5)
+    owners = sd.PathOwners([record])
+    assert owners.owner("family/CAFE\u0301") == "K"
+    assert owners.owner("Family/Caf\u00e9/K.ZIP") == "K" and owners.owner("Family/Caf\u00e9/metadata.json") == "K"
+    assert owners.may_write("Family/Caf\u00e9/K.zip", "K") and not owners.may_write("Family/Caf\u00e9/K.zip", "Z")
+    owners.release(record)
+    assert owners.owner("Family/Caf\u00e9") is None
+
+
+def test_prep_window_grows_holds_shrinks():
+    """The window grows while downloads idle with nothing prepared, holds while archives wait,
+    shrinks when prepared bytes exceed a minute of the download rate, halves on 429; capped."""
+    w = sd.PrepWindow(cap=100, floor=2, start=8)
+    sizes = [w.adjust(4, 0, 0, None, False, True) for _ in range(30)]
+    assert sizes[0] > 8 and sizes[-1] == 100 and sizes == sorted(sizes)
+    assert w.adjust(0, 5, 10, 1000, False, True) == 100                    # holds
+    assert w.adjust(0, 5, 10 ** 9, 1000, False, True) == 80                # too much waiting: shrinks
+    assert w.adjust(4, 0, 0, None, True, True) == 40                       # rate limited: halves
+    assert w.adjust(4, 0, 0, None, False, False) == 40                     # nothing to admit: holds
+    small = sd.PrepWindow(cap=3)
+    assert small.limit <= 3 and all(small.adjust(4, 0, 0, None, False, True) <= 3 for _ in range(5))
+
+
+def test_poll_pacer_scouts_then_learns():
+    """Before anything is known a few scouts are looked at after poll_seconds and the others
+    wait; once archives were ready, the first look comes at the typical preparation time and
+    later looks after half the time waited, within the bounds."""
+    pacer = sd.PollPacer(2.0, 30.0)
+    firsts = [pacer.first_delay() for _ in range(sd.PACER_SCOUTS + 3)]
+    assert firsts == [2.0] * sd.PACER_SCOUTS + [None] * 3
+    pacer.observe(11)
+    assert pacer.typical() == 11 and pacer.first_delay() == 11
+    for seconds in (20, 24, 26, 30):
+        pacer.observe(seconds)
+    assert pacer.first_delay() == 24
+    assert pacer.next_delay(22) == 11
+    assert pacer.next_delay(1000) == 30.0
+    assert pacer.next_delay(0.5) == 1.0
+
+
+def test_scan_zip_checks_every_crc(tmp_path):
+    """A sound zip gives its entries with sizes and MD5s; a flipped byte is a CRC error in that
+    entry; an HTML page is not a zip."""
+    import hashlib
+    import zipfile
+    path = tmp_path / "a.zip"
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as z:
+        z.writestr("one.jpg", b"1" * 5000)
+        z.writestr("two.jpg", b"2" * 7000)
+    entries = sd.scan_zip(str(path), "a.zip", True)
+    assert [(e.name, e.size, e.md5) for e in entries] == [
+        ("one.jpg", 5000, hashlib.md5(b"1" * 5000).hexdigest()), ("two.jpg", 7000, hashlib.md5(b"2" * 7000).hexdigest())]
+    data = bytearray(path.read_bytes())
+    data[data.index(b"2" * 100) + 50] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(sd.BadArchive, match="two.jpg"):
+        sd.scan_zip(str(path), "a.zip", False)
+    (tmp_path / "b.zip").write_bytes(b"<html><body>Please log in</body></html>")
+    with pytest.raises(sd.BadArchive, match="not a zip"):
+        sd.scan_zip(str(tmp_path / "b.zip"), "b.zip", False)
 
 
 def test_envelope_helpers_tolerate_missing_locator():

@@ -71,7 +71,7 @@ def test_changed_album_drops_obsolete_parts(fake, run):
     fake.albums[key].part_sizes = [1500]
     fake.touch(key)
     assert run()[0] == 0
-    assert sorted(os.listdir(run.out / "Shrinks")) == sorted(["%s.zip" % key, "keep-me.txt"])
+    assert sorted(os.listdir(run.out / "Shrinks")) == sorted(["%s.zip" % key, "keep-me.txt", sd.MANIFEST_NAME])
     assert tree(run.out)["Shrinks/%s.zip" % key] == fake.expected_parts(key)["%s.zip" % key]
 
 
@@ -201,8 +201,9 @@ def test_state_records_albums(sample, run):
     assert record["path"] == "Family/Big Trip"
     assert record["NodeID"] == sample.albums[sample.keys["big"]].node_id
     assert record["LastUpdated"] and record["ImagesLastUpdated"]
-    assert sorted((p["FileName"], p["size"]) for p in record["parts"]) == sorted(
+    assert sorted((p["name"], p["size"]) for p in record["files"] if p["kind"] == "archive") == sorted(
         (n, len(d)) for n, d in sample.expected_parts(sample.keys["big"]).items())
+    assert record["complete"] is True and record["manifest"] > 0
 
 
 def test_quiet_and_log_file(sample, run, tmp_path):

@@ -1,0 +1,313 @@
+"""Never lose or replace a good backup, never wait in silence (issue #10): each defect the
+review found, reproduced end to end against the emulator."""
+
+import datetime
+import json
+import os
+import resource
+import signal
+import threading
+import time
+
+import smugmug_download as sd
+from conftest import expected_tree, sample_expected, spawn, tree, write_config
+
+
+def album_files(fake, key, rel):
+    return expected_tree(fake, {key: rel})
+
+
+def test_stale_archive_is_never_saved_as_new(fake, run):
+    """Defect 1: the album changed and SmugMug already lists a newer archive in preparation (a
+    killed run's) that then ends in Error, beside the pre-change Complete one: the tool waits for
+    an archive of the album as it is now, never the old one, and saves the new content."""
+    key = fake.add_album("Trip", sizes=(4000,))
+    assert run()[0] == 0
+    old_bytes = tree(run.out)
+    fake.touch(key)
+    killed = fake.new_archive(key)
+    killed.created_at = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(seconds=3)
+    killed.prep_seconds = 0.2
+    fake.error_archives.add(killed.archive_id)
+    code, _, err = run()
+    assert code == 0, err
+    assert tree(run.out) == album_files(fake, key, "Trip") != old_bytes
+    assert "requesting a new one" in err
+    assert "unchanged Trip" in run("--dry-run")[1].splitlines()
+
+
+def test_an_html_page_never_replaces_a_zip(fake, run):
+    """Defect 2: a 200 answer with a login page (its own Content-Length) instead of the zip is
+    refused (not the listed Size, not a zip) and the real archive is fetched."""
+    key = fake.add_album("Login", sizes=(5000, 6000))
+    fake.html_once = {key}
+    code, _, err = run()
+    assert code == 0, err
+    assert tree(run.out) == album_files(fake, key, "Login")
+
+
+def test_a_kept_backup_is_never_overwritten(fake, run):
+    """Defect 3: an album gone from SmugMug keeps its files; a new album with the same name at
+    the same path gets " (NodeID)" and never writes over or deletes the kept files."""
+    old = fake.add_album("Party", sizes=(3000,), names=["Party.zip"])
+    assert run()[0] == 0
+    kept = tree(run.out)
+    fake.remove_node(fake.albums[old].node_id)
+    new = fake.add_album("Party", sizes=(3500,), names=["Party.zip"], days=5)
+    code, _, err = run()
+    assert code == 0, err
+    node = fake.albums[new].node_id
+    got = tree(run.out)
+    assert got["Party/Party.zip"] == kept["Party/Party.zip"]
+    assert got["Party (%s)/Party.zip" % node] == fake.expected_parts(new)["Party.zip"]
+    assert "gone from SmugMug" in err and "Party" in err
+    assert run()[0] == 0 and tree(run.out) == got          # stable on the next run
+
+
+def test_a_move_takes_only_the_albums_own_files(fake, run):
+    """Defect 4: an album moves away from X while a new folder X holds an album being downloaded
+    in the same run: only the moved album's files go, the other album stays where the state says."""
+    moving = fake.add_album("X", sizes=(3000,))
+    assert run()[0] == 0
+    deep = fake.add_folder("Deep")
+    d2 = fake.add_folder("D2", deep)
+    d3 = fake.add_folder("D3", d2)
+    fake.move(fake.albums[moving].node_id, d3)
+    fake.rename(fake.albums[moving].node_id, "Y")
+    folder_x = fake.add_folder("X", days=3)
+    other = fake.add_album("C", folder_x, sizes=(400_000,))
+    fake.api_latency = 0.05
+    fake.bandwidth = 400_000
+    code, _, err = run()
+    assert code == 0, err
+    got = tree(run.out)
+    assert got == {**album_files(fake, moving, "Deep/D2/D3/Y"), **album_files(fake, other, "X/C")}
+    state = json.loads((run.out / sd.STATE_DIR / sd.STATE_FILE).read_text())
+    assert state["albums"][moving]["path"] == "Deep/D2/D3/Y" and state["albums"][other]["path"] == "X/C"
+
+
+def test_state_write_errors_are_one_line_exit_1(sample, run):
+    """Defect 5: the journal cannot be written (here: a folder in its way): no traceback, the
+    file is named, exit 1."""
+    os.makedirs(run.out / sd.STATE_DIR / sd.JOURNAL_FILE)
+    code, _, err = run()
+    assert code == sd.EXIT_ALBUMS_FAILED, err
+    assert "Traceback" not in err and sd.JOURNAL_FILE in err
+    assert "Stopped" in err
+
+
+def test_a_damaged_state_record_is_set_aside(sample, run):
+    """Defect 6: one album record with path null: a warning, that album is checked again, the
+    rest stays unchanged, exit 0."""
+    assert run()[0] == 0
+    path = run.out / sd.STATE_DIR / sd.STATE_FILE
+    state = json.loads(path.read_text())
+    key = sample.keys["bbq"]
+    state["albums"][key]["path"] = None
+    path.write_text(json.dumps(state))
+    posts = len(sample.calls("post"))
+    code, _, err = run()
+    assert code == 0, err
+    assert "Traceback" not in err and "state record of album %s is damaged" % key in err
+    assert tree(run.out) == sample_expected(sample)
+    assert len(sample.calls("post")) == posts + 1
+    assert json.loads(path.read_text())["albums"][key]["path"] == "Family/2019/Summer/BBQ"
+
+
+def test_an_emptied_album_keeps_its_backup(fake, run):
+    """Defect 7: an album whose images were all deleted (ImageCount 0) keeps its zips; the
+    summary says so; exit 0."""
+    key = fake.add_album("Emptied", sizes=(3000, 3000))
+    assert run()[0] == 0
+    before = tree(run.out)
+    fake.albums[key].images = []
+    fake.albums[key].image_count = 0
+    fake.touch(key)
+    code, _, err = run()
+    assert code == 0, err
+    assert tree(run.out) == before
+    assert "empty on SmugMug" in err
+
+
+def test_prepared_archives_do_not_pile_up(fake, run):
+    """Defect 8: with a slow link, albums prepared but not yet downloading never exceed the
+    window's cap (here --max-preparing 3), however many albums there are."""
+    for i in range(12):
+        fake.add_album("A%02d" % i, sizes=(60_000,))
+    fake.bandwidth = 400_000
+    seen = []
+    done = threading.Event()
+
+    def sample_ready():
+        while not done.is_set():
+            with fake.lock:
+                archives = [a for lst in fake.archives.values() for a in lst]
+                ready = [a for a in archives if fake.archive_status(a) == "Complete"
+                         and not any(fake.served.get((a.archive_id, i + 1)) for i in range(len(a.parts)))]
+            seen.append(len(ready))
+            time.sleep(0.01)
+
+    watcher = threading.Thread(target=sample_ready)
+    watcher.start()
+    try:
+        code, _, err = run("--max-preparing", "3", "--workers", "1")
+    finally:
+        done.set()
+        watcher.join()
+    assert code == 0, err
+    # the window (3) plus what the one download worker has taken but not yet started to read
+    assert 2 <= max(seen) <= 3 + 1 and len(fake.calls("post")) == 12
+
+
+def test_an_album_node_without_album_link_fails_by_name(fake, run):
+    """Defect 9: an album node with no Album link cannot be backed up: named, exit 1."""
+    fake.add_album("Fine")
+    fake.add_node("Album", "Broken", fake.root_id)
+    code, _, err = run()
+    assert code == sd.EXIT_ALBUMS_FAILED
+    assert "Broken: album without an Album link" in err
+
+
+def test_tracebacks_in_logs_are_redacted(tmp_path):
+    """Defect 10: a traceback logged with --verbose carries no signed URL query nor secret."""
+    class Args:
+        quiet, verbose, log_file = False, True, str(tmp_path / "log.txt")
+    status = sd.StatusLine(None, False)
+    redact = sd.setup_logging(Args, status, secrets=["s3cr3t-value"])
+    try:
+        raise ValueError("GET https://photos.invalid/x.zip?Signature=abc123&Key=s3cr3t-value failed")
+    except ValueError:
+        sd.log.debug("unexpected error", exc_info=True)
+    for handler in sd.log.handlers:
+        handler.flush()
+    text = (tmp_path / "log.txt").read_text()
+    assert "Traceback" in text and "ValueError" in text
+    assert "abc123" not in text and "s3cr3t-value" not in text
+    assert redact.secrets == ["s3cr3t-value"]
+    for handler in list(sd.log.handlers):
+        sd.log.removeHandler(handler)
+        handler.close()
+
+
+def test_never_two_downloads_on_one_part_file(fake, run):
+    """Defect 11: when an archive is given up (a part vanished) while another of its parts is
+    still streaming, the new archive's download of that part starts only after the old one ended."""
+    key = fake.add_album("Pair", sizes=(2000, 300_000))
+    fake.bandwidth = 300_000
+    fake.gone_parts = {(key, 1)}
+    code, _, err = run("--workers", "2")
+    assert code == 0, err
+    assert tree(run.out) == album_files(fake, key, "Pair")
+    downloads = [e for e in fake.calls("archive") if e["path"].split("/")[3] == "2"]
+    first = [e for e in downloads if "%231/" in e["path"] or "#1/" in e["path"]]
+    later = [e for e in downloads if e not in first]
+    assert first and later
+    assert min(e["t"] for e in later) >= max(e["t_end"] for e in first)
+
+
+def test_an_error_archive_without_url_is_seen_at_once(fake, run):
+    """Defect 12: Download objects carry a URL only when Complete; an archive in Error is seen as
+    Error at once (not as one in preparation), and after the retries the album is saved file by file."""
+    key = fake.add_album("Broken archive", sizes=(3000, 3000))
+    fake.web_uri_only_when_complete = True
+    fake.error_always = {key}
+    started = time.monotonic()
+    code, _, err = run()
+    assert code == 0, err
+    assert time.monotonic() - started < 10
+    assert len(fake.calls("post")) == 1 + sd.ARCHIVE_ERROR_RETRIES
+    assert "saving it file by file" in err and "1 album saved file by file" in err
+    files = tree(run.out)
+    assert sorted(files.values()) == sorted(fake.expected_files(key).values())
+
+
+def test_a_part_still_in_progress_keeps_the_archive_preparing(fake, run):
+    """Defect 12: a multi-part archive whose later part is still Processing (no URL yet) is not
+    taken for complete: every part is downloaded."""
+    key = fake.add_album("Staggered", sizes=(3000, 3100, 3200))
+    fake.web_uri_only_when_complete = True
+    fake.staggered_parts = True
+    fake.prep_seconds = 0.1
+    code, _, err = run()
+    assert code == 0, err
+    assert tree(run.out) == album_files(fake, key, "Staggered")
+
+
+def test_an_archive_never_listed_is_asked_for_a_bounded_number_of_times(fake, run):
+    """Defect 13: SmugMug accepts the request but never lists an archive: asked again a bounded
+    number of times, then the album is saved file by file."""
+    key = fake.add_album("Lost", sizes=(3000,))
+    fake.never_list = {key}
+    code, _, err = run()
+    assert code == 0, err
+    assert len(fake.calls("post")) == 1 + sd.LOST_REQUEST_RETRIES
+    assert sorted(tree(run.out).values()) == sorted(fake.expected_files(key).values())
+
+
+def test_files_and_folders_are_fsynced_before_and_after_the_rename(fake, run, monkeypatch):
+    """Defect 14: every file is flushed to disk before it takes its final name, and its folder
+    after, so a power loss cannot leave a final name on incomplete bytes."""
+    key = fake.add_album("Durable", sizes=(3000, 2000))
+    synced, events = [], []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        synced.append(os.readlink("/proc/self/fd/%d" % fd))
+        return real_fsync(fd)
+
+    def replace(src, dst):
+        events.append(("replace", str(src), str(dst), list(synced)))
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    code, _, err = run()
+    assert code == 0, err
+    folder = str(run.out / "Durable")
+    for name in fake.expected_parts(key):
+        final = os.path.join(folder, name)
+        renames = [e for e in events if e[2] == final]
+        assert renames and final + ".part" in renames[0][3]
+    last_rename = max(i for i, e in enumerate(events) if e[2].startswith(folder))
+    assert folder in synced[len(events[last_rename][3]):]
+
+
+def test_abandoned_part_files_are_cleaned_up(fake, run):
+    """Defect 15: a NAME.part (and its state entry) that no album will resume is removed at the
+    end of a complete run."""
+    key = fake.add_album("Album", sizes=(3000,))
+    assert run()[0] == 0
+    stray = run.out / "Album" / "old-archive.zip.part"
+    stray.write_bytes(b"half of something")
+    path = run.out / sd.STATE_DIR / sd.STATE_FILE
+    state = json.loads(path.read_text())
+    state["partials"]["Album/old-archive.zip"] = {"album": key, "identity": "x"}
+    path.write_text(json.dumps(state))
+    fake.touch(key)
+    assert run()[0] == 0
+    assert not stray.exists()
+    assert json.loads(path.read_text())["partials"] == {}
+
+
+def test_a_write_error_stops_the_walk_too(fake, tmp_path):
+    """Defect 15: after a write error (file size limit as a stand-in for a full disk) no more
+    folders are listed; the run says Stopped, names the file, exit 1."""
+    fake.add_album("Huge", sizes=(400_000,))
+    for i in range(30):
+        sub = fake.add_folder("F%02d" % i, days=2)
+        fake.add_album("A", sub, sizes=(100,))
+    fake.api_latency = 0.03
+    out = tmp_path / "backup"
+    config = write_config(tmp_path / "config.json", fake.config(out, workers=1))
+
+    def limit():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))
+
+    proc = spawn(config, preexec_fn=limit)
+    _, err = proc.communicate(timeout=60)
+    err = err.decode()
+    assert proc.returncode == sd.EXIT_ALBUMS_FAILED, err
+    assert "Traceback" not in err and "File too large" in err and "Stopped" in err and "not attempted" in err
+    listed = [e for e in fake.calls("walk") if e["path"].endswith("!children")]
+    assert len(listed) < 31
