@@ -40,11 +40,24 @@ import urllib.parse
 from dataclasses import dataclass, field, replace
 from typing import Dict, List, Optional, Tuple
 
-import requests
-from requests.adapters import HTTPAdapter
-from requests_oauthlib import OAuth1, OAuth1Session
-from urllib3.exceptions import ConnectTimeoutError, NewConnectionError
-from urllib3.util.retry import Retry
+try:
+    import requests
+    from requests.adapters import HTTPAdapter
+    from requests_oauthlib import OAuth1, OAuth1Session
+    from urllib3.exceptions import ConnectTimeoutError, NewConnectionError
+    from urllib3.util.retry import Retry
+except ImportError as _missing:
+    if __name__ != "__main__":
+        raise
+    # The usual cause: run with a Python other than the virtualenv's (cron's
+    # python3, say). One line and exit 2, like any set-up error.
+    _package = {"requests_oauthlib": "requests-oauthlib", "oauthlib": "requests-oauthlib",
+                "urllib3": "requests"}.get(_missing.name or "", _missing.name or "a required package")
+    sys.stderr.write("Error: the Python package '%s' is missing for %s. Install the requirements "
+                     "into a virtualenv (pip install -r requirements.txt) and run the tool with its "
+                     "Python: python3 -m venv .venv && .venv/bin/pip install -r requirements.txt\n"
+                     % (_package, sys.executable))
+    sys.exit(2)           # EXIT_USAGE
 
 __version__ = "1.0.0"
 
