@@ -29,6 +29,7 @@ import logging
 import os
 import random
 import re
+import shutil
 import signal
 import socket
 import stat
@@ -559,6 +560,23 @@ def folder_may_match(rel, includes, excludes):
         if folder.startswith(prefix) or prefix.startswith(folder) or path_matches([pattern], rel):
             return True
     return False
+
+
+def fit_line(text, width):
+    """text cut to at most width characters, at a word where one is near, marked with "...".
+
+    For a status line that must never wrap (a wrapped line cannot be redrawn
+    in place with a carriage return).
+    """
+    if len(text) <= width:
+        return text
+    if width <= 3:
+        return text[:max(width, 0)]
+    cut = text[:width - 3]
+    space = cut.rfind(" ")
+    if space >= (width - 3) * 2 // 3:      # a word boundary not too far back
+        cut = cut[:space]
+    return cut.rstrip(" |,;:") + "..."
 
 
 def human_bytes(n):
@@ -1378,7 +1396,12 @@ class RunLock:
         self.file = None
 
     def acquire(self):
-        self.file = open(self.path, "a+")
+        """Hold the lock, or LockedError naming the holder; UsageError when output_dir is not writable."""
+        try:
+            self.file = open(self.path, "a+")
+        except OSError as exc:
+            raise UsageError("cannot write in output_dir %s: %s (%s)" % (
+                os.path.dirname(self.path), exc.strerror or exc, self.path)) from exc
         try:
             if os.name == "nt":
                 import msvcrt
@@ -1425,15 +1448,21 @@ class StatusLine:
         if not force and now - self.last < STATUS_INTERVAL:
             return
         self.last = now
-        try:
-            width = os.get_terminal_size(self.stream.fileno()).columns - 1
-        except (OSError, ValueError, AttributeError):
-            width = 99
-        width = width if width > 20 else 99
         with self.lock:
-            self.text = text[:width]
+            self.text = fit_line(text, self.width())
             self.stream.write("\r" + self.text + "\x1b[K")
             self.stream.flush()
+
+    def width(self):
+        """Columns the line may use: the terminal's width now (so a resize counts at the
+        next redraw), less one, since writing the last column makes some terminals wrap."""
+        try:
+            columns = os.get_terminal_size(self.stream.fileno()).columns
+        except (OSError, ValueError, AttributeError):
+            columns = 0
+        if columns <= 0:                     # not a terminal, or one that does not know its size
+            columns = shutil.get_terminal_size().columns     # $COLUMNS, else 80
+        return max(columns, 2) - 1
 
     def clear(self):
         if self.enabled and self.text:
@@ -1893,10 +1922,12 @@ examples:
   back up:      python smugmug_download.py
   what's new:   python smugmug_download.py --dry-run
   some albums:  python smugmug_download.py --include 'Family/2019/*' --exclude '*/Private'
-  cron:         0 3 * * * cd /path/to/smugmug_download && python smugmug_download.py --quiet --log-file backup.log
+  cron (the virtualenv's Python, absolute paths; prints only on trouble):
+    0 3 * * * cd /home/me/smugmug_download && /home/me/smugmug_download/.venv/bin/python smugmug_download.py --quiet --log-file /home/me/smugmug-backup.log
 
 exit codes: 0 all backed up (or unchanged), 1 some albums failed, 2 config/usage/
-credentials error, 3 another run holds the lock, 130 interrupted.
+credentials error, 3 another run holds the lock, 130 interrupted, 141 stdout closed
+by its reader (`--dry-run | head`).
 """
 
 
@@ -1948,7 +1979,8 @@ def build_parser():
                      help="albums being prepared by SmugMug at once (default 32)")
     out = parser.add_argument_group("output")
     out.add_argument("--quiet", action="store_true",
-                     help="only warnings, errors and a summary line if something failed (for cron)")
+                     help="print only errors, and a summary line if the run did not succeed (for "
+                          "cron); warnings go to --log-file only")
     out.add_argument("--verbose", action="store_true", help="debug logging")
     out.add_argument("--log-file", metavar="PATH", help="append timestamped log lines (info level) to PATH")
     return parser
@@ -2023,6 +2055,8 @@ def validate_config(data, path, required=CONFIG_REQUIRED):
                          "(credentials must not cross a network in clear)" % (path, parts.hostname))
     if values["output_dir"]:
         values["output_dir"] = os.path.abspath(os.path.expanduser(values["output_dir"]))
+        if os.path.exists(values["output_dir"]) and not os.path.isdir(values["output_dir"]):
+            raise UsageError("output_dir %s is not a folder" % values["output_dir"])
     return Config(**values)
 
 
@@ -2085,7 +2119,8 @@ def setup_logging(args, status, secrets=()):
     log.propagate = False
     redact = RedactingFilter(secrets)
     console = ConsoleHandler(status)
-    console.setLevel(logging.WARNING if args.quiet else logging.DEBUG if args.verbose else logging.INFO)
+    # --quiet (cron): only what needs a person, i.e. errors; warnings go to the log file.
+    console.setLevel(logging.ERROR if args.quiet else logging.DEBUG if args.verbose else logging.INFO)
     fmt = "[%(threadName)s] %(message)s" if args.verbose else "%(message)s"
     console.setFormatter(ConsoleFormatter(fmt))
     console.addFilter(redact)
