@@ -35,7 +35,9 @@ import logging
 import os
 import random
 import re
+import shutil
 import signal
+import socket
 import stat
 import sys
 import tempfile
@@ -45,14 +47,29 @@ import unicodedata
 import urllib.parse
 import zipfile
 from dataclasses import dataclass, field, replace
+from http.client import IncompleteRead, RemoteDisconnected
 from typing import Dict, List, Optional, Tuple
 
-import requests
-from requests.adapters import HTTPAdapter
-from requests_oauthlib import OAuth1, OAuth1Session
-import urllib3
-from urllib3.exceptions import ConnectTimeoutError, NewConnectionError
-from urllib3.util.retry import Retry
+try:
+    import requests
+    from requests.adapters import HTTPAdapter
+    from requests_oauthlib import OAuth1, OAuth1Session
+    import urllib3
+    from urllib3.exceptions import (ConnectTimeoutError, NewConnectionError, ProtocolError,
+                                    ReadTimeoutError, SSLError)
+    from urllib3.util.retry import Retry
+except ImportError as _missing:
+    if __name__ != "__main__":
+        raise
+    # The usual cause: run with a Python other than the virtualenv's (cron's
+    # python3, say). One line and exit 2, like any set-up error.
+    _package = {"requests_oauthlib": "requests-oauthlib", "oauthlib": "requests-oauthlib",
+                "urllib3": "requests"}.get(_missing.name or "", _missing.name or "a required package")
+    sys.stderr.write("Error: the Python package '%s' is missing for %s. Install the requirements "
+                     "into a virtualenv (pip install -r requirements.txt) and run the tool with its "
+                     "Python: python3 -m venv .venv && .venv/bin/pip install -r requirements.txt\n"
+                     % (_package, sys.executable))
+    sys.exit(2)           # EXIT_USAGE
 
 __version__ = "1.0.0"
 
@@ -66,6 +83,7 @@ EXIT_ALBUMS_FAILED = 1    # the run finished, but some albums failed
 EXIT_USAGE = 2            # config, usage or credential error
 EXIT_LOCKED = 3           # another run holds the lock on output_dir
 EXIT_INTERRUPTED = 130    # Ctrl-C or SIGTERM (128 + SIGINT, the shell's convention)
+EXIT_BROKEN_PIPE = 141    # stdout closed by its reader (`--dry-run | head`): 128 + SIGPIPE, as git gives
 
 DEFAULT_API_BASE = "https://api.smugmug.com"
 API_ROOT = "/api/v2"
@@ -97,6 +115,10 @@ RESERVED_TOP_NAMES = {STATE_DIR.casefold(), LOCK_FILE.casefold()}
 TIMEOUT = (10, 60)
 PAGE_COUNT = 100          # children asked per page; the server may clamp it
 API_ATTEMPTS = 6          # tries of one API call on 5xx / network errors / bad bodies
+CONNECT_ATTEMPTS = 2      # quick tries of a refused connect inside one attempt (urllib3 Retry)
+# Once every API call has failed with a network error for this long, the
+# server is taken as gone: calls raise Unreachable instead of retrying on.
+UNREACHABLE_SECONDS = 60.0
 RATE_LIMIT_ATTEMPTS = 20  # 429s tolerated for one call (each waits its Retry-After)
 BACKOFF_BASE = 0.5        # seconds; doubled per attempt, full jitter, capped below
 BACKOFF_CAP = 30.0
@@ -145,10 +167,6 @@ class AuthError(BackupError):
     """SmugMug rejected the credentials: the whole run stops, exit 2."""
 
 
-class Unreachable(BackupError):
-    """Every call to SmugMug has failed for a while: the run stops early (exit 1)."""
-
-
 class LockedError(BackupError):
     """Another run holds the lock on output_dir: exit 3."""
 
@@ -195,6 +213,28 @@ class BadArchive(BackupError):
 
 class LocalWriteError(BackupError):
     """Writing to the local disk failed (disk full, permissions): the run stops new work."""
+
+
+class Unreachable(BackupError):
+    """Every API call has failed with a network error for UNREACHABLE_SECONDS: stop the run.
+
+    Raised by SmugMugClient.call() (from any thread) instead of retrying
+    further; every later call raises it too after its first failed try, until
+    the server answers again. `since` is the wall-clock time (time.time()) of
+    the first failure of the streak; the message reads "SmugMug unreachable
+    since HH:MM:SS: <last reason>". Not an ApiError: it is about the run, not
+    the album whose call happened to raise it.
+    """
+
+    def __init__(self, since, reason):
+        super().__init__("SmugMug unreachable since %s: %s"
+                         % (time.strftime("%H:%M:%S", time.localtime(since)), reason))
+        self.since = since
+        self.reason = reason
+
+
+class OutputClosed(BackupError):
+    """Standard output was closed by its reader (`--dry-run | head`): stop quietly."""
 
 
 # Data model #################################################################
@@ -706,6 +746,23 @@ def folder_may_match(rel, includes, excludes):
     return False
 
 
+def fit_line(text, width):
+    """text cut to at most width characters, at a word where one is near, marked with "...".
+
+    For a status line that must never wrap (a wrapped line cannot be redrawn
+    in place with a carriage return).
+    """
+    if len(text) <= width:
+        return text
+    if width <= 3:
+        return text[:max(width, 0)]
+    cut = text[:width - 3]
+    space = cut.rfind(" ")
+    if space >= (width - 3) * 2 // 3:      # a word boundary not too far back
+        cut = cut[:space]
+    return cut.rstrip(" |,;:") + "..."
+
+
 def human_bytes(n):
     value = float(n)
     for unit in ("B", "KB", "MB", "GB", "TB"):
@@ -782,13 +839,15 @@ class RateGate:
 def connect_retry():
     """urllib3 retries for failures before a request reaches the server.
 
-    Only the connect phase: a request that reached the server is retried by
-    SmugMugClient itself, signed anew, since an OAuth nonce must not be reused.
+    Only the connect phase, and quickly (a refused connection costs well under
+    a second): SmugMugClient.call() does the patient retrying, and a request
+    that reached the server is retried there, signed anew, since an OAuth
+    nonce must not be reused.
     """
-    kwargs = dict(total=None, connect=3, read=0, redirect=5, status=0, other=0,
-                  backoff_factor=0.5, raise_on_status=False)
+    kwargs = dict(total=None, connect=CONNECT_ATTEMPTS - 1, read=0, redirect=5, status=0, other=0,
+                  backoff_factor=0.1, raise_on_status=False)
     try:
-        return Retry(backoff_jitter=0.5, **kwargs)
+        return Retry(backoff_jitter=0.1, **kwargs)
     except TypeError:          # urllib3 1.x
         return Retry(**kwargs)
 
@@ -797,20 +856,80 @@ def reached_server(exc):
     """Did a failed request get past connecting (so it may have reached the server)?"""
     if isinstance(exc, requests.exceptions.ConnectTimeout):
         return False
-    reason = getattr(exc.args[0], "reason", None) if exc.args else None
-    return not isinstance(reason, (NewConnectionError, ConnectTimeoutError))
+    return not any(isinstance(e, (NewConnectionError, ConnectTimeoutError)) for e in exception_chain(exc))
+
+
+def exception_chain(exc):
+    """exc and every exception it wraps (args, .reason, __cause__, __context__), outermost first."""
+    found, todo, seen = [], [exc], set()
+    while todo:
+        e = todo.pop(0)
+        if not isinstance(e, BaseException) or id(e) in seen:
+            continue
+        seen.add(id(e))
+        found.append(e)
+        todo.extend([getattr(e, "reason", None), e.__cause__, e.__context__, *e.args])
+    return found
+
+
+def failed_endpoint(exc):
+    """(host, port) a requests network error was about, from its request or urllib3's pool."""
+    url = getattr(getattr(exc, "request", None), "url", None)
+    if isinstance(url, str) and url:
+        parts = urllib.parse.urlsplit(url)
+        try:
+            port = parts.port
+        except ValueError:
+            port = None
+        return parts.hostname, port or {"http": 80, "https": 443}.get(parts.scheme)
+    for e in exception_chain(exc):
+        pool = getattr(e, "pool", None) or getattr(e, "conn", None)
+        if getattr(pool, "host", None):
+            return pool.host, getattr(pool, "port", None)
+    return None, None
 
 
 def short_network_error(exc):
-    """The innermost reason of a requests network error, one line, no URL query."""
-    reason = getattr(exc.args[0], "reason", None) if exc.args else None
-    text = str(reason or exc)
-    text = re.sub(r"^<[^>]*>:\s*", "", text)
-    return redact_urls(" ".join(text.split()))[:200]
+    """Why a request got no answer, in a few words naming the server: e.g.
+    "connection refused by api.smugmug.com:443", "timed out reading from HOST",
+    "connection reset by HOST". Never a URL, never urllib3's repr soup."""
+    host, port = failed_endpoint(exc)
+    shown = "the server" if not host else "[%s]" % host if ":" in host else host
+    chain = exception_chain(exc)
+
+    def has(*kinds):
+        return any(isinstance(e, kinds) for e in chain)
+
+    if has(ConnectionRefusedError):
+        return "connection refused by %s%s" % (shown, ":%d" % port if port else "")
+    if has(socket.gaierror):
+        return "cannot find the address of %s (DNS)" % shown
+    if has(RemoteDisconnected):          # a ConnectionResetError too, but a polite one
+        return "connection closed by %s" % shown
+    if has(ConnectionResetError, ConnectionAbortedError, BrokenPipeError):
+        return "connection reset by %s" % shown
+    if has(ReadTimeoutError, requests.exceptions.ReadTimeout):
+        return "timed out reading from %s" % shown
+    if has(requests.exceptions.ConnectTimeout) or (has(ConnectTimeoutError) and not has(NewConnectionError)):
+        return "timed out connecting to %s" % shown
+    if has(IncompleteRead, ProtocolError):
+        return "connection closed by %s" % shown
+    if has(SSLError, requests.exceptions.SSLError):
+        return "TLS handshake with %s failed" % shown
+    oserrors = [e for e in chain if isinstance(e, OSError) and e.strerror]
+    if oserrors:
+        return "%s (%s)" % (oserrors[-1].strerror, shown)
+    text = re.sub(r"<[^>]*>:?\s*", "", str(chain[-1]))      # urllib3 puts object reprs first
+    return redact_urls(" ".join(text.split()))[:200] or type(exc).__name__
 
 
 class SmugMugClient:
-    """OAuth1-signed access to the API: one requests.Session per thread, one rate gate."""
+    """OAuth1-signed access to the API: one requests.Session per thread, one rate gate.
+
+    It also watches whether SmugMug answers at all: unreachable_since is the
+    wall-clock time (time.time()) since which every API call has failed with a
+    network error, None while the server answers (any status counts).
+    """
 
     def __init__(self, config, stop):
         self.config = config
@@ -823,6 +942,10 @@ class SmugMugClient:
         self._local = threading.local()
         self._sessions = []
         self._sessions_lock = threading.Lock()
+        self._reach_lock = threading.Lock()
+        self._failing_since = None      # monotonic start of the current streak of network errors
+        self.unreachable_since = None   # the same moment as wall-clock time, for messages
+        self.last_answer = None         # monotonic time of the last answer from the server
 
     def session(self):
         sess = getattr(self._local, "session", None)
@@ -847,6 +970,26 @@ class SmugMugClient:
     def url(self, uri):
         return self.base + path_and_query(uri)
 
+    def note_answer(self):
+        """The server answered (whatever the status): any streak of network errors is over."""
+        with self._reach_lock:
+            self._failing_since = self.unreachable_since = None
+            self.last_answer = time.monotonic()
+
+    def note_network_error(self):
+        """A call got no answer: start the streak if none is going; seconds it has lasted."""
+        with self._reach_lock:
+            if self._failing_since is None:
+                self._failing_since, self.unreachable_since = time.monotonic(), time.time()
+            return time.monotonic() - self._failing_since
+
+    def seconds_until_unreachable(self):
+        """How long the current streak may go on before calls raise Unreachable (None: no streak)."""
+        with self._reach_lock:
+            if self._failing_since is None:
+                return None
+            return max(0.0, self._failing_since + UNREACHABLE_SECONDS - time.monotonic())
+
     def get(self, uri, **params):
         return self.call("GET", uri, params)
 
@@ -856,11 +999,18 @@ class SmugMugClient:
     def call(self, method, uri, params):
         """One API call: the JSON body of a 2xx answer, or an exception.
 
-        Retries network errors, 5xx and unreadable bodies with backoff; 429
+        Retries 5xx and unreadable bodies API_ATTEMPTS times with backoff; 429
         closes the gate for everyone for its Retry-After; 401 raises AuthError.
+        Network errors: a refused connection before the server ever answered
+        is an ApiError at once (wrong api_base, no network). Later ones are
+        retried while the outage lasts; a call gives up with ApiError after
+        API_ATTEMPTS only if the server answered others meanwhile (the trouble
+        is this call's), and raises Unreachable once every call has failed for
+        UNREACHABLE_SECONDS.
         """
         url = self.url(uri)
         failures = throttled = 0
+        first_network_error = None
         while True:
             if self.stop.is_set():
                 raise Interrupted("stopping")
@@ -870,11 +1020,16 @@ class SmugMugClient:
                     method, url, params=params or None, timeout=TIMEOUT,
                     headers={"Accept": "application/json"})
             except (requests.ConnectionError, requests.Timeout) as exc:
-                if not reached_server(exc):    # the adapter has retried those already
-                    raise ApiError("cannot connect to %s: %s" % (self.base, short_network_error(exc)))
-                reason = "network error: %s" % short_network_error(exc)
+                reason = short_network_error(exc)
+                failing_for = self.note_network_error()
+                if self.last_answer is None and not reached_server(exc):
+                    raise ApiError("cannot connect to SmugMug: %s" % reason)
+                if failing_for >= UNREACHABLE_SECONDS:
+                    raise Unreachable(self.unreachable_since or time.time(), reason)
+                first_network_error = first_network_error or time.monotonic()
                 resp = None
             if resp is not None:
+                self.note_answer()
                 self.gate.observe(resp.headers)
                 status = resp.status_code
                 if status == 429:
@@ -908,10 +1063,18 @@ class SmugMugClient:
                 else:
                     raise ApiError("HTTP %d: %s" % (status, error_message(resp)), status)
             failures += 1
-            if failures >= API_ATTEMPTS:
+            delay = backoff_delay(failures - 1)
+            if resp is None:
+                answered_others = (self.last_answer or 0.0) > first_network_error
+                if failures >= API_ATTEMPTS and answered_others:
+                    raise ApiError(reason)
+                left = self.seconds_until_unreachable()
+                if left is not None:
+                    delay = min(delay, left + 0.01)   # one last try right when the window ends
+            elif failures >= API_ATTEMPTS:
                 raise ApiError(reason)
             log.debug("%s %s failed (%s), retrying", method, path_and_query(uri).split("?")[0], reason)
-            if self.stop.wait(backoff_delay(failures - 1)):
+            if self.stop.wait(delay):
                 raise Interrupted("stopping")
 
 
@@ -1212,10 +1375,11 @@ def download_file(client, url, temp, listed_size, resume_ok, progress, cancel):
             return fetch_to_file(client, url, temp, progress, listed_size, cancel)
         except Refused:
             raise
-        except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError,
-                DownloadError) as exc:
+        except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError) as exc:
+            last_error = short_network_error(exc)
+        except DownloadError as exc:
             last_error = redact_urls(exc)
-            log.debug("%s: %s (attempt %d)", os.path.basename(temp), last_error, attempt + 1)
+        log.debug("%s: %s (attempt %d)", os.path.basename(temp), last_error, attempt + 1)
     raise DownloadError("download failed after %d tries: %s" % (DOWNLOAD_ATTEMPTS, last_error))
 
 
@@ -1879,7 +2043,12 @@ class RunLock:
         self.file = None
 
     def acquire(self):
-        self.file = open(self.path, "a+")
+        """Hold the lock, or LockedError naming the holder; UsageError when output_dir is not writable."""
+        try:
+            self.file = open(self.path, "a+")
+        except OSError as exc:
+            raise UsageError("cannot write in output_dir %s: %s (%s)" % (
+                os.path.dirname(self.path), exc.strerror or exc, self.path)) from exc
         try:
             if os.name == "nt":
                 import msvcrt
@@ -1926,15 +2095,21 @@ class StatusLine:
         if not force and now - self.last < STATUS_INTERVAL:
             return
         self.last = now
-        try:
-            width = os.get_terminal_size(self.stream.fileno()).columns - 1
-        except (OSError, ValueError, AttributeError):
-            width = 99
-        width = width if width > 20 else 99
         with self.lock:
-            self.text = text[:width]
+            self.text = fit_line(text, self.width())
             self.stream.write("\r" + self.text + "\x1b[K")
             self.stream.flush()
+
+    def width(self):
+        """Columns the line may use: the terminal's width now (so a resize counts at the
+        next redraw), less one, since writing the last column makes some terminals wrap."""
+        try:
+            columns = os.get_terminal_size(self.stream.fileno()).columns
+        except (OSError, ValueError, AttributeError):
+            columns = 0
+        if columns <= 0:                     # not a terminal, or one that does not know its size
+            columns = shutil.get_terminal_size().columns     # $COLUMNS, else 80
+        return max(columns, 2) - 1
 
     def clear(self):
         if self.enabled and self.text:
@@ -2340,7 +2515,7 @@ class Orchestrator:
         for where, why in skipped:
             self.dry_counts["skipped"][0] += 1
             if why.startswith("album without"):
-                log.error("%s: %s", where, why)
+                log.info("failed: %s: %s", where, why)
                 self.summary.failed[where] = why
             else:
                 log.warning("skipping %s: %s", where, why)
@@ -2760,7 +2935,7 @@ class Orchestrator:
         self.leave_window(run)
         run.abandon_archive()
         self.summary.failed[run.album.rel] = reason
-        log.error("%s: %s", run.album.rel, reason)
+        log.info("failed: %s: %s", run.album.rel, reason)     # the summary says it once, as an error
 
     def stop_new_work(self, why):
         """A write error: start nothing new (the walk included), let running work end."""
@@ -2850,11 +3025,13 @@ examples:
   what's new:   python smugmug_download.py --dry-run
   check disk:   python smugmug_download.py --verify
   some albums:  python smugmug_download.py --include 'Family/2019/*' --exclude '*/Private'
-  cron:         0 3 * * * cd /path/to/smugmug_download && python smugmug_download.py --quiet --log-file backup.log
+  cron (the virtualenv's Python, absolute paths; prints only on trouble):
+    0 3 * * * cd /home/me/smugmug_download && /home/me/smugmug_download/.venv/bin/python smugmug_download.py --quiet --log-file /home/me/smugmug-backup.log
 
 exit codes: 0 all backed up (or unchanged; --verify: all intact), 1 some albums
-failed or a write error (--verify: something damaged), 2 config/usage/credentials
-error, 3 another run holds the lock, 130 interrupted.
+failed, a write error or SmugMug unreachable (--verify: something damaged), 2 config/
+usage/credentials error, 3 another run holds the lock, 130 interrupted, 141 stdout
+closed by its reader (`--dry-run | head`).
 """
 
 
@@ -2871,8 +3048,12 @@ class Options:
         self._out = out or sys.stdout
 
     def print_line(self, text):
-        self._out.write(text + "\n")
-        self._out.flush()
+        """One line on stdout; OutputClosed when its reader has gone (`| head`)."""
+        try:
+            self._out.write(text + "\n")
+            self._out.flush()
+        except BrokenPipeError as exc:
+            raise OutputClosed("standard output was closed") from exc
 
 
 def build_parser():
@@ -2908,7 +3089,8 @@ def build_parser():
                           "window grows to it only while downloads wait (default 256)")
     out = parser.add_argument_group("output")
     out.add_argument("--quiet", action="store_true",
-                     help="only warnings, errors and a summary line if something failed (for cron)")
+                     help="print only errors, and a summary line if the run did not succeed (for "
+                          "cron); warnings go to --log-file only")
     out.add_argument("--verbose", action="store_true", help="debug logging")
     out.add_argument("--log-file", metavar="PATH", help="append timestamped log lines (info level) to PATH")
     return parser
@@ -2985,6 +3167,8 @@ def validate_config(data, path, required=CONFIG_REQUIRED):
                          "(credentials must not cross a network in clear)" % (path, parts.hostname))
     if values["output_dir"]:
         values["output_dir"] = os.path.abspath(os.path.expanduser(values["output_dir"]))
+        if os.path.exists(values["output_dir"]) and not os.path.isdir(values["output_dir"]):
+            raise UsageError("output_dir %s is not a folder" % values["output_dir"])
     return Config(**values)
 
 
@@ -3055,7 +3239,8 @@ def setup_logging(args, status, secrets=()):
     log.propagate = False
     redact = RedactingFilter(secrets)
     console = ConsoleHandler(status)
-    console.setLevel(logging.WARNING if args.quiet else logging.DEBUG if args.verbose else logging.INFO)
+    # --quiet (cron): only what needs a person, i.e. errors; warnings go to the log file.
+    console.setLevel(logging.ERROR if args.quiet else logging.DEBUG if args.verbose else logging.INFO)
     fmt = "[%(threadName)s] %(message)s" if args.verbose else "%(message)s"
     console.setFormatter(ConsoleFormatter(fmt))
     console.addFilter(redact)
@@ -3263,7 +3448,7 @@ def run(config, options, status):
         return EXIT_ALBUMS_FAILED if (summary.failed or summary.write_error or stopped) else EXIT_OK
     except NotFound as exc:
         raise UsageError("SmugMug user %r not found: %s" % (config.smugmug_user, exc))
-    except (ApiError, Unreachable) as exc:
+    except ApiError as exc:
         raise UsageError("could not reach the account: %s" % exc)
     finally:
         stop.set()
@@ -3479,9 +3664,17 @@ def main(argv=None):
         status.clear()
         log.error("SmugMug rejected the credentials: %s. Run --authorize or check config.json", exc)
         return EXIT_USAGE
+    except Unreachable as exc:
+        status.clear()
+        log.error("%s", exc)
+        return EXIT_USAGE
     except LockedError as exc:
         log.error("%s", exc)
         return EXIT_LOCKED
+    except OutputClosed:
+        # Whoever read our output has what they wanted (`--dry-run | head -3`):
+        # stop without a word, with the status git and other tools give.
+        return EXIT_BROKEN_PIPE
     except KeyboardInterrupt:
         status.clear()
         log.error("interrupted")
@@ -3497,6 +3690,9 @@ if __name__ == "__main__":
     # read for up to the read timeout; state is saved and .part files are kept,
     # so leave at once instead of joining it.
     logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):       # closed by its reader: nothing more to say
+            pass
     os._exit(exit_code)

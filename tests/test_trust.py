@@ -25,8 +25,12 @@ def test_stale_archive_is_never_saved_as_new(fake, run):
     assert run()[0] == 0
     old_bytes = tree(run.out)
     fake.touch(key)
+    now = datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0)
+    album = fake.albums[key]
+    album.last_updated = album.images_last_updated = now - datetime.timedelta(seconds=10)
+    fake.archives[key][0].created_at = now - datetime.timedelta(seconds=20)   # the first run's, before
     killed = fake.new_archive(key)
-    killed.created_at = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(seconds=3)
+    killed.created_at = now - datetime.timedelta(seconds=5)        # after the change, before this run
     killed.prep_seconds = 0.2
     fake.error_archives.add(killed.archive_id)
     code, _, err = run()
@@ -189,20 +193,30 @@ def test_tracebacks_in_logs_are_redacted(tmp_path):
         handler.close()
 
 
-def test_never_two_downloads_on_one_part_file(fake, run):
+def test_never_two_downloads_on_one_part_file(fake, run, monkeypatch):
     """Defect 11: when an archive is given up (a part vanished) while another of its parts is
-    still streaming, the new archive's download of that part starts only after the old one ended."""
+    still streaming, the new archive's download of that part starts only after the old one has
+    stopped writing: never two writers on one NAME.part."""
     key = fake.add_album("Pair", sizes=(2000, 300_000))
     fake.bandwidth = 300_000
     fake.gone_parts = {(key, 1)}
+    spans, real = [], sd.fetch_to_file
+
+    def traced(client, url, temp, *args, **kw):
+        start = time.monotonic()
+        try:
+            return real(client, url, temp, *args, **kw)
+        finally:
+            spans.append((temp, url, start, time.monotonic()))
+
+    monkeypatch.setattr(sd, "fetch_to_file", traced)
     code, _, err = run("--workers", "2")
     assert code == 0, err
     assert tree(run.out) == album_files(fake, key, "Pair")
-    downloads = [e for e in fake.calls("archive") if e["path"].split("/")[3] == "2"]
-    first = [e for e in downloads if "%231/" in e["path"] or "#1/" in e["path"]]
-    later = [e for e in downloads if e not in first]
-    assert first and later
-    assert min(e["t"] for e in later) >= max(e["t_end"] for e in first)
+    second = sorted((s for s in spans if s[0].endswith("-2.zip.part")), key=lambda s: s[2])
+    assert len({s[1] for s in second}) == 2            # the old archive's part 2, then the new one's
+    for earlier, later in zip(second, second[1:]):
+        assert later[2] >= earlier[3]
 
 
 def test_an_error_archive_without_url_is_seen_at_once(fake, run):
