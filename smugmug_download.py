@@ -129,6 +129,7 @@ ARCHIVE_ERROR_RETRIES = 3 # new archives after a Status "Error"
 ARCHIVE_REMOVED_RETRIES = 3
 REQUEST_AGAIN_AFTER_POLLS = 8  # looks with nothing listed for our request: it was lost
 LOST_REQUEST_RETRIES = 2  # lost requests asked again before the album is saved file by file
+REQUEST_AGAIN_DELAY = 1.1 # seconds before asking again: past the whole second of the archive given up
 PART_CHECK_RETRIES = 2    # downloads again of a part that is not a sound zip, then the album fails
 FILE_ATTEMPTS = 3         # downloads of one loose file that fails its size or MD5 check
 IMAGES_PAGE_COUNT = 1000  # files asked per !images page; the server may clamp it
@@ -2307,6 +2308,7 @@ class Orchestrator:
         }
         self.futures = {}                       # future -> (kind, payload)
         self.waiting = collections.deque()      # AlbumRuns waiting for a window slot
+        self.delayed = []                       # heap of (when, seq, AlbumRun): asking again soon
         self.polls = []                         # heap of (due, seq, AlbumRun, look token)
         self.deferred = []                      # AlbumRuns waiting for the scouts' first finding
         self.queue = collections.deque()        # DownloadTasks waiting for a worker
@@ -2349,6 +2351,9 @@ class Orchestrator:
         if self.halt:
             return
         self.adjust_window()
+        now = time.monotonic()
+        while self.delayed and self.delayed[0][0] <= now:
+            self.waiting.appendleft(heapq.heappop(self.delayed)[2])
         while self.waiting and self.in_window < self.window.limit:
             self.request(self.waiting.popleft())
         now = time.monotonic()
@@ -2406,8 +2411,9 @@ class Orchestrator:
 
     def next_timeout(self):
         timeout = STATUS_INTERVAL if self.status.enabled else 0.25
-        if self.polls:
-            timeout = min(timeout, max(0.0, self.polls[0][0] - time.monotonic()))
+        for heap in (self.polls, self.delayed):
+            if heap:
+                timeout = min(timeout, max(0.0, heap[0][0] - time.monotonic()))
         return timeout
 
     def enter_window(self, run):
@@ -2424,7 +2430,7 @@ class Orchestrator:
 
     def run(self, root):
         self.start(root)
-        while self.futures or (not self.halt and (self.polls or self.waiting or self.queue)):
+        while self.futures or (not self.halt and (self.polls or self.waiting or self.delayed or self.queue)):
             self.pump()
             done, _ = concurrent.futures.wait(list(self.futures), timeout=self.next_timeout(),
                                               return_when=concurrent.futures.FIRST_COMPLETED)
@@ -2724,12 +2730,14 @@ class Orchestrator:
         self.request_again(run)
 
     def request_again(self, run):
-        """Give up on the current archive (its downloads stop and are ignored) and queue a new request."""
+        """Give up on the current archive (its downloads stop and are ignored) and ask again, a
+        little later: DateAdded has whole seconds, so the new archive is told apart by its second."""
         self.leave_window(run)
         run.abandon_archive()
         run.ticket = run.ticket.given_up()
         run.to("waiting")
-        self.waiting.appendleft(run)
+        self.seq += 1
+        heapq.heappush(self.delayed, (time.monotonic() + REQUEST_AGAIN_DELAY, self.seq, run))
 
     def save_by_file(self, run, why):
         """SmugMug will not prepare the archive: list the album and fetch every file on its own."""
@@ -2949,6 +2957,7 @@ class Orchestrator:
                 if kind == "walk":
                     self.walk_complete = False
         self.waiting.clear()
+        self.delayed.clear()
         self.polls.clear()
         self.queue.clear()
 
