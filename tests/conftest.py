@@ -78,7 +78,7 @@ def tree(folder, manifests=False):
     for root, dirs, names in os.walk(folder):
         dirs[:] = [d for d in dirs if d != smugmug_download.STATE_DIR]
         for name in names:
-            if name == smugmug_download.LOCK_FILE or (name == smugmug_download.MANIFEST_NAME and not manifests):
+            if name == smugmug_download.LOCK_FILE or (name == "metadata.json" and not manifests):
                 continue
             full = os.path.join(root, name)
             with open(full, "rb") as f:

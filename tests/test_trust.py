@@ -76,18 +76,21 @@ def test_a_move_takes_only_the_albums_own_files(fake, run):
     deep = fake.add_folder("Deep")
     d2 = fake.add_folder("D2", deep)
     d3 = fake.add_folder("D3", d2)
-    fake.move(fake.albums[moving].node_id, d3)
+    d4 = fake.add_folder("D4", d3)
+    for i in range(24):                              # pages of D4 to list before the album is found
+        fake.add_node("Page", "page %d" % i, d4)
+    fake.move(fake.albums[moving].node_id, d4)
     fake.rename(fake.albums[moving].node_id, "Y")
     folder_x = fake.add_folder("X", days=3)
-    other = fake.add_album("C", folder_x, sizes=(400_000,))
+    other = fake.add_album("C", folder_x, sizes=(3000,))     # backed up before Y is found
     fake.api_latency = 0.05
-    fake.bandwidth = 400_000
+    fake.max_count = 4
     code, _, err = run()
     assert code == 0, err
     got = tree(run.out)
-    assert got == {**album_files(fake, moving, "Deep/D2/D3/Y"), **album_files(fake, other, "X/C")}
+    assert got == {**album_files(fake, moving, "Deep/D2/D3/D4/Y"), **album_files(fake, other, "X/C")}
     state = json.loads((run.out / sd.STATE_DIR / sd.STATE_FILE).read_text())
-    assert state["albums"][moving]["path"] == "Deep/D2/D3/Y" and state["albums"][other]["path"] == "X/C"
+    assert state["albums"][moving]["path"] == "Deep/D2/D3/D4/Y" and state["albums"][other]["path"] == "X/C"
 
 
 def test_state_write_errors_are_one_line_exit_1(sample, run):
