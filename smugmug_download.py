@@ -95,7 +95,7 @@ CONFIG_OPTIONAL = {
     "workers": (int, 4),
     "max_preparing": (int, 256),
     "archive_timeout_hours": ((int, float), 6),
-    "poll_seconds": ((int, float), 2.0),
+    "poll_seconds": ((int, float), 1.0),
     "poll_max_seconds": ((int, float), 30.0),
 }
 SECRET_KEYS = ("app_key_secret", "access_key", "access_key_secret")
@@ -252,7 +252,7 @@ class Config:
     workers: int = 4
     max_preparing: int = 256
     archive_timeout_hours: float = 6
-    poll_seconds: float = 2.0
+    poll_seconds: float = 1.0
     poll_max_seconds: float = 30.0
 
     def secrets(self):
@@ -1474,7 +1474,7 @@ def body_chunks(resp):
         return
     while True:
         try:
-            chunk = raw.read1(CHUNK_SIZE)
+            chunk = raw.read1(CHUNK_SIZE, decode_content=False)   # we ask for identity
         except (urllib3.exceptions.HTTPError, requests.RequestException) as exc:
             raise DownloadError("connection broken: %s" % short_network_error(exc)) from exc
         if not chunk:
@@ -2240,8 +2240,8 @@ class PollPacer:
     Before anything is known, a few scout albums are looked at early and often
     (after `first` seconds, then after half the time waited so far); the
     others wait for the first scout's archive to be ready (at most `maximum`
-    seconds). From then on an album's first look comes when the typical
-    archive was ready (the median of the last ones), and each later look after
+    seconds). From then on no album is looked at before the typical archive
+    was ready (the median of the last ones), and each later look comes after
     half the time waited so far, between first/2 and maximum seconds. A long
     preparation costs few calls, and a ready archive sits unseen for about a
     third of its own preparation time at most.
@@ -2273,8 +2273,10 @@ class PollPacer:
         return None
 
     def next_delay(self, waited):
-        """Seconds to the next look at an archive not ready after waited seconds."""
-        return min(self.maximum, max(self.first / 2.0, 0.5 * waited))
+        """Seconds to the next look at an archive not ready after waited seconds: half that, but
+        not before the typical preparation time (it may have grown since the last look)."""
+        typical = self.typical() or 0.0
+        return max(min(self.maximum, max(self.first / 2.0, 0.5 * waited)), typical - waited)
 
 
 def partial_key(album, name):
@@ -2357,10 +2359,9 @@ class Orchestrator:
         while self.waiting and self.in_window < self.window.limit:
             self.request(self.waiting.popleft())
         now = time.monotonic()
-        while self.polls and self.polls[0][0] <= now:
-            _due, _seq, run, token = heapq.heappop(self.polls)
-            if run.state == "preparing" and token == run.look_token:
-                self.submit("poll", "poll", (run, run.generation), poll_archive, self.client, run.album, run.ticket)
+        while self.looks_planned() and self.polls[0][0] <= now:
+            run = heapq.heappop(self.polls)[2]
+            self.submit("poll", "poll", (run, run.generation), poll_archive, self.client, run.album, run.ticket)
         self.start_downloads()
 
     def start_downloads(self):
@@ -2409,8 +2410,15 @@ class Orchestrator:
         (t0, b0), (t1, b1) = self.rate_samples[0], self.rate_samples[-1]
         return (b1 - b0) / (t1 - t0) if t1 - t0 >= 1.0 and b1 > b0 else None
 
+    def looks_planned(self):
+        """Is a look at some archive planned? (Plans replaced by later ones are dropped here.)"""
+        while self.polls and (self.polls[0][2].state != "preparing" or self.polls[0][3] != self.polls[0][2].look_token):
+            heapq.heappop(self.polls)
+        return bool(self.polls)
+
     def next_timeout(self):
         timeout = STATUS_INTERVAL if self.status.enabled else 0.25
+        self.looks_planned()
         for heap in (self.polls, self.delayed):
             if heap:
                 timeout = min(timeout, max(0.0, heap[0][0] - time.monotonic()))
@@ -2430,7 +2438,7 @@ class Orchestrator:
 
     def run(self, root):
         self.start(root)
-        while self.futures or (not self.halt and (self.polls or self.waiting or self.delayed or self.queue)):
+        while self.futures or (not self.halt and (self.looks_planned() or self.waiting or self.delayed or self.queue)):
             self.pump()
             done, _ = concurrent.futures.wait(list(self.futures), timeout=self.next_timeout(),
                                               return_when=concurrent.futures.FIRST_COMPLETED)
@@ -2992,7 +3000,8 @@ class Orchestrator:
     def show_progress(self):
         if self.options.dry_run:
             return
-        self.status.show(self.progress_text())
+        if self.status.enabled:
+            self.status.show(self.progress_text())
         now = time.monotonic()
         if not self.status.enabled and now - self.last_progress_log >= PROGRESS_LOG_INTERVAL:
             self.last_progress_log = now

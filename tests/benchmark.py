@@ -29,14 +29,33 @@ MB = 1_000_000
 os.environ["NO_PROXY"] = os.environ["no_proxy"] = "127.0.0.1,localhost"
 
 
+# The tool is started by a small launcher process, not forked from this one: a child's peak RSS
+# (ru_maxrss) counts the memory of the process it was forked from, and this one holds the emulator.
+LAUNCHER = """
+import json, os, sys, time
+out, argv = sys.argv[1], sys.argv[2:]
+started = time.monotonic()
+pid = os.fork()
+if pid == 0:
+    os.execvp(argv[0], argv)
+_, status, usage = os.wait4(pid, 0)
+with open(out, "w") as f:
+    json.dump([os.waitstatus_to_exitcode(status), time.monotonic() - started,
+               usage.ru_maxrss / 1024.0, usage.ru_utime + usage.ru_stime], f)
+"""
+
+
 def run_measured(argv, **kw):
-    """(exit code, wall seconds, peak RSS MB, CPU seconds) of a child process."""
-    started = time.monotonic()
-    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=kw.pop("stderr", subprocess.DEVNULL), **kw)
-    _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.monotonic() - started
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    return proc.returncode, wall, usage.ru_maxrss / 1024.0, usage.ru_utime + usage.ru_stime
+    """(exit code, wall seconds, peak RSS MB, CPU seconds) of a child process, its own."""
+    fd, report = tempfile.mkstemp(suffix=".json")
+    os.close(fd)
+    try:
+        subprocess.run([sys.executable, "-c", LAUNCHER, report] + list(argv), stdout=subprocess.DEVNULL,
+                       stderr=kw.pop("stderr", subprocess.DEVNULL), check=True, **kw)
+        with open(report) as f:
+            return tuple(json.load(f))
+    finally:
+        os.remove(report)
 
 
 def tool(config_path, *args):

@@ -281,7 +281,7 @@ def test_prep_window_grows_holds_shrinks():
 
 def test_poll_pacer_scouts_then_learns():
     """Before anything is known a few scouts are looked at after poll_seconds and the others
-    wait; once archives were ready, the first look comes at the typical preparation time and
+    wait; once archives were ready, no look comes before the typical preparation time, and
     later looks after half the time waited, within the bounds."""
     pacer = sd.PollPacer(2.0, 30.0)
     firsts = [pacer.first_delay() for _ in range(sd.PACER_SCOUTS + 3)]
@@ -291,9 +291,11 @@ def test_poll_pacer_scouts_then_learns():
     for seconds in (20, 24, 26, 30):
         pacer.observe(seconds)
     assert pacer.first_delay() == 24
-    assert pacer.next_delay(22) == 11
+    assert pacer.next_delay(10) == 14                   # not before the typical 24 s
+    assert pacer.next_delay(30) == 15
     assert pacer.next_delay(1000) == 30.0
-    assert pacer.next_delay(0.5) == 1.0
+    fresh = sd.PollPacer(2.0, 30.0)
+    assert fresh.next_delay(0.5) == 1.0
 
 
 def test_scan_zip_checks_every_crc(tmp_path):
