@@ -148,7 +148,7 @@ PROGRESS_LOG_INTERVAL = 60.0
 WINDOW_START = 16         # albums asked for at once before anything is known
 WINDOW_FLOOR = 2
 WINDOW_STEP = 0.25        # seconds between two sizings of the window
-READY_HORIZON = 60.0      # prepared bytes waiting beyond what a minute of downloading takes: shrink
+READY_HORIZON = 60.0      # no new request while more than a minute of downloading is prepared or coming
 RATE_SPAN = 5.0           # seconds over which the download rate is measured
 PACER_HISTORY = 50        # preparation times remembered to pace the looks at an archive
 PACER_SCOUTS = 8          # albums looked at early while no preparation time is known yet
@@ -2202,14 +2202,13 @@ class DownloadTask:
 
 
 class PrepWindow:
-    """How many albums may be with SmugMug's preparation (requested, preparing,
-    or prepared and not yet downloading) at once: sized as the run goes.
+    """How many albums may be in SmugMug's preparation (requested and not yet
+    Complete) at once: sized as the run goes.
 
     It grows while download workers sit idle and nothing prepared waits for
-    them; it holds while prepared archives wait; it shrinks when the prepared
-    bytes waiting exceed what the download rate takes in READY_HORIZON seconds
-    (archives expire), and halves when SmugMug rate-limits. Never above cap,
-    never below floor.
+    them; it holds while prepared archives wait; it halves when SmugMug
+    rate-limits. Never above cap, never below floor. (What is prepared, or
+    will be, is bounded apart in bytes: see Orchestrator.backlog_full.)
     """
 
     def __init__(self, cap, floor=WINDOW_FLOOR, start=WINDOW_START):
@@ -2221,16 +2220,12 @@ class PrepWindow:
     def limit(self):
         return int(self.size)
 
-    def adjust(self, idle_workers, ready_waiting, ready_bytes, rate, throttled, wanted):
+    def adjust(self, idle_workers, ready_waiting, throttled, wanted):
         """One step; wanted: albums are waiting for a slot (growing only helps then)."""
         if throttled:
             self.size = max(self.floor, self.size / 2)
-        elif rate and ready_bytes > rate * READY_HORIZON:
-            self.size = max(self.floor, self.size * 0.8)
-        elif ready_waiting:
-            pass
-        elif idle_workers and wanted:
-            self.size = min(self.cap, self.size * 1.5 + 1)
+        elif idle_workers and wanted and not ready_waiting:
+            self.size = min(self.cap, self.size * 1.25 + 1)
         return self.limit
 
 
@@ -2334,6 +2329,7 @@ class Orchestrator:
         self._bytes_lock = threading.Lock()
         self.started = time.monotonic()
         self.rate_samples = collections.deque([(self.started, 0)])
+        self.link_rate = 0.0                    # the best download rate seen: what the link takes
         self.last_adjust = 0.0
         self.pressure_seen = 0
         self.last_progress_log = self.started
@@ -2356,7 +2352,7 @@ class Orchestrator:
         now = time.monotonic()
         while self.delayed and self.delayed[0][0] <= now:
             self.waiting.appendleft(heapq.heappop(self.delayed)[2])
-        while self.waiting and self.in_window < self.window.limit:
+        while self.waiting and self.in_window < self.window.limit and not self.backlog_full():
             self.request(self.waiting.popleft())
         now = time.monotonic()
         while self.looks_planned() and self.polls[0][0] <= now:
@@ -2382,12 +2378,23 @@ class Orchestrator:
             if task.part is not None:
                 self.submit("download", "download", task, download_part, self.client, task.part, task.temp,
                             task.resume_ok, self.add_bytes, run.cancel)
-                if run.in_window and not any(t.run is run and t.part for t in self.queue):
-                    self.leave_window(run)                   # its whole archive is downloading now
             else:
                 self.submit("download", "fetch", task, fetch_file, self.client, task.file, task.temp,
                             task.resume_ok, self.add_bytes, run.cancel)
         self.queue.extendleft(reversed(skipped))
+
+    def backlog_full(self):
+        """Would another request let archives pile up? They expire: no new request while what
+        waits for a download worker, plus what the albums in preparation will bring, exceeds
+        READY_HORIZON seconds of the best download rate seen (before any rate is known: while
+        two archives per worker wait)."""
+        parts = [t for t in self.queue if t.part is not None]
+        if not self.link_rate:
+            return len(parts) >= 2 * self.workers
+        albums = self.summary.backed_up
+        album_bytes = self.summary.bytes / albums if albums else 0
+        coming = sum(t.size for t in parts) + self.in_window * album_bytes
+        return coming > self.link_rate * READY_HORIZON
 
     def adjust_window(self):
         now = time.monotonic()
@@ -2397,8 +2404,8 @@ class Orchestrator:
         pressure = self.client.gate.pressure
         throttled, self.pressure_seen = pressure > self.pressure_seen, pressure
         parts = [t for t in self.queue if t.part is not None]
+        self.link_rate = max(self.link_rate, self.recent_rate() or 0)
         self.window.adjust(idle_workers=self.workers - self.busy, ready_waiting=len(parts),
-                           ready_bytes=sum(t.size for t in parts), rate=self.recent_rate(),
                            throttled=throttled, wanted=bool(self.waiting))
 
     def recent_rate(self):
@@ -2408,7 +2415,7 @@ class Orchestrator:
         while len(self.rate_samples) > 2 and now - self.rate_samples[1][0] > RATE_SPAN:
             self.rate_samples.popleft()
         (t0, b0), (t1, b1) = self.rate_samples[0], self.rate_samples[-1]
-        return (b1 - b0) / (t1 - t0) if t1 - t0 >= 1.0 and b1 > b0 else None
+        return (b1 - b0) / (t1 - t0) if t1 - t0 >= 0.5 and b1 > b0 else None
 
     def looks_planned(self):
         """Is a look at some archive planned? (Plans replaced by later ones are dropped here.)"""
@@ -2692,6 +2699,7 @@ class Orchestrator:
     def on_archive(self, run, state, parts):
         now = time.monotonic()
         if state == "complete":
+            self.leave_window(run)                    # prepared: the backlog bound takes over
             first_finding = self.pacer.typical() is None
             self.pacer.observe(now - run.asked_at)
             if first_finding:
@@ -3450,7 +3458,6 @@ def run(config, options, status):
             orchestrator.shutdown(wait=False)
             orchestrator.finish()
             summary, stopped = orchestrator.summary, str(exc)
-            log.error("%s", exc)
         else:
             orchestrator.shutdown(wait=True)
         save_state(state, summary)

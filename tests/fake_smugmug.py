@@ -45,6 +45,7 @@ import json
 import os
 import random
 import shlex
+import socket
 import socketserver
 import struct
 import sys
@@ -523,6 +524,7 @@ class FakeSmugMug:
         self.corrupt_once = set()       # album keys: first download of part 1 of the first archive has
                                         # one byte flipped in its first entry's data
         self.served = {}                # (archive id, part number) -> archive bytes sent
+        self.connections = set()        # client sockets served (vanish() cuts them)
         self.error_archives = set()     # archive ids that end in Error when their preparation ends
         self.never_list = set()         # album keys: a POST is accepted, but no archive is ever listed
         self.gone_parts = set()         # (album key, part number): that part of the album's first
@@ -680,6 +682,18 @@ class FakeSmugMug:
         if self.server:
             self.server.shutdown()
             self.server.server_close()
+
+    def vanish(self):
+        """The server goes away: the port stops listening and every open connection is cut.
+        start() serves again, on a new port."""
+        self.stop()
+        with self.lock:
+            connections, self.connections = list(self.connections), set()
+        for sock in connections:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
 
     def config(self, output_dir, **extra):
         data = {"app_key": self.app_key, "app_key_secret": self.app_secret,
@@ -909,6 +923,11 @@ class _Server(socketserver.ThreadingMixIn, http.server.HTTPServer):
     daemon_threads = True
     allow_reuse_address = True
     request_queue_size = 128
+
+    def process_request(self, request, client_address):
+        with self.fake.lock:
+            self.fake.connections.add(request)
+        super().process_request(request, client_address)
 
     def handle_error(self, request, client_address):
         """Clients hanging up (cut downloads, killed runs) are normal here."""

@@ -192,3 +192,59 @@ def test_never_prompts_without_a_terminal(sample, tmp_path):
     out, err = proc.communicate(timeout=30)
     assert proc.returncode == 0
     assert out == b""
+
+
+def read_pty(proc, master):
+    text = b""
+    while True:
+        try:
+            chunk = os.read(master, 4096)
+        except OSError:
+            break
+        if not chunk:
+            break
+        text += chunk
+    proc.wait(timeout=60)
+    os.close(master)
+    return text.decode(errors="replace")
+
+
+def test_status_line_shows_window_rate_eta_and_resumed_parts(fake, tmp_path):
+    """On a terminal the status line shows the preparation window, bytes done of bytes known, the
+    recent rate, an ETA once it means something, and that a .part was resumed."""
+    import fcntl
+    import struct
+    import termios
+    key = fake.add_album("Large", sizes=(1_500_000,))
+    fake.bandwidth = 400_000
+    out = tmp_path / "out"
+    config = write_config(tmp_path / "config.json", fake.config(out))
+    proc = spawn(config)
+    partial = out / "Large" / ("%s.zip.part" % key)
+    deadline = time.monotonic() + 20
+    while not (partial.exists() and partial.stat().st_size >= 200_000) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    proc.kill()
+    proc.wait()
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 200, 0, 0))
+    proc = spawn(config, stderr=slave)
+    os.close(slave)
+    shown = read_pty(proc, master)
+    assert proc.returncode == 0, shown
+    drawn = [piece.split("\x1b[K")[0] for piece in shown.split("\r") if piece.startswith("albums: ")]
+    assert any("window" in d for d in drawn)
+    assert any(re.search(r"[\d.]+ [KM]B of 1\.5 MB at [\d.]+ [KM]B/s, ETA \d+ s", d) for d in drawn), drawn[-5:]
+    assert any("1 resumed" in d for d in drawn)
+    assert tree(out)["Large/%s.zip" % key] == fake.expected_parts(key)["%s.zip" % key]
+
+
+def test_include_that_matches_nothing_is_a_usage_error(sample, run):
+    """--include 'family/*' when the folder is Family selects nothing: exit 2, one line naming
+    the closest existing path; nothing is written."""
+    code, out, err = run("--include", "family/*")
+    assert code == sd.EXIT_USAGE
+    assert err.count("Error: ") == 1 and "matches no album" in err and "closest: Family" in err
+    assert sample.calls("post") == []
+    code, _, err = run("--dry-run", "--include", "Travel/Trip 99")
+    assert code == sd.EXIT_USAGE and "Travel/Trip 09" in err

@@ -1,8 +1,10 @@
 """A real network, a busy server and bad input: retried, reported, or stopped cleanly."""
 
 import os
+import re
 import resource
 import signal
+import threading
 import time
 
 import pytest
@@ -266,3 +268,28 @@ def test_unreachable_api_is_one_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == sd.EXIT_USAGE
     assert err.startswith("Error: could not reach the account: cannot connect") and err.count("\n") == 1
+
+
+def test_server_gone_mid_run_stops_early_and_says_so(sample, run, monkeypatch):
+    """SmugMug goes away mid-run: once every call has failed for the window the run stops with
+    "SmugMug unreachable since HH:MM:SS", says Stopped with albums done / failed / not attempted,
+    and exits 1 with no traceback; a later run completes the backup."""
+    monkeypatch.setattr(sd, "UNREACHABLE_SECONDS", 1.0)
+    sample.prep_seconds = 5.0
+    vanish = threading.Timer(1.0, sample.vanish)
+    vanish.start()
+    started = time.monotonic()
+    code, _, err = run()
+    vanish.join()
+    assert code == sd.EXIT_ALBUMS_FAILED, err
+    assert time.monotonic() - started < 30
+    assert re.search(r"SmugMug unreachable since \d\d:\d\d:\d\d", err)
+    assert re.search(r"Stopped after .*: 0 albums done, \d+ failed, \d+ not attempted", err), err
+    assert "Traceback" not in err and "urllib3" not in err and "HTTPConnectionPool" not in err
+    sample.start()
+    for archives in sample.archives.values():
+        for archive in archives:
+            archive.prep_seconds = 0.05
+    code, _, err = run()
+    assert code == 0, err
+    assert tree(run.out) == sample_expected(sample)

@@ -265,18 +265,21 @@ def test_path_owners():
     assert owners.owner("Family/Caf\u00e9") is None
 
 
-def test_prep_window_grows_holds_shrinks():
-    """The window grows while downloads idle with nothing prepared, holds while archives wait,
-    shrinks when prepared bytes exceed a minute of the download rate, halves on 429; capped."""
+def test_prep_window_grows_holds_halves():
+    """The window grows while downloads idle with nothing prepared and albums wait for it, holds
+    while prepared archives wait or nobody wants a slot, halves on 429; within floor and cap."""
     w = sd.PrepWindow(cap=100, floor=2, start=8)
-    sizes = [w.adjust(4, 0, 0, None, False, True) for _ in range(30)]
+    sizes = [w.adjust(4, 0, False, True) for _ in range(30)]
     assert sizes[0] > 8 and sizes[-1] == 100 and sizes == sorted(sizes)
-    assert w.adjust(0, 5, 10, 1000, False, True) == 100                    # holds
-    assert w.adjust(0, 5, 10 ** 9, 1000, False, True) == 80                # too much waiting: shrinks
-    assert w.adjust(4, 0, 0, None, True, True) == 40                       # rate limited: halves
-    assert w.adjust(4, 0, 0, None, False, False) == 40                     # nothing to admit: holds
+    assert w.adjust(4, 5, False, True) == 100                              # archives wait: holds
+    assert w.adjust(4, 0, True, True) == 50                                # rate limited: halves
+    assert w.adjust(4, 0, False, False) == 50                              # nothing to admit: holds
+    assert w.adjust(0, 0, False, True) == 50                               # no idle worker: holds
+    for _ in range(10):
+        w.adjust(4, 0, True, True)
+    assert w.limit == 2
     small = sd.PrepWindow(cap=3)
-    assert small.limit <= 3 and all(small.adjust(4, 0, 0, None, False, True) <= 3 for _ in range(5))
+    assert small.limit <= 3 and all(small.adjust(4, 0, False, True) <= 3 for _ in range(5))
 
 
 def test_poll_pacer_scouts_then_learns():
