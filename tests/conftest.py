@@ -117,6 +117,32 @@ def spawn(config_path, *args, **kw):
                             stdin=kw.pop("stdin", subprocess.DEVNULL), env=env, **kw)
 
 
+def read_pty(proc, master, timeout=60):
+    """Everything a subprocess wrote to the terminal whose master side is master, until it ends."""
+    text = b""
+    while True:
+        try:
+            chunk = os.read(master, 4096)
+        except OSError:
+            break
+        if not chunk:
+            break
+        text += chunk
+    proc.wait(timeout=timeout)
+    os.close(master)
+    return text.decode(errors="replace")
+
+
+def file_size_limit(limit):
+    """A preexec_fn for spawn: writes past limit bytes fail with EFBIG (a stand-in for a full disk)."""
+    def apply():
+        import resource
+        import signal
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    return apply
+
+
 def manifest(folder):
     """The metadata.json of an album folder, parsed."""
     with open(os.path.join(folder, smugmug_download.MANIFEST_NAME), encoding="utf-8") as f:

@@ -12,7 +12,7 @@ import time
 import urllib.request
 
 import smugmug_download as sd
-from conftest import SCRIPT, sample_expected, spawn, tree, write_config
+from conftest import SCRIPT, read_pty, sample_expected, spawn, tree, write_config
 
 
 def read_until(stream, pattern, timeout=15):
@@ -151,18 +151,7 @@ def test_status_line_on_a_terminal_only(sample, tmp_path):
     master, slave = pty.openpty()
     proc = spawn(config, stderr=slave)
     os.close(slave)
-    text = b""
-    while True:
-        try:
-            chunk = os.read(master, 4096)
-        except OSError:
-            break
-        if not chunk:
-            break
-        text += chunk
-    proc.wait(timeout=30)
-    os.close(master)
-    shown = text.decode(errors="replace")
+    shown = read_pty(proc, master)
     assert proc.returncode == 0
     assert "\rablums" not in shown and "\ralbums: " in shown
     assert "waiting for" in shown and "archives to be prepared" in shown
@@ -192,21 +181,6 @@ def test_never_prompts_without_a_terminal(sample, tmp_path):
     out, err = proc.communicate(timeout=30)
     assert proc.returncode == 0
     assert out == b""
-
-
-def read_pty(proc, master):
-    text = b""
-    while True:
-        try:
-            chunk = os.read(master, 4096)
-        except OSError:
-            break
-        if not chunk:
-            break
-        text += chunk
-    proc.wait(timeout=60)
-    os.close(master)
-    return text.decode(errors="replace")
 
 
 def test_status_line_shows_window_rate_eta_and_resumed_parts(fake, tmp_path):

@@ -17,7 +17,7 @@ import pytest
 import requests
 
 import smugmug_download as sd
-from conftest import SCRIPT, sample_expected, spawn, tree, write_config
+from conftest import SCRIPT, read_pty, sample_expected, spawn, tree, write_config
 
 
 # Set-up mistakes ############################################################
@@ -265,18 +265,8 @@ def test_status_line_fits_a_narrow_terminal(sample, tmp_path):
     fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 40, 0, 0))
     proc = spawn(config, stderr=slave)
     os.close(slave)
-    text = b""
-    while True:
-        try:
-            chunk = os.read(master, 4096)
-        except OSError:
-            break
-        if not chunk:
-            break
-        text += chunk
-    assert proc.wait(timeout=30) == 0
-    os.close(master)
-    shown = text.decode(errors="replace")
+    shown = read_pty(proc, master)
+    assert proc.returncode == 0
     drawn = [piece.split("\x1b[K")[0] for piece in shown.split("\r")[1:]]
     drawn = [d for d in drawn if d.startswith("albums: ")]
     assert drawn and max(len(d) for d in drawn) <= 39, max(drawn, key=len)

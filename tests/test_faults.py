@@ -2,7 +2,6 @@
 
 import os
 import re
-import resource
 import signal
 import threading
 import time
@@ -10,7 +9,7 @@ import time
 import pytest
 
 import smugmug_download as sd
-from conftest import sample_expected, spawn, tree, wait_for, write_config
+from conftest import file_size_limit, sample_expected, spawn, tree, wait_for, write_config
 
 
 def test_every_fault_at_once_still_gives_identical_tree(sample, run):
@@ -141,11 +140,7 @@ def test_write_error_stops_new_work(fake, tmp_path):
     out = tmp_path / "backup"
     config = write_config(tmp_path / "config.json", fake.config(out, workers=1))
 
-    def limit():
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-        resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))
-
-    proc = spawn(config, preexec_fn=limit)
+    proc = spawn(config, preexec_fn=file_size_limit(100_000))
     _, err = proc.communicate(timeout=60)
     err = err.decode()
     assert proc.returncode == sd.EXIT_ALBUMS_FAILED, err

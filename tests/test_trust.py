@@ -4,13 +4,11 @@ review found, reproduced end to end against the emulator."""
 import datetime
 import json
 import os
-import resource
-import signal
 import threading
 import time
 
 import smugmug_download as sd
-from conftest import expected_tree, sample_expected, spawn, tree, write_config
+from conftest import expected_tree, file_size_limit, sample_expected, spawn, tree, write_config
 
 
 def album_files(fake, key, rel):
@@ -319,11 +317,7 @@ def test_a_write_error_stops_the_walk_too(fake, tmp_path):
     out = tmp_path / "backup"
     config = write_config(tmp_path / "config.json", fake.config(out, workers=1))
 
-    def limit():
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-        resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))
-
-    proc = spawn(config, preexec_fn=limit)
+    proc = spawn(config, preexec_fn=file_size_limit(100_000))
     _, err = proc.communicate(timeout=60)
     err = err.decode()
     assert proc.returncode == sd.EXIT_ALBUMS_FAILED, err
