@@ -1848,14 +1848,17 @@ class BackupState:
                 return self
             for key, raw in data["albums"].items():
                 self._apply({"album": raw, "key": key})
-            for path, raw in (data.get("partials") or {}).items():
+            partials, requested = data.get("partials") or {}, data.get("requested") or []
+            if not isinstance(partials, dict) or not isinstance(requested, list):
+                raise ValueError("partials or requested of the wrong type")
+            for path, raw in partials.items():
                 self._apply({"partial": [path, raw]})
-            self.requested = {k for k in data.get("requested") or [] if isinstance(k, str)}
+            self.requested = {k for k in requested if isinstance(k, str)}
             set_aside = data.get("set_aside")
             self.set_aside.update(set_aside if isinstance(set_aside, dict) else {})
         except FileNotFoundError:
             pass
-        except (OSError, ValueError, AttributeError) as exc:
+        except (OSError, ValueError, AttributeError, TypeError) as exc:
             log.warning("state file %s is unreadable (%s): checking every album again "
                         "(the file is kept)", self.snapshot_path, exc)
             self._set_aside_file()
@@ -1911,6 +1914,8 @@ class BackupState:
             self.albums.pop(entry["drop"], None)
         if isinstance(entry.get("partial"), list) and len(entry["partial"]) == 2:
             path, raw = entry["partial"]
+            if not isinstance(path, str):
+                return
             if raw is None:
                 self.partials.pop(path, None)
             else:
@@ -1920,7 +1925,8 @@ class BackupState:
                     log.warning("state entry for %r is damaged: ignored", path)
         if isinstance(entry.get("requested"), list) and len(entry["requested"]) == 2:
             key, on = entry["requested"]
-            (self.requested.add if on else self.requested.discard)(key)
+            if isinstance(key, str):
+                (self.requested.add if on else self.requested.discard)(key)
 
     def record(self, entry):
         """Apply an entry and append it to the journal (flushed and fsynced). OSError: a write error."""
@@ -2330,6 +2336,7 @@ class Orchestrator:
         self.started = time.monotonic()
         self.rate_samples = collections.deque([(self.started, 0)])
         self.link_rate = 0.0                    # the best download rate seen: what the link takes
+        self.prepared = self.prepared_bytes = 0 # archives prepared so far, and their listed sizes
         self.last_adjust = 0.0
         self.pressure_seen = 0
         self.last_progress_log = self.started
@@ -2391,8 +2398,7 @@ class Orchestrator:
         parts = [t for t in self.queue if t.part is not None]
         if not self.link_rate:
             return len(parts) >= 2 * self.workers
-        albums = self.summary.backed_up
-        album_bytes = self.summary.bytes / albums if albums else 0
+        album_bytes = self.prepared_bytes / self.prepared if self.prepared else 0
         coming = sum(t.size for t in parts) + self.in_window * album_bytes
         return coming > self.link_rate * READY_HORIZON
 
@@ -2466,7 +2472,7 @@ class Orchestrator:
         try:
             try:
                 result = future.result()
-            except (AuthError, Interrupted, Unreachable):
+            except (AuthError, Interrupted, Unreachable, OutputClosed):
                 raise
             except LocalWriteError as exc:
                 self.stop_new_work(str(exc))
@@ -2484,7 +2490,7 @@ class Orchestrator:
             where = getattr(exc, "filename", None) or self.out
             self.stop_new_work("%s: %s" % (where, exc.strerror or exc))
             self.fail(run, "could not write: %s" % (exc.strerror or exc))
-        except (AuthError, Interrupted, Unreachable):
+        except (AuthError, Interrupted, Unreachable, OutputClosed):
             raise
         except Exception as exc:           # a bug here: fail the album by name rather than the run
             log.debug("internal error after %s", kind, exc_info=True)
@@ -2534,6 +2540,8 @@ class Orchestrator:
     def on_walk(self, folder, result):
         folders, albums, skipped = result
         for where, why in skipped:
+            if not is_selected(where, self.options.includes, self.options.excludes):
+                continue
             self.dry_counts["skipped"][0] += 1
             if why.startswith("album without"):
                 log.info("failed: %s: %s", where, why)
@@ -2625,13 +2633,16 @@ class Orchestrator:
         record = run.record
         old = os.path.join(self.out, *record.path.split("/"))
         new = os.path.join(self.out, *run.album.path)
+        left = []
         for name in [f.name for f in record.files] + ([MANIFEST_NAME] if record.manifest is not None else []):
             src, dst = os.path.join(old, name), os.path.join(new, name)
             if not os.path.exists(src):
                 continue
             if os.path.exists(dst) or not self.owners.may_write(run.album.rel + "/" + name, record.key):
-                # Left where it is; the album then lacks it at its new place and is fetched again.
-                log.warning("%s: %s/%s is in the way", run.album.rel, run.album.rel, name)
+                # Left where it is (and named): the album lacks it at its new place and fetches it again.
+                log.warning("%s: %s/%s is in the way; %s/%s is left where it is", run.album.rel,
+                            run.album.rel, name, record.path, name)
+                left.append(name)
                 continue
             os.makedirs(new, exist_ok=True)
             os.rename(src, dst)
@@ -2639,7 +2650,7 @@ class Orchestrator:
             os.rmdir(old)                   # only when nothing else is left in it
         except OSError:
             pass
-        moved = replace(record, path=run.album.rel)
+        moved = replace(record, path=run.album.rel, damaged=sorted(set(record.damaged) | set(left)))
         self.owners.release(record)
         self.owners.claim(moved)
         self.state.save_album(moved)
@@ -2797,6 +2808,8 @@ class Orchestrator:
         os.makedirs(self.folder_of(run), exist_ok=True)
         run.parts = {names[p.part]: p for p in parts}
         run.sizes = {}
+        self.prepared += 1
+        self.prepared_bytes += sum(p.size or 0 for p in parts)
         run.outstanding = len(parts)
         for p in parts:
             self.queue_download(run, names[p.part], part=p)
@@ -2892,6 +2905,9 @@ class Orchestrator:
         locations = dict(plan.locations)
         for key, why in run.missing.items():
             locations[key] = {"missing": why}
+        for key, where in list(locations.items()):
+            if "missing" in where:      # the server's words may carry a signed URL
+                locations[key] = dict(where, missing=redact_urls(where["missing"]))
         new_parts = []
         if run.from_disk:
             new_parts = [(f.name, f.size) for f in run.record.parts]
@@ -2967,6 +2983,7 @@ class Orchestrator:
             log.error("stopping new downloads: %s", why)
             self.summary.write_error = why
         self.halt = True
+        self.walk_complete = False          # folders not listed now: nothing can be called gone
         for future, (kind, _payload) in list(self.futures.items()):
             if future.cancel():
                 del self.futures[future]
@@ -3444,6 +3461,7 @@ def run(config, options, status):
             stop.set()
             orchestrator.shutdown(wait=False)
             status.clear()
+            orchestrator.walk_complete = False
             orchestrator.finish()
             save_state(state, orchestrator.summary)
             print_summary(orchestrator.summary, options, interrupted=True)
@@ -3456,6 +3474,7 @@ def run(config, options, status):
         except Unreachable as exc:
             stop.set()
             orchestrator.shutdown(wait=False)
+            orchestrator.walk_complete = False
             orchestrator.finish()
             summary, stopped = orchestrator.summary, str(exc)
         else:
@@ -3574,9 +3593,13 @@ def verify_album(output_dir, record, stop, progress):
                 problems.append((loose, "file %s missing" % loose))
             elif want is not None and have != want:
                 problems.append((loose, "file %s: %d bytes, %d listed" % (loose, have, want)))
-            elif md5 and md5_of(path, stop, progress) != md5.lower():
-                problems.append((loose, "MD5 mismatch for file %s" % loose))
-            elif not md5 and progress:
+            elif md5:
+                try:
+                    if md5_of(path, stop, progress) != md5.lower():
+                        problems.append((loose, "MD5 mismatch for file %s" % loose))
+                except OSError as exc:
+                    problems.append((loose, "file %s unreadable (%s)" % (loose, exc.strerror or exc)))
+            elif progress:
                 progress(have)
     return problems
 
@@ -3603,7 +3626,7 @@ def verify(config, options, status):
 
         started = time.monotonic()
         futures = {pool.submit(verify_album, config.output_dir, r, stop, progress): r for r in records}
-        damaged = 0
+        damaged, write_error = 0, ""
         pending = set(futures)
         try:
             while pending:
@@ -3611,14 +3634,25 @@ def verify(config, options, status):
                                                         return_when=concurrent.futures.FIRST_COMPLETED)
                 for future in done:
                     record = futures[future]
-                    problems = future.result()
+                    try:
+                        problems = future.result()
+                    except (Interrupted, KeyboardInterrupt):
+                        raise
+                    except Exception as exc:        # a bug: name the album rather than stop
+                        log.debug("checking %s", record.path, exc_info=True)
+                        problems = [(MANIFEST_NAME, "could not be checked (%s: %s)" % (type(exc).__name__, exc))]
                     if problems:
                         damaged += 1
                         status.clear()
                         options.print_line("damaged   %s: %s" % (record.path, "; ".join(p for _, p in problems)))
                     names = sorted({name for name, _ in problems})
-                    if names != record.damaged:
-                        state.save_album(replace(record, damaged=names))
+                    if names != record.damaged and not write_error:
+                        try:
+                            state.save_album(replace(record, damaged=names))
+                        except OSError as exc:
+                            write_error = "%s: %s" % (getattr(exc, "filename", None) or state.journal_path,
+                                                      exc.strerror or exc)
+                            log.error("could not mark damaged albums in the state: %s", write_error)
                 elapsed = max(time.monotonic() - started, 0.001)
                 status.show("verifying: %s of %s checked at %s/s, %d damaged" % (
                     human_bytes(checked[0]), human_bytes(total), human_bytes(checked[0] / elapsed), damaged))
@@ -3629,8 +3663,9 @@ def verify(config, options, status):
             log.error("interrupted")
             return EXIT_INTERRUPTED
         status.clear()
-        summary = Summary()
-        save_state(state, summary)
+        summary = Summary(write_error=write_error)
+        if not write_error:
+            save_state(state, summary)
         seconds = time.monotonic() - started
         log.info("Verified %d album%s, %s in %s (%s/s): %s.", len(records), "" if len(records) == 1 else "s",
                  human_bytes(checked[0]), human_seconds(seconds), human_bytes(checked[0] / max(seconds, 0.001)),

@@ -1493,11 +1493,11 @@ def main(argv=None):
     print("Fake SmugMug serving the sample account and rich_account (folder Rich Media) at %s. "
           "A matching config:\n%s" % (fake.base, text))
     if args.write_config:
-        print("Config written to %s. In another terminal run:\n    python smugmug_download.py --config %s"
+        print("Config written to %s. In another terminal run:\n    .venv/bin/python smugmug_download.py --config %s"
               % (args.write_config, shlex.quote(args.write_config)))
     else:
         print("Save the config above as a file, e.g. demo-config.json, and in another terminal run:\n"
-              "    python smugmug_download.py --config demo-config.json")
+              "    .venv/bin/python smugmug_download.py --config demo-config.json")
     print("Ctrl-C to stop.", flush=True)
     try:
         while True:

@@ -113,11 +113,18 @@ def test_cron_line_under_an_empty_environment(sample, tmp_path):
     assert "unknown node type 'Widget'" in (tmp_path / "backup.log").read_text()
 
 
-def test_dry_run_into_a_closed_pipe_stops_quietly(sample, tmp_path):
+def test_dry_run_into_a_closed_pipe_stops_quietly(sample, tmp_path, capsys):
     """`--dry-run | head -3`: once the reader has gone the run stops without a traceback or
-    any message, with exit 141 (128 + SIGPIPE, what git gives)."""
-    sample.api_latency = 0.05          # listings come over time, so lines are still due after head ends
+    any message, with exit 141 (128 + SIGPIPE, what git gives), and lists no more folders."""
+    for i in range(12):                 # a deeper tree: its listing goes on after head has ended
+        sub = sample.add_folder("More %d" % i, sample.add_folder("Deep %d" % i))
+        sample.add_album("Album %d" % i, sub)
     config = write_config(tmp_path / "config.json", sample.config(tmp_path / "out"))
+    assert sd.main(["--config", config, "--dry-run"]) == 0
+    capsys.readouterr()
+    whole_walk = len(sample.log)
+    sample.log.clear()
+    sample.api_latency = 0.05          # listings come over time, so lines are still due after head ends
     proc = spawn(config, "--dry-run")
     lines = [proc.stdout.readline() for _ in range(3)]
     assert all(line.strip() for line in lines)
@@ -125,6 +132,7 @@ def test_dry_run_into_a_closed_pipe_stops_quietly(sample, tmp_path):
     assert proc.wait(timeout=30) == sd.EXIT_BROKEN_PIPE
     err = proc.stderr.read().decode()
     assert "Traceback" not in err and "Error" not in err and "Broken pipe" not in err, err
+    assert len(sample.log) < whole_walk
 
 
 # Network errors #############################################################

@@ -3,8 +3,8 @@ review found, reproduced end to end against the emulator."""
 
 import datetime
 import json
-import os
 import threading
+import os
 import time
 
 import smugmug_download as sd
@@ -324,3 +324,37 @@ def test_a_write_error_stops_the_walk_too(fake, tmp_path):
     assert "Traceback" not in err and "File too large" in err and "Stopped" in err and "not attempted" in err
     listed = [e for e in fake.calls("walk") if e["path"].endswith("!children")]
     assert len(listed) < 31
+
+
+def test_a_stopped_run_calls_no_album_gone(sample, run, monkeypatch):
+    """A run stopped before its walk ended (SmugMug unreachable) says nothing is gone: it did not
+    see the whole account."""
+    assert run()[0] == 0
+    monkeypatch.setattr(sd, "UNREACHABLE_SECONDS", 0.5)
+    sample.api_latency = 0.2
+    threading.Timer(0.5, sample.vanish).start()
+    code, _, err = run()
+    assert code == sd.EXIT_ALBUMS_FAILED, err
+    assert "unreachable since" in err and "gone from SmugMug" not in err
+
+
+def test_state_fields_of_the_wrong_type_are_survived(sample, run):
+    """Defect 6: a state whose 'requested' or 'partials' has the wrong type is set aside with a
+    warning, never a traceback; every album is checked again."""
+    assert run()[0] == 0
+    path = run.out / sd.STATE_DIR / sd.STATE_FILE
+    state = json.loads(path.read_text())
+    state["requested"] = 5
+    path.write_text(json.dumps(state))
+    code, _, err = run()
+    assert code == 0, err
+    assert "Traceback" not in err and "unreadable" in err
+    assert tree(run.out) == sample_expected(sample)
+
+
+def test_an_unselected_album_without_link_is_no_failure(fake, run):
+    """Defect 9: an album node without an Album link that --exclude leaves out fails nothing."""
+    fake.add_album("Fine")
+    fake.add_node("Album", "Broken", fake.root_id)
+    code, _, err = run("--exclude", "Broken")
+    assert code == 0, err

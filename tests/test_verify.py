@@ -99,3 +99,17 @@ def test_verify_needs_an_existing_backup(fake, run):
     """--verify before any backup: one line, exit 2."""
     code, _, err = run("--verify")
     assert code == sd.EXIT_USAGE and err.count("\n") == 1 and "nothing to verify" in err
+
+
+def test_verify_names_an_unreadable_file_without_a_traceback(fake, run):
+    """A loose file that cannot be read (here: a folder in its place) is damage named by --verify,
+    exit 1, never a traceback."""
+    fake.zip_omit_videos = True
+    fake.add_album("V", images=[{"file_name": "a.jpg", "size": 2000},
+                                {"file_name": "c.mov", "size": 4096, "is_video": True}])
+    assert run()[0] == 0
+    os.remove(run.out / "V" / "c.mov")
+    os.makedirs(run.out / "V" / "c.mov")
+    code, out, err = run("--verify")
+    assert code == sd.EXIT_ALBUMS_FAILED
+    assert "Traceback" not in err and "damaged   V: " in out
