@@ -145,7 +145,7 @@ MAX_NAME_BYTES = 200
 STATUS_INTERVAL = 0.1     # the progress line is redrawn at most ten times a second
 PROGRESS_LOG_INTERVAL = 60.0
 # The preparation window (albums requested and not yet downloading), sized as the run goes.
-WINDOW_START = 16         # albums asked for at once before anything is known
+WINDOW_START = 32         # albums asked for at once before anything is known
 WINDOW_FLOOR = 2
 WINDOW_STEP = 0.25        # seconds between two sizings of the window
 READY_HORIZON = 60.0      # no new request while more than a minute of downloading is prepared or coming
@@ -2231,7 +2231,7 @@ class PrepWindow:
         if throttled:
             self.size = max(self.floor, self.size / 2)
         elif idle_workers and wanted and not ready_waiting:
-            self.size = min(self.cap, self.size * 1.25 + 1)
+            self.size = min(self.cap, self.size * 1.5 + 1)
         return self.limit
 
 
