@@ -40,7 +40,6 @@ import signal
 import socket
 import stat
 import sys
-import tempfile
 import threading
 import time
 import unicodedata
@@ -1992,9 +1991,13 @@ def fsync_dir(folder):
 
 
 def write_atomic(path, text, mode=None):
-    """Replace path with text: a temp file in the same folder, fsync, os.replace, fsync the folder."""
+    """Replace path with text: a temp file in the same folder, fsync, os.replace, fsync the folder.
+
+    The temp file's name is fixed (.NAME.tmp), so one left by a killed run is
+    taken over by the next write rather than left behind."""
     folder = os.path.dirname(os.path.abspath(path))
-    fd, temp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
+    temp = os.path.join(folder, "." + os.path.basename(path) + ".tmp")
+    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666 if mode is None else mode)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
