@@ -2181,10 +2181,6 @@ class AlbumRun:
             raise RuntimeError("album %s: %s -> %s is not a move" % (self.album.rel, self.state, state))
         self.state = state
 
-    @property
-    def folder_rel(self):
-        return self.album.rel
-
     def abandon_archive(self):
         """Give up on the current archive: its running downloads stop and are ignored."""
         self.generation += 1
