@@ -129,3 +129,24 @@ def test_emulator_envelopes_carry_the_recorded_keys(sample, recorded_file, path,
     assert (keys_of(real_obj) & important) <= keys_of(our_obj)
     missing = keys_of(real_obj) - keys_of(our_obj)
     assert len(missing) <= len(keys_of(real_obj)) // 3, missing
+
+
+def test_recorded_image_listings_parse():
+    """Real !images answers give each file's key, name, archived size and MD5; a protected
+    album's (no Archived* fields) gives files with nothing to download, never a crash."""
+    first = [sd.listed_file(o) for o in sd.as_list(sd.envelope_payload(load("album_images.json")))]
+    second = [sd.listed_file(o) for o in sd.as_list(sd.envelope_payload(load("album_images_page2.json")))]
+    files = first + second
+    raw = [o for name in ("album_images.json", "album_images_page2.json")
+           for o in sd.as_list(sd.envelope_payload(load(name)))]
+    assert len(files) == len(raw) == 26
+    for listed, obj in zip(files, raw):
+        assert listed.key == obj["ImageKey"] and listed.file_name == obj["FileName"]
+        assert listed.archived_size == obj["ArchivedSize"] and listed.archived_md5 == obj["ArchivedMD5"]
+        assert listed.archived_uri == obj["ArchivedUri"]
+        assert dict(listed.fields)["Caption"] == obj["Caption"] and "ArchivedUri" not in dict(listed.fields)
+    protected = [sd.listed_file(o) for o in
+                 sd.as_list(sd.envelope_payload(load("album_images_HZMsPf_page_1.json")))]
+    assert protected and all(f.archived_uri == "" and f.archived_size is None for f in protected)
+    names = sd.loose_file_names([(f.key, f.file_name) for f in files], [sd.MANIFEST_NAME])
+    assert len(set(n.casefold() for n in names.values())) == len({f.key for f in files})
