@@ -2961,7 +2961,7 @@ class Orchestrator:
             self.summary.backed_up -= 1
             self.summary.failed[album.rel] = "%d file%s missing: %s" % (
                 len(lacking), "" if len(lacking) == 1 else "s", "; ".join(sorted(set(lacking.values()))))
-            log.error("%s: %s", album.rel, self.summary.failed[album.rel])
+            log.info("failed: %s: %s", album.rel, self.summary.failed[album.rel])   # the summary says it
         elif not self.status.enabled or self.options.verbose:
             log.info("backed up %s (%s%s, %d part%s, %d file%s on their own, %s)", album.rel, run.reason,
                      ", file by file" if run.by_file else "", len(new_parts), "" if len(new_parts) == 1 else "s",
