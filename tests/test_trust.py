@@ -358,3 +358,21 @@ def test_an_unselected_album_without_link_is_no_failure(fake, run):
     fake.add_node("Album", "Broken", fake.root_id)
     code, _, err = run("--exclude", "Broken")
     assert code == 0, err
+
+
+def test_a_file_in_the_way_of_a_move_is_fetched_again(fake, run):
+    """Defect 4: when a moved album's file cannot go to the new folder (something is in the
+    way), it is left where it was, named, and the album is fetched again at its new place."""
+    key = fake.add_album("X", sizes=(3000,))
+    assert run()[0] == 0
+    fake.rename(fake.albums[key].node_id, "Y")
+    os.makedirs(run.out / "Y")
+    (run.out / "Y" / ("%s.zip" % key)).write_bytes(b"x" * len(fake.expected_parts(key)["%s.zip" % key]))
+    fetched = len(fake.calls("archive"))
+    code, _, err = run()
+    assert code == 0, err
+    assert "is in the way" in err
+    assert len(fake.calls("archive")) == fetched + 1
+    assert tree(run.out)["Y/%s.zip" % key] == fake.expected_parts(key)["%s.zip" % key]
+    assert (run.out / "X" / ("%s.zip" % key)).exists()
+    assert run()[0] == 0 and len(fake.calls("archive")) == fetched + 1
