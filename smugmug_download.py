@@ -2466,8 +2466,10 @@ class Orchestrator:
         if kind in ("download", "fetch"):
             self.busy -= 1
             payload.run.running[payload.generation] -= 1
-        run = payload.run if kind in ("download", "fetch") else payload[0] if kind in ("request", "poll",
-                                                                                          "check", "details") else None
+        if kind in ("download", "fetch"):
+            run = payload.run
+        else:
+            run = payload[0] if isinstance(payload, tuple) else None     # a walk's payload is its Folder
         try:
             try:
                 result = future.result()

@@ -10,6 +10,7 @@ from wait4), and prints a table with the targets of issues #6, #11 and #13.
 """
 
 import argparse
+import contextlib
 import json
 import os
 import random
@@ -153,7 +154,7 @@ def throttled_early(fake):
     return len([t for t, _ in fake.throttled_log if started is None or t > started + 0.25])
 
 
-def measure_run(rows, name, fake, info, folder, config, target, extra_rows=True):
+def measure_run(rows, name, fake, info, config, target):
     code, walk, _, _ = run_measured(tool(config, "--dry-run"))
     assert code == 0, "dry run failed"
     fake.log.clear()
@@ -178,62 +179,57 @@ def measure_run(rows, name, fake, info, folder, config, target, extra_rows=True)
     return wall, sampler.peak
 
 
-def scenario_account(rows, keep):
+@contextlib.contextmanager
+def account(keep, name, bandwidth, **build):
+    """An emulated account over a capped link with 30 ms per API call, and a config for it:
+    (fake, {key: (preparation, bytes)}, config path); stopped and cleaned up after."""
     fake = fake_smugmug.FakeSmugMug().start()
     fake.api_latency = 0.030
-    fake.bandwidth = 60 * MB
-    fake.throttle_calls = {200}
-    fake.retry_after = 1
-    info = build_account(fake)
-    folder = tempfile.mkdtemp(prefix="bench-account-")
-    config = write_config(folder, fake)
-    measure_run(rows, "account", fake, info, folder, config, 1.15)
-    fake.log.clear()
-    code, wall2, _, _ = run_measured(tool(config))
-    assert code == 0
-    calls2 = api_calls_by_kind(fake)
-    other = calls2["archive GET"] + calls2["POST"] + calls2["images"] + calls2["other"]
-    rows.append(("rerun", "wall time", "%.2f s" % wall2, ""))
-    rows.append(("rerun", "API calls (walk / other)", "%d / %d" % (calls2["walk"], other),
-                 "no per-album calls: %s" % ok(other == 0)))
-    code, wall3, _, _ = run_measured(tool(config, "--verify"))
-    rows.append(("rerun", "--verify of the account", "%.2f s, exit %d" % (wall3, code), "exit 0: %s" % ok(code == 0)))
-    fake.stop()
-    if not keep:
-        shutil.rmtree(folder, ignore_errors=True)
+    fake.bandwidth = bandwidth
+    info = build_account(fake, **build)
+    folder = tempfile.mkdtemp(prefix="bench-%s-" % name)
+    try:
+        yield fake, info, write_config(folder, fake)
+    finally:
+        fake.stop()
+        if not keep:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def scenario_account(rows, keep):
+    with account(keep, "account", 60 * MB) as (fake, info, config):
+        fake.throttle_calls = {200}
+        fake.retry_after = 1
+        measure_run(rows, "account", fake, info, config, 1.15)
+        fake.log.clear()
+        code, wall2, _, _ = run_measured(tool(config))
+        assert code == 0
+        calls2 = api_calls_by_kind(fake)
+        other = calls2["archive GET"] + calls2["POST"] + calls2["images"] + calls2["other"]
+        rows.append(("rerun", "wall time", "%.2f s" % wall2, ""))
+        rows.append(("rerun", "API calls (walk / other)", "%d / %d" % (calls2["walk"], other),
+                     "no per-album calls: %s" % ok(other == 0)))
+        code, wall3, _, _ = run_measured(tool(config, "--verify"))
+        rows.append(("rerun", "--verify of the account", "%.2f s, exit %d" % (wall3, code),
+                     "exit 0: %s" % ok(code == 0)))
 
 
 def scenario_slow_prep(rows, keep):
     """300 albums, preparation 10-40 s, 5-20 MB each, 60 MB/s, 30 ms latency."""
-    fake = fake_smugmug.FakeSmugMug().start()
-    fake.api_latency = 0.030
-    fake.bandwidth = 60 * MB
-    info = build_account(fake, albums=300, seed=11, size=(5 * MB, 20 * MB), prep=(10.0, 40.0))
-    folder = tempfile.mkdtemp(prefix="bench-slowprep-")
-    config = write_config(folder, fake)
-    measure_run(rows, "slow-prep", fake, info, folder, config, 1.20)
-    fake.stop()
-    if not keep:
-        shutil.rmtree(folder, ignore_errors=True)
+    with account(keep, "slowprep", 60 * MB, albums=300, seed=11, size=(5 * MB, 20 * MB),
+                 prep=(10.0, 40.0)) as (fake, info, config):
+        measure_run(rows, "slow-prep", fake, info, config, 1.20)
 
 
 def scenario_slow_link(rows, keep):
     """The account scenario over a 5 MB/s link: prepared archives must not pile up."""
-    fake = fake_smugmug.FakeSmugMug().start()
-    fake.api_latency = 0.030
-    fake.bandwidth = 5 * MB
-    info = build_account(fake)
-    folder = tempfile.mkdtemp(prefix="bench-slowlink-")
-    config = write_config(folder, fake)
-    wall, peak = measure_run(rows, "slow-link", fake, info, folder, config, 10.0)
-    total = sum(size for _, size in info.values())
-    rows.append(("slow-link", "wall / (bytes / cap)", "%.2f" % (wall / (total / fake.bandwidth)),
-                 "<= 1.10: %s" % ok(wall / (total / fake.bandwidth) <= 1.10)))
-    rows.append(("slow-link", "peak prepared vs 2 min of link", "%.0f MB / %.0f MB" % (
-        peak / MB, 120 * fake.bandwidth / MB), "below: %s" % ok(peak <= 120 * fake.bandwidth)))
-    fake.stop()
-    if not keep:
-        shutil.rmtree(folder, ignore_errors=True)
+    with account(keep, "slowlink", 5 * MB) as (fake, info, config):
+        wall, peak = measure_run(rows, "slow-link", fake, info, config, 10.0)
+        total = sum(size for _, size in info.values())
+        ratio = wall / (total / fake.bandwidth)
+        rows.append(("slow-link", "wall / (bytes / cap)", "%.2f" % ratio, "<= 1.10: %s" % ok(ratio <= 1.10)))
+        rows.append(("slow-link", "peak prepared vs 2 min of link", "%.0f MB / %.0f MB" % (
+            peak / MB, 120 * fake.bandwidth / MB), "below: %s" % ok(peak <= 120 * fake.bandwidth)))
 
 
 def scenario_big(rows, keep, mib):
