@@ -1993,10 +1993,11 @@ def fsync_dir(folder):
 def write_atomic(path, text, mode=None):
     """Replace path with text: a temp file in the same folder, fsync, os.replace, fsync the folder.
 
-    The temp file's name is fixed (.NAME.tmp), so one left by a killed run is
-    taken over by the next write rather than left behind."""
+    The temp file's name is fixed (.NAME.part: like every file not yet complete,
+    it ends in .part), so one left by a killed run is taken over by the next
+    write rather than left behind."""
     folder = os.path.dirname(os.path.abspath(path))
-    temp = os.path.join(folder, "." + os.path.basename(path) + ".tmp")
+    temp = os.path.join(folder, "." + os.path.basename(path) + ".part")
     fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666 if mode is None else mode)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:

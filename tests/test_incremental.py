@@ -142,8 +142,10 @@ def test_sigkill_at_any_moment_then_rerun_is_complete(sample, tmp_path):
         time.sleep(delay)
         proc.kill()
         proc.wait()
-        for path, data in tree(out).items():
-            if not path.endswith(".part"):
+        for path, data in tree(out, manifests=True).items():
+            if path.endswith("/metadata.json"):
+                assert json.loads(data)["album"], path
+            elif not path.endswith(".part"):
                 assert data == expected[path], path
     sample.bandwidth = None
     proc = spawn(config)
