@@ -516,7 +516,8 @@ class FakeSmugMug:
         self.images_max_count = 100     # the server clamps !images count to this
         self.images_default_count = 100
         self.wrong_file_once = set()    # image keys: the first fetch of its file has one byte flipped
-        self.refuse_originals = set()   # image keys: its ArchivedUri answers 403
+        self.refuse_originals = set()   # image keys: its ArchivedUri answers 403, echoing the URL asked for
+        self.file_url_signature = None  # str: ArchivedUris carry it in their query, as signed CDN links do
         self.web_uri_only_when_complete = False   # Download objects carry WebUri only when Complete
         self.omit_size = False          # Download objects without "Size"
         self.staggered_parts = False    # part i of an archive is Complete after prep_seconds * i
@@ -837,7 +838,10 @@ class FakeSmugMug:
                 "UriDescription": "Album by key", "Uris": uris}
 
     def original_url(self, image):
-        return "%s/original/%s/%s" % (self.base, image.key, urllib.parse.quote(image.file_name, safe=""))
+        url = "%s/original/%s/%s" % (self.base, image.key, urllib.parse.quote(image.file_name, safe=""))
+        if self.file_url_signature:
+            url += "?Expires=1900000000&Signature=" + urllib.parse.quote(self.file_url_signature)
+        return url
 
     def transcode_url(self, image):
         stem = image.file_name.rsplit(".", 1)[0] if "." in image.file_name else image.file_name
@@ -1285,7 +1289,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             return self.send_error_json(404, "Not Found")
         if route == "original" and image.key in fake.refuse_originals:
             self.record(method, path, {}, 403, "file")
-            return self.send_error_json(403, "You do not have permission to download this file")
+            return self.send_error_json(403, "You do not have permission to download %s%s"
+                                        % (fake.base, self.path))
         content = image.content() if route == "original" else image.transcode()
         flip = None
         if image.key in fake.wrong_file_once and content.size:

@@ -141,15 +141,20 @@ def test_refused_and_unoffered_files_fail_the_album_by_name(fake, run):
                                             {"file_name": "v2.mov", "size": 3000, "is_video": True}])
     v1, v2 = fake.albums[key].images[1:]
     fake.refuse_originals = {v1.key}
+    fake.file_url_signature = "cdn-signature-7f3a"      # the refusal echoes the signed URL
     fake.albums[key].images[2].archived = False
     fake.no_largest_video = {v2.key}
-    code, _, err = run()
+    code, out, err = run("--verbose")
     assert code == sd.EXIT_ALBUMS_FAILED
     assert "Guarded: 2 files missing" in err
     got = tree(run.out)
     assert got["Guarded/%s.zip" % key] == fake.expected_parts(key)["%s.zip" % key]
     doc = manifest(run.out / "Guarded")
     assert "refused" in doc["files"][1]["missing"] and doc["files"][2]["missing"]
+    assert "/original/%s/v1.mov?..." % v1.key in doc["files"][1]["missing"]
+    state = (run.out / sd.STATE_DIR / sd.STATE_FILE).read_text()
+    texts = [out, err, (run.out / "Guarded" / sd.MANIFEST_NAME).read_text(), state]
+    assert not [t for t in texts if "cdn-signature-7f3a" in t]
     fake.refuse_originals = set()
     calls = len(fake.log)
     code, _, err = run()
