@@ -151,6 +151,7 @@ READY_HORIZON = 60.0      # no new request while more than a minute of downloadi
 RATE_SPAN = 5.0           # seconds over which the download rate is measured
 PACER_HISTORY = 50        # preparation times remembered to pace the looks at an archive
 PACER_SCOUTS = 8          # albums looked at early while no preparation time is known yet
+LOOK_HOLD = 10.0          # no look at an archive while the download queue holds this many seconds of work
 
 
 # Errors #####################################################################
@@ -2362,7 +2363,7 @@ class Orchestrator:
         while self.waiting and self.in_window < self.window.limit and not self.backlog_full():
             self.request(self.waiting.popleft())
         now = time.monotonic()
-        while self.looks_planned() and self.polls[0][0] <= now:
+        while self.looks_planned() and self.polls[0][0] <= now and not self.downloads_stocked():
             run = heapq.heappop(self.polls)[2]
             self.submit("poll", "poll", (run, run.generation), poll_archive, self.client, run.album, run.ticket)
         self.start_downloads()
@@ -2402,6 +2403,13 @@ class Orchestrator:
         coming = sum(t.size for t in parts) + self.in_window * album_bytes
         return coming > self.link_rate * READY_HORIZON
 
+    def downloads_stocked(self):
+        """Does the download queue hold LOOK_HOLD seconds of work? Then finding more ready
+        archives can wait: the looks that come due meanwhile are made, oldest first, once it
+        runs low. (Each look is an API call; a ready archive found early gains nothing while
+        the link is busy.)"""
+        return bool(self.link_rate) and sum(t.size for t in self.queue) > self.link_rate * LOOK_HOLD
+
     def adjust_window(self):
         now = time.monotonic()
         if now - self.last_adjust < WINDOW_STEP:
@@ -2432,7 +2440,7 @@ class Orchestrator:
     def next_timeout(self):
         timeout = STATUS_INTERVAL if self.status.enabled else 0.25
         self.looks_planned()
-        for heap in (self.polls, self.delayed):
+        for heap in (self.delayed,) if self.downloads_stocked() else (self.polls, self.delayed):
             if heap:
                 timeout = min(timeout, max(0.0, heap[0][0] - time.monotonic()))
         return timeout
