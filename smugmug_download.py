@@ -363,7 +363,7 @@ class Summary:
 
 # Pure helpers ###############################################################
 
-_FORBIDDEN_CHARS = re.compile(r'[/\\:*?"<>|\x00-\x1f\x7f]')
+_FORBIDDEN_CHARS = re.compile(r'[/\\:*?"<>|\x00-\x1f\x7f-\x9f]')   # C0, DEL and C1 controls
 _DEVICE_NAME = re.compile(r"^(con|prn|aux|nul|com[1-9]|lpt[1-9])(\.|$)", re.IGNORECASE)
 
 
@@ -418,6 +418,16 @@ def with_suffix(name, suffix, max_bytes=MAX_NAME_BYTES, keep_extension=False):
     return truncate_utf8(stem, max(room, 1)).rstrip() + suffix + ext
 
 
+def unique_name(name, suffix, taken, keep_extension=False):
+    """name + suffix (before the extension for files); if that is taken too (ignoring case),
+    name + suffix + " 2", " 3"... taken: casefolded names."""
+    candidate, n = with_suffix(name, suffix, keep_extension=keep_extension), 1
+    while candidate.casefold() in taken:
+        n += 1
+        candidate = with_suffix(name, "%s %d" % (suffix, n), keep_extension=keep_extension)
+    return candidate
+
+
 def assign_names(entries, reserved=()):
     """Cleaned, unique names for siblings: {key: name}.
 
@@ -430,26 +440,32 @@ def assign_names(entries, reserved=()):
     for key, display, order in entries:
         cleaned = clean_name(display)
         groups[cleaned.casefold()].append((order, key, cleaned))
-    names = {}
+    names, suffixed = {}, []
     for folded, members in groups.items():
         members.sort()
         for index, (_order, key, cleaned) in enumerate(members):
             if index == 0 and folded not in reserved:
                 names[key] = cleaned
             else:
-                names[key] = with_suffix(cleaned, " (%s)" % clean_name(key))
+                suffixed.append((key, cleaned))
+    taken = {name.casefold() for name in names.values()} | set(reserved)
+    for key, cleaned in suffixed:       # a suffixed name never takes a sibling's own name
+        name = unique_name(cleaned, " (%s)" % clean_name(key), taken)
+        taken.add(name.casefold())
+        names[key] = name
     return names
 
 
 def part_file_names(parts):
-    """{part number: local file name} for an archive's parts, cleaned and unique."""
-    names, seen = {}, set()
+    """{part number: local file name} for an archive's parts, cleaned and unique, never the
+    manifest's name."""
+    names, seen = {}, {MANIFEST_NAME.casefold()}
     for p in sorted(parts, key=lambda p: p.part):
         name = clean_name(p.file_name or "archive-%d.zip" % p.part, keep_extension=True)
         if name.lower().endswith(".part"):
             name += "_"   # never confusable with our own temporary files
         if name.casefold() in seen:
-            name = with_suffix(name, " (part %d)" % p.part, keep_extension=True)
+            name = unique_name(name, " (part %d)" % p.part, seen, keep_extension=True)
         seen.add(name.casefold())
         names[p.part] = name
     return names
@@ -469,7 +485,7 @@ def loose_file_names(files, taken):
         if name.lower().endswith(".part"):
             name += "_"
         if name.casefold() in seen:
-            name = with_suffix(name, " (%s)" % clean_name(key), keep_extension=True)
+            name = unique_name(name, " (%s)" % clean_name(key), seen, keep_extension=True)
         seen.add(name.casefold())
         names[key] = name
     return names

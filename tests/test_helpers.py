@@ -14,6 +14,7 @@ import smugmug_download as sd
     ("Family", "Family"),
     ("a/b\\c:d*e?f\"g<h>i|j", "a_b_c_d_e_f_g_h_i_j"),
     ("tab\there\x00nul\x1fend\x7f", "tab_here_nul_end_"),
+    ("c1\x85next\x9fline", "c1_next_line"),
     ("  spaced out  ", "spaced out"),
     ("trailing dots...", "trailing dots"),
     ("dots and spaces . . ", "dots and spaces"),
@@ -67,6 +68,13 @@ def test_assign_names_case_collisions_get_node_id():
     assert len({n.casefold() for n in names.values()}) == 4
 
 
+def test_a_suffixed_name_never_takes_a_siblings_own_name():
+    """"trip" suffixed with its node id would be "trip (n3)", the name of an older sibling:
+    it gets a number too, so no two siblings share a folder."""
+    names = sd.assign_names([("A1", "Trip", 1), ("n3", "trip", 2), ("A5", "trip (n3)", 0)])
+    assert names == {"A1": "Trip", "A5": "trip (n3)", "n3": "trip (n3) 2"}
+
+
 def test_assign_names_reserved_and_long():
     """A top-level name equal to the state folder is suffixed; suffixes stay within 200 bytes."""
     names = sd.assign_names([("a", ".smugmug_download", ("", "a"))], sd.RESERVED_TOP_NAMES)
@@ -85,6 +93,9 @@ def test_part_file_names_unique_and_safe():
     assert names[3] == "archive-3.zip"
     assert names[4] == "evil.part_"
     assert all("/" not in n and "\\" not in n for n in names.values())
+    manifest = sd.part_file_names([sd.ArchivePart(1, "Metadata.JSON", "Complete", "u"),
+                                   sd.ArchivePart(2, "metadata (part 1).json", "Complete", "u")])
+    assert manifest == {1: "Metadata (part 1).JSON", 2: "metadata (part 1) (part 2).json"}
 
 
 def test_parse_retry_after():

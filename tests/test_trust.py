@@ -8,7 +8,7 @@ import os
 import time
 
 import smugmug_download as sd
-from conftest import expected_tree, file_size_limit, sample_expected, spawn, tree, write_config
+from conftest import expected_tree, file_size_limit, manifest, sample_expected, spawn, tree, write_config
 
 
 def album_files(fake, key, rel):
@@ -376,3 +376,16 @@ def test_a_file_in_the_way_of_a_move_is_fetched_again(fake, run):
     assert tree(run.out)["Y/%s.zip" % key] == fake.expected_parts(key)["%s.zip" % key]
     assert (run.out / "X" / ("%s.zip" % key)).exists()
     assert run()[0] == 0 and len(fake.calls("archive")) == fetched + 1
+
+
+def test_a_part_named_like_the_manifest_keeps_both(fake, run):
+    """SmugMug names an archive part metadata.json: the part is saved under another name,
+    the manifest beside it, and --verify finds both intact."""
+    key = fake.add_album("Odd", sizes=(3000,), names=["metadata.json"])
+    code, _, err = run()
+    assert code == 0, err
+    got = tree(run.out)
+    assert got == {"Odd/metadata (part 1).json": fake.expected_parts(key)["metadata.json"]}
+    doc = manifest(run.out / "Odd")
+    assert doc["files"][0]["archive"] == "metadata (part 1).json"
+    assert run("--verify")[0] == 0
