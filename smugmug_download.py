@@ -2057,7 +2057,8 @@ def classify(album, record, output_dir):
     if damaged_parts or not file_sizes_match(folder, record.parts):
         return "changed"
     loose = [f for f in record.files if f.kind == "file"]
-    manifest_ok = record.manifest is not None and file_sizes_match(folder, [SavedFile(MANIFEST_NAME, record.manifest)])
+    manifest_ok = not record.files or (    # an empty album has no manifest to check
+        record.manifest is not None and file_sizes_match(folder, [SavedFile(MANIFEST_NAME, record.manifest)]))
     if not manifest_ok or not record.complete or record.damaged or not file_sizes_match(folder, loose):
         return "recheck"
     return "unchanged"
@@ -2940,16 +2941,20 @@ class Orchestrator:
         elif not run.by_file:
             new_parts = [(name, run.sizes[name]) for name in sorted(run.parts)]
         loose = sorted({where["file"] for where in locations.values() if "file" in where})
-        if not self.claimable(run, [n for n, _ in new_parts] + loose + [MANIFEST_NAME]):
+        empty = not new_parts and not loose and not plan.listing     # an empty folder, no manifest
+        if not self.claimable(run, [n for n, _ in new_parts] + loose + ([] if empty else [MANIFEST_NAME])):
             return
         renamed = [n for n, _ in new_parts if not run.from_disk] + [n for n in loose if n in run.fetched]
         for name in renamed:
             os.replace(os.path.join(folder, name) + ".part", os.path.join(folder, name))
         files = [SavedFile(n, s, "archive") for n, s in new_parts]
         files += [SavedFile(n, os.path.getsize(os.path.join(folder, n)), "file") for n in loose]
-        manifest = manifest_document(album, replace(plan, locations=locations), new_parts)
-        text = json.dumps(manifest, ensure_ascii=False, indent=2) + "\n"
-        write_atomic(os.path.join(folder, MANIFEST_NAME), text)
+        manifest_size = None
+        if not empty:
+            manifest = manifest_document(album, replace(plan, locations=locations), new_parts)
+            text = json.dumps(manifest, ensure_ascii=False, indent=2) + "\n"
+            write_atomic(os.path.join(folder, MANIFEST_NAME), text)
+            manifest_size = len(text.encode("utf-8"))
         missing = {k: w["missing"] for k, w in locations.items() if "missing" in w}
         lacking = {k: w for k, w in missing.items() if w != "still processing on SmugMug"}
         old = run.record
@@ -2959,8 +2964,7 @@ class Orchestrator:
             files += [f for f in obsolete if os.path.exists(os.path.join(folder, f.name))]
             obsolete = []
         record = AlbumRecord(album.album_key, album.node_id, album.rel, album.last_updated,
-                             album.images_last_updated, files, len(text.encode("utf-8")),
-                             complete=not missing)
+                             album.images_last_updated, files, manifest_size, complete=not missing)
         if old is not None:
             self.owners.release(old)
         self.owners.claim(record)
@@ -3562,6 +3566,8 @@ def verify_album(output_dir, record, stop, progress):
     folder = os.path.join(output_dir, *record.path.split("/"))
     problems = []
     manifest = None
+    if not record.files:
+        return problems          # an empty album: an empty folder, nothing to prove
     try:
         with open(os.path.join(folder, MANIFEST_NAME), encoding="utf-8") as f:
             manifest = json.load(f)
