@@ -97,6 +97,7 @@ CONFIG_OPTIONAL = {
     "poll_seconds": ((int, float), 1.0),
     "poll_max_seconds": ((int, float), 30.0),
 }
+CONFIG_MAXIMUM = {"workers": 64, "max_preparing": 1000}     # the same bounds as the flags
 SECRET_KEYS = ("app_key_secret", "access_key", "access_key_secret")
 # Values shipped in config.example.json, and the shapes such placeholders take.
 PLACEHOLDER_RE = re.compile(r"^\s*(<.*>|(paste|your|put)[-_ ].*|x{3,}|change[-_ ]?me)\s*$", re.IGNORECASE)
@@ -750,15 +751,20 @@ def is_selected(rel, includes, excludes):
 
 
 def folder_may_match(rel, includes, excludes):
-    """Can an album under folder rel be selected? (Else the folder is not walked.)"""
+    """Can an album under folder rel be selected? (Else the folder is not walked.)
+
+    Includes are compared ignoring case here, so that an --include that differs
+    from a path only by case still walks it, and the no-match error can name it;
+    albums are selected case-sensitively (is_selected)."""
     if excludes and path_matches(excludes, rel):
         return False
     if not includes:
         return True
-    folder = rel + "/"
+    folder = (rel + "/").casefold()
     for pattern in includes:
-        prefix = glob_literal_prefix(pattern)
-        if folder.startswith(prefix) or prefix.startswith(folder) or path_matches([pattern], rel):
+        prefix = glob_literal_prefix(pattern).casefold()
+        if folder.startswith(prefix) or prefix.startswith(folder) or path_matches([pattern.casefold()],
+                                                                                  rel.casefold()):
             return True
     return False
 
@@ -1835,6 +1841,7 @@ class BackupState:
     def __init__(self, output_dir, read_only=False):
         self.dir = os.path.join(output_dir, STATE_DIR)
         self.read_only = read_only
+        self.unreadable = None
         self.albums = {}
         self.partials = {}
         self.requested = set()
@@ -1849,8 +1856,9 @@ class BackupState:
     def journal_path(self):
         return os.path.join(self.dir, JOURNAL_FILE)
 
-    def load(self):
-        """Read snapshot + journal; an unreadable or future state warns and starts empty."""
+    def load(self, warn=True):
+        """Read snapshot + journal; an unreadable or future state warns (unless not warn) and
+        starts empty (self.unreadable says why)."""
         try:
             with open(self.snapshot_path, encoding="utf-8") as f:
                 data = json.load(f)
@@ -1858,8 +1866,10 @@ class BackupState:
                 raise ValueError("not a state record")
             version = data.get("version")
             if not isinstance(version, int) or version > STATE_VERSION:
-                log.warning("state file %s is from a newer version (%r) of this tool: "
-                            "checking every album again (the file is kept)", self.snapshot_path, version)
+                self.unreadable = "from a newer version (%r) of this tool" % (version,)
+                if warn:
+                    log.warning("state file %s is %s: checking every album again (the file is kept)",
+                                self.snapshot_path, self.unreadable)
                 self._set_aside_file()
                 return self
             for key, raw in data["albums"].items():
@@ -1875,8 +1885,10 @@ class BackupState:
         except FileNotFoundError:
             pass
         except (OSError, ValueError, AttributeError, TypeError) as exc:
-            log.warning("state file %s is unreadable (%s): checking every album again "
-                        "(the file is kept)", self.snapshot_path, exc)
+            self.unreadable = "unreadable (%s)" % exc
+            if warn:
+                log.warning("state file %s is %s: checking every album again (the file is kept)",
+                            self.snapshot_path, self.unreadable)
             self._set_aside_file()
             return self
         self._replay_journal()
@@ -2343,6 +2355,7 @@ class Orchestrator:
         self.owned_at_start = {PathOwners._key(r.path): k for k, r in state.albums.items()}
         self.seen_nodes = set()
         self.seen_paths = set()                 # every folder and album path listed (for --include hints)
+        self.include_hits = set()               # the --include patterns some album matched
         self.walk_complete = True
         self.halt = False                       # a local write error: start nothing new
         self.found_keys = set()
@@ -2584,7 +2597,7 @@ class Orchestrator:
             if not folder_may_match(rel, self.options.includes, self.options.excludes):
                 log.debug("not walking %s (outside --include/--exclude)", rel)
                 continue
-            if not self.options.dry_run:
+            if not self.options.dry_run and is_selected(rel, self.options.includes, self.options.excludes):
                 os.makedirs(os.path.join(self.out, *sub.path), exist_ok=True)
             self.submit("walk", "walk", sub, walk_folder, self.client, sub)
         for album in albums:
@@ -2605,6 +2618,7 @@ class Orchestrator:
         return album
 
     def on_album(self, album):
+        self.include_hits.update(p for p in self.options.includes if path_matches([p], album.rel))
         if not is_selected(album.rel, self.options.includes, self.options.excludes):
             self.dry_counts["skipped"][0] += 1
             self.dry_counts["skipped"][1] += album.image_count or 0
@@ -3129,8 +3143,16 @@ class Options:
             raise OutputClosed("standard output was closed") from exc
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, with a usage error as one line, like every other user error."""
+
+    def error(self, message):
+        sys.stderr.write("Error: %s (see --help)\n" % message)
+        sys.exit(EXIT_USAGE)
+
+
 def build_parser():
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="smugmug_download.py",
         description="Back up a whole SmugMug account to a local disk as album zip archives.",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -3173,10 +3195,10 @@ def check_args(parser, args):
     """Every cross-option check, in one place."""
     if args.quiet and args.verbose:
         parser.error("--quiet and --verbose do not go together")
-    if args.workers is not None and not 1 <= args.workers <= 64:
-        parser.error("--workers must be between 1 and 64")
-    if args.max_preparing is not None and not 1 <= args.max_preparing <= 1000:
-        parser.error("--max-preparing must be between 1 and 1000")
+    if args.workers is not None and not 1 <= args.workers <= CONFIG_MAXIMUM["workers"]:
+        parser.error("--workers must be between 1 and %d" % CONFIG_MAXIMUM["workers"])
+    if args.max_preparing is not None and not 1 <= args.max_preparing <= CONFIG_MAXIMUM["max_preparing"]:
+        parser.error("--max-preparing must be between 1 and %d" % CONFIG_MAXIMUM["max_preparing"])
     if args.authorize and (args.dry_run or args.verify or args.include or args.exclude):
         parser.error("--authorize does not go with --dry-run, --verify, --include or --exclude")
     if args.verify and args.dry_run:
@@ -3227,6 +3249,8 @@ def validate_config(data, path, required=CONFIG_REQUIRED):
                 path, key, "a string" if kind is str else "a number"))
         if kind is not str and value <= 0:
             raise UsageError("config file %s: %s must be greater than 0" % (path, key))
+        if key in CONFIG_MAXIMUM and value > CONFIG_MAXIMUM[key]:
+            raise UsageError("config file %s: %s must be at most %d" % (path, key, CONFIG_MAXIMUM[key]))
         values[key] = value.strip() if isinstance(value, str) else value
     for key in data:
         if key not in CONFIG_REQUIRED and key not in CONFIG_OPTIONAL:
@@ -3510,8 +3534,11 @@ def run(config, options, status):
         else:
             orchestrator.shutdown(wait=True)
         save_state(state, summary)
-        if options.includes and not summary.albums_found and orchestrator.walk_complete:
-            raise UsageError(no_match_message(options.includes, orchestrator.seen_paths))
+        unmatched = [p for p in options.includes if p not in orchestrator.include_hits]
+        no_match = unmatched and orchestrator.walk_complete and no_match_message(
+            unmatched, orchestrator.seen_paths, options.excludes)
+        if no_match and not summary.albums_found:
+            raise UsageError(no_match)
         status.clear()
         if options.dry_run:
             for path in summary.gone:
@@ -3519,6 +3546,8 @@ def run(config, options, status):
             print_dry_run_totals(orchestrator, options)
         else:
             print_summary(summary, options, stopped=stopped)
+        if no_match:                # the other patterns' albums are done: still a usage error
+            raise UsageError(no_match)
         return EXIT_ALBUMS_FAILED if (summary.failed or summary.write_error or stopped) else EXIT_OK
     except NotFound as exc:
         raise UsageError("SmugMug user %r not found: %s" % (config.smugmug_user, exc))
@@ -3532,7 +3561,7 @@ def run(config, options, status):
             lock.release()
 
 
-def no_match_message(includes, paths):
+def no_match_message(includes, paths, excludes=()):
     """--include that selects nothing: a usage error naming the closest existing paths."""
     hints = []
     for pattern in includes:
@@ -3540,8 +3569,9 @@ def no_match_message(includes, paths):
         hints += sorted(p for p in paths if path_matches([folded], p.casefold()) or p.casefold() == prefix)[:3]
         hints += difflib.get_close_matches(pattern.rstrip("/*"), sorted(paths), n=2, cutoff=0.6)
     hints = list(dict.fromkeys(hints))[:4]
-    return "--include %s matches no album%s (names are case-sensitive)" % (
-        " ".join(repr(p) for p in includes), "; closest: " + ", ".join(hints) if hints else "")
+    return "--include %s matches no album%s%s (names are case-sensitive)" % (
+        " ".join(repr(p) for p in includes), " outside --exclude" if excludes else "",
+        "; closest: " + ", ".join(hints) if hints else "")
 
 
 def save_state(state, summary):
@@ -3641,13 +3671,25 @@ def verify(config, options, status):
     if not os.path.isdir(config.output_dir):
         raise UsageError("output_dir %s does not exist: nothing to verify" % config.output_dir)
     lock = RunLock(config.output_dir).acquire()
-    state = BackupState(config.output_dir)
+    state = BackupState(config.output_dir, read_only=True)     # a bad state file is named, not set aside
     stop = threading.Event()
     pool = concurrent.futures.ThreadPoolExecutor(max(1, config.workers), "verify")
     try:
-        state.load()
+        state.load(warn=False)
+        if state.unreadable:
+            options.print_line("damaged   the backup state %s is %s: the next run checks every album again"
+                               % (state.snapshot_path, state.unreadable))
+            return EXIT_ALBUMS_FAILED
+        state.read_only = False
+        if not state.albums:
+            raise UsageError("no backup recorded in %s: nothing to verify" % config.output_dir)
         records = sorted((r for r in state.albums.values()
                           if is_selected(r.path, options.includes, options.excludes)), key=lambda r: r.path)
+        if not records:
+            if options.includes:
+                raise UsageError(no_match_message(options.includes, [r.path for r in state.albums.values()],
+                                                  options.excludes))
+            raise UsageError("--exclude leaves no album to verify")
         total = sum(f.size for r in records for f in r.files)
         checked = [0]
         lock_bytes = threading.Lock()
@@ -3676,7 +3718,8 @@ def verify(config, options, status):
                     if problems:
                         damaged += 1
                         status.clear()
-                        options.print_line("damaged   %s: %s" % (record.path, "; ".join(p for _, p in problems)))
+                        options.print_line("damaged   %s: %s" % (record.path, "; ".join(
+                            p if name in p else "%s: %s" % (name, p) for name, p in problems)))
                     names = sorted({name for name, _ in problems})
                     if names != record.damaged and not write_error:
                         try:

@@ -170,8 +170,11 @@ def test_help_version_and_flag_checks(capsys):
         assert word in proc.stdout
     proc = subprocess.run([sys.executable, SCRIPT, "--version"], capture_output=True, text=True)
     assert proc.stdout.strip() == "smugmug_download.py %s" % sd.__version__
-    proc = subprocess.run([sys.executable, SCRIPT, "--quiet", "--verbose"], capture_output=True, text=True)
-    assert proc.returncode == 2 and "--quiet and --verbose" in proc.stderr
+    for args, words in ((["--quiet", "--verbose"], "--quiet and --verbose"), (["--bogus"], "--bogus"),
+                        (["--workers", "0"], "--workers"), (["--workers", "four"], "'four'")):
+        proc = subprocess.run([sys.executable, SCRIPT] + args, capture_output=True, text=True)
+        assert proc.returncode == 2 and words in proc.stderr
+        assert proc.stderr.startswith("Error: ") and proc.stderr.count("\n") == 1, proc.stderr   # one line
 
 
 def test_never_prompts_without_a_terminal(sample, tmp_path):
@@ -222,3 +225,15 @@ def test_include_that_matches_nothing_is_a_usage_error(sample, run):
     assert sample.calls("post") == []
     code, _, err = run("--dry-run", "--include", "Travel/Trip 99")
     assert code == sd.EXIT_USAGE and "Travel/Trip 09" in err
+    code, _, err = run("--dry-run", "--include", "family/2019/summer/*")       # a case deeper down
+    assert code == sd.EXIT_USAGE and "closest: Family/2019/Summer" in err
+    assert [n for n in os.listdir(run.out) if not n.startswith(".")] == []      # no folder made
+
+
+def test_each_include_must_match_an_album(sample, run):
+    """Of two --include patterns one matches nothing (a typo): the other's albums are backed
+    up, and the run still ends with a usage error naming the pattern, exit 2."""
+    code, out, err = run("--include", "Travel/*", "--include", "Travle/*")
+    assert code == sd.EXIT_USAGE
+    assert "Error: --include 'Travle/*' matches no album" in err and "closest: Travel" in err
+    assert sorted(os.listdir(run.out / "Travel")) == ["Trip %02d" % i for i in range(10)]

@@ -223,6 +223,7 @@ def test_config_file_errors(tmp_path, capsys, content, expected):
     ({"app_key": "PASTE-YOUR-API-KEY-HERE"}, "app_key still holds the placeholder"),
     ({"api_base": "http://api.smugmug.invalid"}, "only https is allowed"),
     ({"workers": "four"}, "workers must be a number"),
+    ({"max_preparing": 5000}, "max_preparing must be at most 1000"),
     ({"output_dir": "/proc/definitely/not/here"}, "cannot create output_dir"),
 ])
 def test_config_value_errors(fake, tmp_path, capsys, change, expected):

@@ -144,6 +144,8 @@ def test_folder_pruning():
     assert not sd.folder_may_match("Family/2020", inc, [])
     assert sd.folder_may_match("Anything", ["*/2019/*"], [])
     assert not sd.folder_may_match("Family", [], ["Family"])
+    assert sd.folder_may_match("Family/2019", ["family/2019/*"], [])      # walked, for the no-match hint
+    assert not sd.is_selected("Family/2019/Christmas", ["family/2019/*"], [])
 
 
 def _album(lu="2020-01-01T00:00:00+00:00"):

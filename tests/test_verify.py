@@ -42,7 +42,8 @@ def test_verify_finds_exactly_the_damage_and_a_run_repairs_it(fake, run):
     assert fake.log[calls:] == []
     damaged = sorted(line.split(":")[0].split(None, 1)[1] for line in out.splitlines() if line.startswith("damaged"))
     assert damaged == ["Family/Big Trip", "Travel/Trip 01", "Travel/Trip 05", "With video"]
-    assert "CRC error" in out and "missing" in out and "manifest missing" in out
+    assert "CRC error" in out and "manifest missing" in out
+    assert "Family/Big Trip: %s-2.zip: part missing" % sample["big"] in out
     assert "4 damaged" in err
     code, _, err = run()
     assert code == 0, err
@@ -99,6 +100,34 @@ def test_verify_needs_an_existing_backup(fake, run):
     """--verify before any backup: one line, exit 2."""
     code, _, err = run("--verify")
     assert code == sd.EXIT_USAGE and err.count("\n") == 1 and "nothing to verify" in err
+
+
+def test_verify_with_nothing_to_check_is_a_usage_error(sample, run):
+    """An output_dir with no backup in it, or a filter that selects no backed-up album: one
+    line, exit 2, never "all intact"."""
+    run.out.mkdir()
+    code, _, err = run("--verify")
+    assert code == sd.EXIT_USAGE and err.count("\n") == 1 and "nothing to verify" in err
+    assert not (run.out / sd.STATE_DIR).exists()
+    assert run()[0] == 0
+    code, _, err = run("--verify", "--include", "family/*")
+    assert code == sd.EXIT_USAGE and err.count("\n") == 1
+    assert "matches no album" in err and "Family/" in err
+    code, _, err = run("--verify", "--exclude", "*")
+    assert code == sd.EXIT_USAGE and "no album to verify" in err
+
+
+def test_verify_names_an_unreadable_state_and_leaves_it(sample, run):
+    """A damaged state file is damage: one line, exit 1, the file left as it is (the next
+    normal run sets it aside and checks every album again)."""
+    assert run()[0] == 0
+    state = run.out / sd.STATE_DIR / sd.STATE_FILE
+    state.write_text('{"version": 2, "albums": ')
+    code, out, err = run("--verify")
+    assert code == sd.EXIT_ALBUMS_FAILED, err
+    assert out.count("\n") == 1 and "damaged" in out and str(state) in out
+    assert state.read_text() == '{"version": 2, "albums": '
+    assert os.listdir(run.out / sd.STATE_DIR) == [sd.STATE_FILE]
 
 
 def test_verify_names_an_unreadable_file_without_a_traceback(fake, run):
