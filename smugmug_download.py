@@ -152,6 +152,7 @@ READY_HORIZON = 60.0      # no new request while more than a minute of downloadi
 RATE_SPAN = 5.0           # seconds over which the download rate is measured
 PACER_HISTORY = 50        # preparation times remembered to pace the looks at an archive
 PACER_SCOUTS = 8          # albums looked at early while no preparation time is known yet
+LOOK_FIRST_PROBES = 16    # new albums that look for an archive SmugMug already has before asking for one
 LOOK_HOLD = 10.0          # no look at an archive while the download queue holds this many seconds of work
 
 
@@ -2356,6 +2357,8 @@ class Orchestrator:
         self.seen_nodes = set()
         self.seen_paths = set()                 # every folder and album path listed (for --include hints)
         self.include_hits = set()               # the --include patterns some album matched
+        self.probes = LOOK_FIRST_PROBES         # new albums left that look first while none has paid
+        self.reused = False                     # an archive SmugMug already had was reused this run
         self.walk_complete = True
         self.halt = False                       # a local write error: start nothing new
         self.found_keys = set()
@@ -2722,9 +2725,19 @@ class Orchestrator:
         run.asked_at = time.monotonic()
         run.first_asked_at = run.first_asked_at or run.asked_at   # the timeout spans re-requests
         run.looks = 0
-        look_first = run.record is not None or run.album.album_key in self.state.requested
+        look_first = run.record is not None or run.album.album_key in self.state.requested or self.probe()
         self.submit("request", "request", (run, run.generation), request_archive, self.client, run.album,
                     run.ticket, look_first)
+
+    def probe(self):
+        """Should a new album look for an archive SmugMug already has (one asked for on the
+        web, or by a run whose state was lost) before asking for one? The first
+        LOOK_FIRST_PROBES do; the others only once such a look has paid. A fresh account
+        pays one call per album less."""
+        if self.reused:
+            return True
+        self.probes -= 1
+        return self.probes >= 0
 
     def on_request(self, payload, result):
         run, generation = payload
@@ -2732,6 +2745,7 @@ class Orchestrator:
         if generation != run.generation or run.state != "requesting":
             return
         run.album, run.ticket = album, ticket
+        self.reused = self.reused or (not ticket.posted and state in ("complete", "preparing"))
         if ticket.posted:
             self.state.set_requested(album.album_key, True)
         if state == "empty":

@@ -110,6 +110,31 @@ def test_existing_fresh_archive_is_reused(sample, run):
     assert tree(run.out) == sample_expected(sample)
 
 
+def test_an_archive_smugmug_has_for_a_new_album_is_reused(sample, run):
+    """SmugMug already has an archive for an album the state does not know (asked for on the
+    web, or by a run whose state was lost): it is downloaded, none is asked for."""
+    key = sample.keys["xmas"]
+    sample.new_archive(key)
+    code, _, err = run()
+    assert code == 0, err
+    assert [e for e in sample.calls("post") if "/%s!" % key in e["path"]] == []
+    assert tree(run.out) == sample_expected(sample)
+
+
+def test_new_albums_stop_looking_first_when_it_never_pays(fake, run):
+    """On a fresh account, the first LOOK_FIRST_PROBES new albums look at the listing before
+    asking for an archive; once none of them found one, the others ask at once."""
+    keys = [fake.add_album("Album %02d" % i, sizes=(500,)) for i in range(sd.LOOK_FIRST_PROBES + 8)]
+    code, _, err = run()
+    assert code == 0, err
+    looked_first = 0
+    for key in keys:
+        calls = [e for e in fake.log if "/%s!download" % key in e["path"]]
+        assert [e["method"] for e in calls].count("POST") == 1
+        looked_first += calls[0]["method"] == "GET"
+    assert looked_first == sd.LOOK_FIRST_PROBES
+
+
 def test_download_refused_album_fails_alone(sample, run):
     """403 on POST: that album is reported as 'downloads not allowed', the rest is backed up, exit 1."""
     key = sample.keys["bbq"]
