@@ -511,13 +511,18 @@ def listed_file(obj):
         return None
     uri = obj.get("ArchivedUri")
     md5 = obj.get("ArchivedMD5")
-    kept = tuple((k, obj[k]) for k in IMAGE_FIELDS if k in obj and k != "ArchivedUri")
+    video = uri_of(obj, "LargestVideo") or ""
+    kept = [(k, obj[k]) for k in IMAGE_FIELDS if k in obj]
+    # URLs without their query: a signed link's query is a credential, never kept
+    kept = [(k, strip_query(v) if k == "ArchivedUri" and isinstance(v, str) else v) for k, v in kept]
+    if video:
+        kept.append(("Uris", {"LargestVideo": strip_query(video)}))
     return ListedFile(key=key, file_name=str(obj.get("FileName") or ""),
                       is_video=obj.get("IsVideo") is True, processing=obj.get("Processing") is True,
                       archived_uri=uri if isinstance(uri, str) else "",
                       archived_size=int_or_none(obj.get("ArchivedSize")),
                       archived_md5=md5.lower() if isinstance(md5, str) else "",
-                      video_uri=uri_of(obj, "LargestVideo") or "", fields=kept)
+                      video_uri=video, fields=tuple(kept))
 
 
 _RENAMED = re.compile(r"-\d+| \(\d+\)")
@@ -1767,6 +1772,8 @@ class AlbumRecord:
         return {"AlbumKey": self.key, "NodeID": self.node_id, "path": self.path,
                 "LastUpdated": self.last_updated, "ImagesLastUpdated": self.images_last_updated,
                 "files": [{"name": f.name, "size": f.size, "kind": f.kind} for f in self.files],
+                # the archive parts, as version 1 wrote them (and scripts may read them)
+                "parts": [{"FileName": f.name, "size": f.size} for f in self.parts],
                 "manifest": self.manifest, "complete": self.complete, "damaged": self.damaged}
 
     def owned_paths(self):

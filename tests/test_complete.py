@@ -32,6 +32,8 @@ def test_rich_account_manifests_and_bytes(fake, run):
         assert [f["ImageKey"] for f in doc["files"]] == [i.key for i in listed]
         for entry, image in zip(doc["files"], listed):
             assert entry["FileName"] == image.file_name
+            assert entry["ArchivedUri"] == fake.original_url(image)
+            assert ("Uris" in entry) == image.is_video
             assert entry.get("Caption", "") == image.caption and entry.get("Title", "") == image.title
             data = located_bytes(folder, entry)
             assert hashlib.md5(data).hexdigest() == hashlib.md5(fake.expected_files(key)[image.key]).hexdigest()
@@ -152,6 +154,7 @@ def test_refused_and_unoffered_files_fail_the_album_by_name(fake, run):
     doc = manifest(run.out / "Guarded")
     assert "refused" in doc["files"][1]["missing"] and doc["files"][2]["missing"]
     assert "/original/%s/v1.mov?..." % v1.key in doc["files"][1]["missing"]
+    assert doc["files"][1]["ArchivedUri"] == fake.original_url(v1).split("?")[0]
     state = (run.out / sd.STATE_DIR / sd.STATE_FILE).read_text()
     texts = [out, err, (run.out / "Guarded" / sd.MANIFEST_NAME).read_text(), state]
     assert not [t for t in texts if "cdn-signature-7f3a" in t]

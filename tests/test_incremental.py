@@ -205,6 +205,8 @@ def test_state_records_albums(sample, run):
     assert record["LastUpdated"] and record["ImagesLastUpdated"]
     assert sorted((p["name"], p["size"]) for p in record["files"] if p["kind"] == "archive") == sorted(
         (n, len(d)) for n, d in sample.expected_parts(sample.keys["big"]).items())
+    assert sorted((p["FileName"], p["size"]) for p in record["parts"]) == sorted(
+        (n, len(d)) for n, d in sample.expected_parts(sample.keys["big"]).items())
     assert record["complete"] is True and record["manifest"] > 0
 
 
