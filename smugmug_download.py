@@ -2630,9 +2630,7 @@ class Orchestrator:
     def on_album(self, album):
         self.include_hits.update(p for p in self.options.includes if path_matches([p], album.rel))
         if not is_selected(album.rel, self.options.includes, self.options.excludes):
-            self.dry_counts["skipped"][0] += 1
-            self.dry_counts["skipped"][1] += album.image_count or 0
-            return
+            return              # outside --include/--exclude: not counted (pruned folders are not even seen)
         self.summary.albums_found += 1
         self.found_keys.add(album.album_key)
         record = self.state.albums.get(album.album_key)
@@ -3506,7 +3504,8 @@ def print_dry_run_totals(orchestrator, options):
              if counts[s][0] or s not in ("recheck",)]
     work = sum(counts[s][1] for s in ("new", "changed", "recheck"))
     options.print_line("total: %s; %d image%s in the albums to back up" % (
-        ", ".join("%d %s" % (counts[s][0], s) + (" (%d images)" % counts[s][1] if counts[s][1] else "")
+        ", ".join("%d %s" % (counts[s][0], s) + (" (%d image%s)" % (counts[s][1], "" if counts[s][1] == 1 else "s")
+                                                  if counts[s][1] else "")
                   for s in shown), work, "" if work == 1 else "s"))
 
 
