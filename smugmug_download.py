@@ -2061,6 +2061,39 @@ def file_sizes_match(folder, files):
     return True
 
 
+def record_from_manifest(output_dir, album):
+    """An album the state does not know (a lost or damaged state) whose folder holds its own
+    metadata.json: a record rebuilt from it, to be checked again (not complete), so that a
+    lost state costs a check of the files on disk, not a new download. None otherwise."""
+    path = os.path.join(output_dir, *album.path, MANIFEST_NAME)
+    try:
+        with open(path, encoding="utf-8") as f:
+            doc = json.load(f)
+        size = os.path.getsize(path)
+    except (OSError, ValueError):
+        return None
+    info = doc.get("album") if isinstance(doc, dict) else None
+    if not isinstance(info, dict) or info.get("AlbumKey") != album.album_key:
+        return None
+    parts = [{"name": p.get("file"), "size": p.get("size")} for p in doc.get("parts") or [] if isinstance(p, dict)]
+    loose = []
+    for item in doc.get("files") or []:
+        name = item.get("file") if isinstance(item, dict) else None
+        if isinstance(name, str) and safe_rel(name) and "/" not in name:
+            try:
+                loose.append({"name": name, "size": os.path.getsize(os.path.join(os.path.dirname(path), name)),
+                              "kind": "file"})
+            except OSError:
+                pass            # gone: the check fetches it again
+    try:
+        return AlbumRecord.from_json(album.album_key, {
+            "NodeID": album.node_id, "path": album.rel, "LastUpdated": info.get("LastUpdated") or "",
+            "ImagesLastUpdated": info.get("ImagesLastUpdated") or "", "files": parts + loose,
+            "manifest": size, "complete": False})
+    except ValueError:
+        return None
+
+
 def classify(album, record, output_dir):
     """What an album needs against its state record (timestamps known):
 
@@ -2634,6 +2667,14 @@ class Orchestrator:
         self.summary.albums_found += 1
         self.found_keys.add(album.album_key)
         record = self.state.albums.get(album.album_key)
+        if record is None:
+            record = record_from_manifest(self.out, album)
+            if record and self.owners.owner(record.path) in (None, record.key):
+                self.owners.claim(record)
+                log.info("%s: not in the state; its metadata.json says what is on disk: checking that",
+                         album.rel)
+            else:
+                record = None
         album = self.place(album, record)
         run = AlbumRun(album, record, "new")
         if record and record.path != album.rel and not self.options.dry_run and not self.halt:

@@ -115,8 +115,8 @@ def test_a_damaged_state_record_is_set_aside(sample, run):
     assert code == 0, err
     assert "Traceback" not in err and "state record of album %s is damaged" % key in err
     assert tree(run.out) == sample_expected(sample)
-    again = [e for e in sample.log[calls:] if e["kind"] not in ("walk", "post", "download-get")]
-    assert {e["kind"] for e in again} == {"archive", "images"} and all(key in e["path"] for e in again)
+    again = [e for e in sample.log[calls:] if e["kind"] != "walk"]     # checked on disk, from its manifest
+    assert [e["kind"] for e in again] == ["images"] and key in again[0]["path"]
     assert json.loads(path.read_text())["albums"][key]["path"] == "Family/2019/Summer/BBQ"
 
 
@@ -390,3 +390,22 @@ def test_a_part_named_like_the_manifest_keeps_both(fake, run):
     doc = manifest(run.out / "Odd")
     assert doc["files"][0]["archive"] == "metadata (part 1).json"
     assert run("--verify")[0] == 0
+
+
+def test_a_lost_state_costs_a_check_not_a_new_download(sample, run):
+    """The state is lost (deleted, or unreadable and set aside): each album whose folder holds
+    its own metadata.json is checked on disk against SmugMug's listing, nothing is downloaded
+    again, the state is rebuilt, and the run after that asks nothing per album."""
+    assert run()[0] == 0
+    before = tree(run.out, manifests=True)
+    (run.out / sd.STATE_DIR / sd.STATE_FILE).write_text("{ not json")
+    calls = len(sample.log)
+    code, _, err = run()
+    assert code == 0, err
+    kinds = {e["kind"] for e in sample.log[calls:]}
+    assert kinds == {"walk", "images"}, kinds          # no archive asked for or downloaded
+    assert tree(run.out) == sample_expected(sample)
+    assert tree(run.out, manifests=True).keys() == before.keys()
+    calls = len(sample.log)
+    assert run()[0] == 0
+    assert {e["kind"] for e in sample.log[calls:]} == {"walk"}
