@@ -2610,8 +2610,19 @@ class Orchestrator:
             return
         if isinstance(exc, Forbidden) and kind == "request":
             self.fail(run, "downloads not allowed: %s" % exc)
+        elif isinstance(exc, NotFound) and kind in ("request", "details"):
+            self.vanished(run)
         else:
             self.fail(run, str(exc))
+
+    def vanished(self, run):
+        """An album deleted on SmugMug since the walk listed it (404): nothing to back up; its
+        files from before are kept, as for any album gone from SmugMug. Not a failure."""
+        run.to("done")
+        self.leave_window(run)
+        run.abandon_archive()
+        log.warning("%s is gone from SmugMug since the walk listed it (404): skipped%s", run.album.rel,
+                    "; its files from before are kept" if run.record else "")
 
     def start_pending(self, run):
         """Once the last download of an abandoned archive has stopped, the new one may start."""

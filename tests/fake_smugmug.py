@@ -503,6 +503,7 @@ class FakeSmugMug:
         self.removed_once = {}          # album key -> "before" (Removed on poll) or "during" (404 on download)
         self.revoke_after = None        # API call number after which the token is refused
         self.not_found_nodes = set()    # node ids whose !children answer 404
+        self.deleted_albums = set()     # album keys still listed by their folder, every album URI 404
         self.require_download_oauth = True
         self.post_empty_body = False    # POST answered with no body at all
         self.relative_web_uri = False   # WebUri given as a path on the API host
@@ -1136,7 +1137,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         if path.startswith("/api/v2/album/"):
             key, _, action = path[len("/api/v2/album/"):].partition("!")
             album = fake.albums.get(key)
-            if album is None:
+            if album is None or key in fake.deleted_albums:
                 return 404, {"Code": 404, "Message": "Not Found"}
             if action == "":
                 return 200, envelope(method, request_uri, path, "Album", "Object", fake.album_json(album))

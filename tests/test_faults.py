@@ -289,3 +289,24 @@ def test_server_gone_mid_run_stops_early_and_says_so(sample, run, monkeypatch):
     code, _, err = run()
     assert code == 0, err
     assert tree(run.out) == sample_expected(sample)
+
+
+def test_an_album_deleted_after_the_walk_is_skipped_with_a_warning(sample, run):
+    """An album SmugMug still listed during the walk answers 404 when its archive is asked
+    for (deleted meanwhile): a warning, the rest is backed up, exit 0; a backup made of it
+    before is kept."""
+    assert run()[0] == 0
+    key = sample.keys["bbq"]
+    before = tree(run.out)
+    sample.touch(key)
+    sample.deleted_albums = {key}
+    code, _, err = run()
+    assert code == 0, err
+    assert "Family/2019/Summer/BBQ is gone from SmugMug since the walk" in err and "kept" in err
+    assert tree(run.out) == before
+    sample.deleted_albums = set()
+    fresh = sample.add_album("Fresh", sizes=(900,))
+    sample.deleted_albums = {fresh}
+    code, _, err = run()
+    assert code == 0 and "Fresh is gone from SmugMug since the walk" in err
+    assert not (run.out / "Fresh").exists() or os.listdir(run.out / "Fresh") == []
