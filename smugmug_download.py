@@ -2710,7 +2710,9 @@ class Orchestrator:
             counts = self.dry_counts[status]
             counts[0] += 1
             counts[1] += album.image_count or 0
-            self.options.print_line("%-9s %s" % (status, album.rel))
+            moved = status != "moved" and run.record and run.record.path != album.rel
+            self.options.print_line("%-9s %s%s" % (status, album.rel,
+                                                   " (moved from %s)" % run.record.path if moved else ""))
             return
         if status == "unchanged":
             self.summary.unchanged += 1

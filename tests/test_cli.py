@@ -120,6 +120,10 @@ def test_dry_run_writes_nothing_and_posts_nothing(sample, run):
     code, out, err = run("--dry-run")
     assert "moved     Travel/Trip One" in out.splitlines()
     assert "gone      Travel/Trip 02" in out.splitlines()
+    sample.rename(sample.albums[sample.keys["travel3"]].node_id, "Trip Three")
+    sample.touch(sample.keys["travel3"])
+    code, out, err = run("--dry-run")
+    assert "changed   Travel/Trip Three (moved from Travel/Trip 03)" in out.splitlines()
     assert tree(run.out) == before
 
 
