@@ -3816,9 +3816,12 @@ def verify(config, options, status):
         if not write_error:
             save_state(state, summary)
         seconds = time.monotonic() - started
-        log.info("Verified %d album%s, %s in %s (%s/s): %s.", len(records), "" if len(records) == 1 else "s",
+        incomplete = sum(1 for r in records if not r.complete)
+        log.info("Verified %d album%s, %s in %s (%s/s): %s%s.", len(records), "" if len(records) == 1 else "s",
                  human_bytes(checked[0]), human_seconds(seconds), human_bytes(checked[0] / max(seconds, 0.001)),
-                 "%d damaged (the next run fetches them again)" % damaged if damaged else "all intact")
+                 "%d damaged (the next run fetches them again)" % damaged if damaged else "all intact",
+                 "; %d album%s files SmugMug did not give (named as missing in the metadata.json)" % (
+                     incomplete, " lacks" if incomplete == 1 else "s lack") if incomplete else "")
         if damaged and options.quiet:
             log.error("smugmug_download --verify: %d damaged album%s", damaged, "" if damaged == 1 else "s")
         return EXIT_ALBUMS_FAILED if damaged or summary.write_error else EXIT_OK

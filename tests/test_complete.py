@@ -164,6 +164,9 @@ def test_refused_and_unoffered_files_fail_the_album_by_name(fake, run):
     assert code == sd.EXIT_ALBUMS_FAILED and "1 file missing" in err
     assert any(e["kind"] == "images" for e in fake.log[calls:])
     assert "missing" not in manifest(run.out / "Guarded")["files"][1]
+    code, out, err = run("--verify")          # intact, and the summary says what SmugMug kept back
+    assert code == 0 and out == ""
+    assert "all intact; 1 album lacks files SmugMug did not give" in err
 
 
 def test_an_album_smugmug_will_not_archive_is_saved_file_by_file(fake, run):
