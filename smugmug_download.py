@@ -3594,11 +3594,16 @@ def run(config, options, status):
             save_state(state, orchestrator.summary)
             print_summary(orchestrator.summary, options, interrupted=True)
             return EXIT_INTERRUPTED
-        except AuthError:
+        except AuthError as exc:           # mid-run: the error, then the summary (the log ends with it)
             stop.set()
             orchestrator.shutdown(wait=False)
+            status.clear()
+            orchestrator.walk_complete = False
+            orchestrator.finish()
             save_state(state, orchestrator.summary)
-            raise
+            log.error("%s", auth_message(exc))
+            print_summary(orchestrator.summary, options, stopped="SmugMug rejected the credentials")
+            return EXIT_USAGE
         except Unreachable as exc:
             stop.set()
             orchestrator.shutdown(wait=False)
@@ -3832,6 +3837,10 @@ def verify(config, options, status):
         lock.release()
 
 
+def auth_message(exc):
+    return "SmugMug rejected the credentials: %s. Run --authorize or check config.json" % exc
+
+
 def raise_interrupt(signum, frame):
     raise KeyboardInterrupt()
 
@@ -3874,7 +3883,7 @@ def main(argv=None):
         return EXIT_USAGE
     except AuthError as exc:
         status.clear()
-        log.error("SmugMug rejected the credentials: %s. Run --authorize or check config.json", exc)
+        log.error("%s", auth_message(exc))
         return EXIT_USAGE
     except Unreachable as exc:
         status.clear()

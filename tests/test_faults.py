@@ -111,14 +111,20 @@ def test_archive_timeout_saves_the_album_file_by_file(fake, run):
     assert sorted(tree(run.out).values()) == sorted(fake.expected_files(key).values())
 
 
-def test_revoked_token_stops_the_run(sample, run):
-    """A 401 mid-run stops everything at once with exit 2 and the server's message."""
+def test_revoked_token_stops_the_run(sample, run, tmp_path):
+    """A 401 mid-run stops everything at once with exit 2 and the server's message, once;
+    the summary says the run stopped, and the log file ends with it."""
     sample.revoke_after = 6
-    code, _, err = run()
+    log_file = tmp_path / "run.log"
+    code, out, err = run("--quiet", "--log-file", str(log_file))
     assert code == sd.EXIT_USAGE
-    last = err.strip().splitlines()[-1]
-    assert last == ("Error: SmugMug rejected the credentials: oauth_problem=token_rejected. "
-                    "Run --authorize or check config.json")
+    lines = err.strip().splitlines()
+    assert lines.count("Error: SmugMug rejected the credentials: oauth_problem=token_rejected. "
+                       "Run --authorize or check config.json") == 1
+    assert "Traceback" not in err
+    logged = log_file.read_text().strip().splitlines()
+    assert "Stopped after" in logged[-2] and "(SmugMug rejected the credentials)" in logged[-2]
+    assert "smugmug_download: stopped: SmugMug rejected the credentials (" in logged[-1]
 
 
 def test_missing_folder_404_warns_and_goes_on(sample, run):
