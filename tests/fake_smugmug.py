@@ -535,7 +535,8 @@ class FakeSmugMug:
         self.omit_next_page = False     # Pages never carries NextPage, though Total says more
                                         # (as the recorded bzimmer !images page: Total 34, Count 30)
         self.api_redirects = {}         # request kind -> 301/302/303/307/308: such API calls are
-                                        # redirected to the same URL under /moved (served alike)
+                                        # redirected to the same URL under /moved (served alike);
+                                        # "user": /api/v2/user/NICK in another case, to its own case
         self.post_answer = None         # (status, body bytes): POST !download answers this (the
                                         # archive is still made), e.g. (202, b"Accepted")
         self.empty_download_status = None   # 204 or 404: GET !download with no archive listed answers it
@@ -1104,6 +1105,11 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self.record(method, path, query, 401, kind)
             return self.send_error_json(401, "oauth_problem=signature_invalid" if not ok else
                                         "oauth_problem=token_rejected")
+        canonical = "/api/v2/user/%s" % fake.nickname
+        if fake.api_redirects.get("user") and path.lower() == canonical.lower() and path != canonical:
+            status = fake.api_redirects["user"]
+            self.record(method, path, query, status, kind)
+            return self.send(status, {"Code": status, "Message": "Moved"}, headers={"Location": canonical})
         if fake.api_redirects.get(kind) and not moved:
             status = fake.api_redirects[kind]
             self.record(method, path, query, status, kind)
