@@ -1,6 +1,9 @@
 """Plausible variants of SmugMug's answers (shared/smugmug-api.md, the UNCERTAIN points and the
 recorded answers): the real script against the emulator over HTTP, byte for byte."""
 
+import json
+import os
+
 import pytest
 
 import smugmug_download as sd
@@ -192,3 +195,56 @@ def test_image_count_as_a_string(fake, run):
     assert code == sd.EXIT_OK, err
     assert [e["path"] for e in fake.calls("post")] == ["/api/v2/album/%s!download" % key]
     assert tree(run.out) == album_files(fake, key, "Full")
+
+
+# Pure helpers ################################################################
+
+def test_following_page_where_next_page_is_missing():
+    """The recorded !images page (Total 34, Start 1, Count 30, no NextPage) leads to start=31 with
+    its count kept; a last page, or one without Pages, leads nowhere; NextPage wins when given."""
+    with open(os.path.join(os.path.dirname(__file__), "data", "album_images_HZMsPf_page_1.json")) as f:
+        body = json.load(f)
+    link = "/api/v2/album/HZMsPf!images?count=100&_filter=FileName"
+    assert sd.following_page(body, link) == "/api/v2/album/HZMsPf!images?count=100&_filter=FileName&start=31"
+    last = {"Response": {"Pages": {"Total": 34, "Start": 31, "Count": 4}}}
+    assert sd.following_page(last, link + "&start=31") is None
+    assert sd.following_page({"Response": {"Pages": {"Total": 3}}}, link) is None
+    given = {"Response": {"Pages": {"Total": 34, "Start": 1, "Count": 30, "NextPage": "/x?start=31"}}}
+    assert sd.following_page(given, link) == "/x?start=31"
+
+
+def _part(n, added, status="Complete", name=None):
+    return sd.ArchivePart(n, name or "A-%s.zip" % n, status, "https://p/%s/%s" % (added, n), added)
+
+
+T1, T2, T3, T9 = ("2030-01-01T00:00:0%d+00:00" % s for s in (1, 2, 3, 9))
+
+
+def test_archive_sets_by_numbering():
+    """Parts with their own DateAdded make one archive; parts numbered from 0 are shifted to 1..n;
+    two archives of one second, listed one after the other, stay two; undated parts (still being
+    built) join the archive whose part 1 is dated."""
+    sets = sd.archive_sets([_part(3, T3), _part(1, T1), _part(2, T2), _part(1, T9)])
+    assert [[(p.part, p.date_added) for p in s] for s in sets] == [[(1, T1), (2, T2), (3, T3)], [(1, T9)]]
+    assert [[p.part for p in s] for s in sd.archive_sets([_part(0, T1), _part(1, T1)])] == [[1, 2]]
+    same_second = [_part(1, T1, name="old-1"), _part(2, T1, name="old-2"), _part(1, T1, name="new-1"),
+                   _part(2, T1, name="new-2")]
+    assert [[p.file_name for p in s] for s in sd.archive_sets(same_second)] == [["old-1", "old-2"],
+                                                                               ["new-1", "new-2"]]
+    building = sd.archive_sets([_part(2, "", "Processing"), _part(1, T1)])
+    assert [[p.part for p in s] for s in building] == [[1, 2]]
+
+
+def test_read_archive_waits_for_the_archive_it_chose():
+    """Parts dated one after another are one complete archive; a part dated only once Complete
+    is waited for (not taken as Removed); the ticket remembers the archive by its part 1."""
+    album = sd.Album("n", "A", "/api/v2/album/A", ("A",))
+    posted = sd.ArchiveTicket(posted=True)
+    state, parts, ticket = sd.read_archive([_part(1, T1), _part(2, T2), _part(3, T3)], album, posted)
+    assert state == "complete" and [p.part for p in parts] == [1, 2, 3] and ticket.added == T1
+    state, _, ticket = sd.read_archive([_part(1, "", "Processing")], album, posted)
+    assert state == "preparing" and ticket.added is None
+    state, _, ticket = sd.read_archive([_part(1, T2)], album, ticket)
+    assert state == "complete" and ticket.added == T2
+    state, parts, _ = sd.read_archive([_part(0, T1), _part(1, T1)], album, posted)
+    assert state == "complete" and len(parts) == 2
