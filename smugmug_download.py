@@ -115,6 +115,7 @@ RESERVED_TOP_NAMES = {STATE_DIR.casefold(), LOCK_FILE.casefold()}
 TIMEOUT = (10, 60)
 PAGE_COUNT = 100          # children asked per page; the server may clamp it
 API_ATTEMPTS = 6          # tries of one API call on 5xx / network errors / bad bodies
+REDIRECT_HOPS = 5         # redirects followed for one request, each hop signed for its own URL
 CONNECT_ATTEMPTS = 2      # quick tries of a refused connect inside one attempt (urllib3 Retry)
 # Once every API call has failed with a network error for this long, the
 # server is taken as gone: calls raise Unreachable instead of retrying on.
@@ -125,6 +126,7 @@ BACKOFF_CAP = 30.0
 RETRY_AFTER_CAP = 600.0   # never believe a Retry-After of more than 10 minutes
 RATE_LOW_WATER = 10       # X-RateLimit-Remaining under this: spread calls until reset
 DOWNLOAD_ATTEMPTS = 5     # tries of one part (resumed with Range where possible)
+NOT_THE_FILE_ATTEMPTS = 2 # answers that are not the file (a login page) before the link counts as refused
 ARCHIVE_ERROR_RETRIES = 3 # new archives after a Status "Error"
 ARCHIVE_REMOVED_RETRIES = 3
 REQUEST_AGAIN_AFTER_POLLS = 8  # looks with nothing listed for our request: it was lost
@@ -133,6 +135,7 @@ REQUEST_AGAIN_DELAY = 1.1 # seconds before asking again: past the whole second o
 PART_CHECK_RETRIES = 2    # downloads again of a part that is not a sound zip, then the album fails
 FILE_ATTEMPTS = 3         # downloads of one loose file that fails its size or MD5 check
 IMAGES_PAGE_COUNT = 1000  # files asked per !images page; the server may clamp it
+MAX_PAGES = 100000        # pages of one list before its paging is taken as endless
 # The fields of !images the completeness check and the manifest use (_filter).
 IMAGE_FIELDS = ("FileName", "ImageKey", "IsVideo", "Processing", "Hidden", "ArchivedUri", "ArchivedSize",
                 "ArchivedMD5", "Title", "Caption", "Keywords", "KeywordArray", "DateTimeOriginal", "Date",
@@ -208,6 +211,10 @@ class DownloadError(BackupError):
 
 class Refused(DownloadError):
     """The server refuses this file (401/403/404/410): retrying will not help."""
+
+
+class NotTheFile(DownloadError):
+    """The server answered with something other than the file (an HTML page, another length)."""
 
 
 class BadArchive(BackupError):
@@ -287,7 +294,7 @@ class Album:
 
 @dataclass(frozen=True)
 class ArchivePart:
-    part: int
+    part: Optional[int]          # 1..n once archive_sets has numbered it; None: listed without a number
     file_name: str               # as the server sent it (cleaned later)
     status: str
     url: str
@@ -615,6 +622,29 @@ def next_page(body):
     return link if isinstance(link, str) and link else None
 
 
+def following_page(body, link):
+    """The link to the page after body (the answer to link), or None on the last page.
+
+    NextPage where given. Without it, where Pages says more exist (Total past
+    Start + Count - 1, as in a real !images answer: Total 34, Count 30, no
+    NextPage), link again from start = Start + Count, its count kept. A Count
+    smaller than asked for never ends a listing on its own.
+    """
+    found = next_page(body)
+    if found:
+        return found
+    response = body.get("Response") if isinstance(body, dict) else None
+    pages = response.get("Pages") if isinstance(response, dict) else None
+    if not isinstance(pages, dict):
+        return None
+    total, start, count = (int_or_none(pages.get(k)) for k in ("Total", "Start", "Count"))
+    if count is None:
+        count = len(as_list(envelope_payload(body)))
+    if total is None or not start or not count or start + count - 1 >= total:
+        return None
+    return set_query(link, start=start + count)
+
+
 def uri_of(obj, name):
     """obj['Uris'][name] as a path: a dict with 'Uri', or a plain string (_verbosity=1)."""
     uris = obj.get("Uris") if isinstance(obj, dict) else None
@@ -637,6 +667,14 @@ def add_query(link, **params):
     query = urllib.parse.parse_qsl(parts.query, keep_blank_values=True)
     present = {k for k, _ in query}
     query += [(k, str(v)) for k, v in params.items() if k not in present]
+    return urllib.parse.urlunsplit(parts._replace(query=urllib.parse.urlencode(query)))
+
+
+def set_query(link, **params):
+    """link with params set, replacing any value it carries."""
+    parts = urllib.parse.urlsplit(link)
+    query = [(k, v) for k, v in urllib.parse.parse_qsl(parts.query, keep_blank_values=True) if k not in params]
+    query += [(k, str(v)) for k, v in params.items()]
     return urllib.parse.urlunsplit(parts._replace(query=urllib.parse.urlencode(query)))
 
 
@@ -952,6 +990,36 @@ def short_network_error(exc):
     return redact_urls(" ".join(text.split()))[:200] or type(exc).__name__
 
 
+def send_following_redirects(client, method, url, headers, api_only=False, **kwargs):
+    """client's request of url, following redirects by hand, REDIRECT_HOPS at most.
+
+    requests would resend the first Authorization header, whose OAuth
+    signature covers the first URL and whose nonce is spent: here each hop is
+    signed afresh for its own URL where it is on the first URL's host or the
+    API's, and sent unsigned elsewhere, or with api_only refused. A 303 makes
+    it a GET; never plain http off this machine. Raises DownloadError.
+    """
+    trusted = {urllib.parse.urlsplit(url).netloc, urllib.parse.urlsplit(client.base).netloc}
+    for _hop in range(REDIRECT_HOPS + 1):
+        auth = None if urllib.parse.urlsplit(url).netloc in trusted else (lambda request: request)
+        resp = client.session().request(method, url, headers=headers, timeout=TIMEOUT,
+                                        allow_redirects=False, auth=auth, **kwargs)
+        location = resp.headers.get("Location")
+        if resp.status_code not in (301, 302, 303, 307, 308) or not location:
+            return resp
+        resp.close()
+        url = urllib.parse.urljoin(url, location)
+        host = urllib.parse.urlsplit(url).hostname
+        if not is_secure_url(url):
+            raise DownloadError("redirected to plain http on %s" % host)
+        if api_only and urllib.parse.urlsplit(url).netloc not in trusted:
+            raise DownloadError("redirected away from the API, to %s" % host)
+        if resp.status_code == 303:
+            method = "GET"
+        kwargs.pop("params", None)          # a Location is a whole URL
+    raise DownloadError("too many redirects")
+
+
 class SmugMugClient:
     """OAuth1-signed access to the API: one requests.Session per thread, one rate gate.
 
@@ -1028,7 +1096,9 @@ class SmugMugClient:
     def call(self, method, uri, params):
         """One API call: the JSON body of a 2xx answer, or an exception.
 
-        Retries 5xx and unreadable bodies API_ATTEMPTS times with backoff; 429
+        Redirects on the API host are followed, each hop signed anew. A 2xx
+        without a JSON body is {} for a POST (accepted) and for a 204; other
+        unreadable bodies and 5xx are retried API_ATTEMPTS times with backoff; 429
         closes the gate for everyone for its Retry-After; 401 raises AuthError.
         Network errors: a refused connection before the server ever answered
         is an ApiError at once (wrong api_base, no network). Later ones are
@@ -1045,9 +1115,10 @@ class SmugMugClient:
                 raise Interrupted("stopping")
             self.gate.wait()
             try:
-                resp = self.session().request(
-                    method, url, params=params or None, timeout=TIMEOUT,
-                    headers={"Accept": "application/json"})
+                resp = send_following_redirects(self, method, url, {"Accept": "application/json"},
+                                                api_only=True, params=params or None)
+            except DownloadError as exc:
+                raise ApiError(str(exc))
             except (requests.ConnectionError, requests.Timeout) as exc:
                 reason = short_network_error(exc)
                 failing_for = self.note_network_error()
@@ -1084,8 +1155,8 @@ class SmugMugClient:
                         body = None
                     if isinstance(body, dict):
                         return body
-                    if method == "POST" and not resp.content.strip():
-                        return {}         # accepted, no body: what it started is seen by looking again
+                    if method == "POST" or status == 204:
+                        return {}         # accepted (what it started is seen by looking again), or no content
                     reason = "unreadable answer (HTTP %d, not JSON)" % status
                 elif status >= 500:
                     reason = "HTTP %d: %s" % (status, error_message(resp))
@@ -1127,28 +1198,47 @@ def find_root(client, config):
     return nickname, Folder(root_id, node_uri + "!children", ())
 
 
-def list_children(client, folder):
-    """Every child node of a folder, all pages, with the expanded Album objects.
+def list_all(client, link, first=None, **extra):
+    """Every object of a paged list, all pages, each once, in order, and the
+    Expansions of every page: (objects, expansions).
 
-    Returns (nodes, expansions); follows NextPage until absent rather than
-    trusting the count we asked for.
+    first: the answer to link when already had (a POST's). Pages are followed
+    as following_page() says, with extra added to each link (a NextPage may
+    leave parameters out). A page that adds nothing new ends the listing (a
+    server that ignores start, or a Total that counts hidden objects), except
+    an empty page the server itself links past.
     """
-    nodes, expansions = [], {}
-    link = add_query(folder.children_uri, count=PAGE_COUNT, _expand="Album")
-    pages = 0
+    objects, expansions, seen, asked = [], {}, set(), set()
+    body, guessed = first, False
     while link:
-        body = client.get(link)
-        nodes.extend(as_list(envelope_payload(body)))
-        found = body.get("Expansions")
+        if len(asked) >= MAX_PAGES:
+            raise ApiError("paging of %s does not end" % path_and_query(link).split("?")[0])
+        asked.add(path_and_query(link))
+        if body is None:
+            body = client.get(link)
+        page = as_list(envelope_payload(body))
+        fresh = [(hash(json.dumps(o, sort_keys=True, default=str)), o) for o in page]
+        fresh = [(h, o) for h, o in fresh if h not in seen]
+        if len(asked) > 1 and not fresh and (page or guessed):
+            break
+        for h, o in fresh:
+            seen.add(h)
+            objects.append(o)
+        found = body.get("Expansions") if isinstance(body, dict) else None
         if isinstance(found, dict):
             expansions.update(found)
-        link = next_page(body)
-        if link:
-            link = add_query(path_and_query(link), _expand="Album")
-        pages += 1
-        if pages > 10000:
-            raise ApiError("paging of %s does not end" % folder.children_uri)
-    return nodes, expansions
+        guessed = next_page(body) is None
+        following = following_page(body, link)
+        link = add_query(path_and_query(following), **extra) if following else None
+        if link and path_and_query(link) in asked:
+            break
+        body = None
+    return objects, expansions
+
+
+def list_children(client, folder):
+    """Every child node of a folder, all pages, with the expanded Album objects: (nodes, expansions)."""
+    return list_all(client, add_query(folder.children_uri, count=PAGE_COUNT, _expand="Album"), _expand="Album")
 
 
 def album_from_node(node, path, expansions):
@@ -1165,12 +1255,11 @@ def album_from_node(node, path, expansions):
 
 def with_details(album, details):
     """album completed with the timestamps and image count of an Album object."""
-    count = details.get("ImageCount")
     return replace(album,
                    album_key=str(details.get("AlbumKey") or album.album_key),
                    last_updated=str(details.get("LastUpdated") or ""),
                    images_last_updated=str(details.get("ImagesLastUpdated") or ""),
-                   image_count=count if isinstance(count, int) and not isinstance(count, bool) else None,
+                   image_count=int_or_none(details.get("ImageCount")),
                    has_details=True,
                    info=tuple((k, details[k]) for k in ALBUM_FIELDS if k in details))
 
@@ -1193,19 +1282,20 @@ def walk_folder(client, folder):
     for node in unique:
         path = folder.path + (names[node["NodeID"]],)
         kind = node.get("Type")
-        if kind == "Folder":
+        kind = kind.strip().casefold() if isinstance(kind, str) else kind      # "album", "FOLDER" alike
+        if kind == "folder":
             children = uri_of(node, "ChildNodes") or "%s/node/%s!children" % (API_ROOT, node["NodeID"])
             folders.append(Folder(node["NodeID"], path_and_query(children), path))
-        elif kind == "Album":
+        elif kind == "album":
             album = album_from_node(node, path, expansions)
             if album is None:
                 skipped.append(("/".join(path), "album without an Album link"))
             else:
                 albums.append(album)
-        elif kind == "Page":
+        elif kind == "page":
             log.debug("skipping page %s (pages hold no files)", "/".join(path))
         else:
-            skipped.append(("/".join(path), "unknown node type %r" % (kind,)))
+            skipped.append(("/".join(path), "unknown node type %r" % (node.get("Type"),)))
     return folders, albums, skipped
 
 
@@ -1216,6 +1306,7 @@ def walk_folder(client, folder):
 # the orchestrator decides what a result means for the album.
 
 MIN_TIME = datetime.datetime.min.replace(tzinfo=datetime.timezone.utc)
+MAX_TIME = datetime.datetime.max.replace(tzinfo=datetime.timezone.utc)
 
 
 @dataclass(frozen=True)
@@ -1259,20 +1350,64 @@ def newest_time(*texts):
     return max(dated, key=parse_time) if dated else None
 
 
+def archive_part(item):
+    """A Download object as an ArchivePart, URL or not (Status decides); part None when unnumbered."""
+    url = item.get("WebUri") or item.get("Url") or item.get("URL")
+    return ArchivePart(
+        part=int_or_none(item.get("Part")),
+        file_name=str(item.get("FileName") or ""),
+        status=str(item.get("Status") or "Unknown").strip().capitalize(),
+        url=url if isinstance(url, str) else "",
+        date_added=str(item.get("DateAdded") or ""),
+        size=int_or_none(item.get("Size")))
+
+
 def archive_parts(body):
-    """The Download objects of a !download answer as ArchiveParts, URL or not (Status decides)."""
-    parts = []
-    for item in as_list(envelope_payload(body)):
-        url = item.get("WebUri") or item.get("Url") or item.get("URL")
-        number = int_or_none(item.get("Part"))
-        parts.append(ArchivePart(
-            part=number or 0,          # 0: unnumbered; numbered by listing order within its archive
-            file_name=str(item.get("FileName") or ""),
-            status=str(item.get("Status") or "Unknown").strip().capitalize(),
-            url=url if isinstance(url, str) else "",
-            date_added=str(item.get("DateAdded") or ""),
-            size=int_or_none(item.get("Size"))))
-    return parts
+    """The Download objects of one !download answer as ArchiveParts."""
+    return [archive_part(item) for item in as_list(envelope_payload(body))]
+
+
+def archive_sets(parts):
+    """The archives a listing holds, oldest first: each a list of its parts, numbered 1..n.
+
+    Each part may carry its own DateAdded (a large archive is built part after
+    part), so an archive is told apart by its numbering: parts are taken by
+    DateAdded (undated last: a part still being built may have none yet),
+    those of one time in listing order or, where their numbers do not repeat,
+    by number; a part numbered no higher than the one before starts the next
+    archive. Unnumbered parts start one at each new DateAdded and are numbered
+    in listing order; numbers from 0 are shifted to start at 1.
+    """
+    blocks = {}
+    for p in parts:
+        blocks.setdefault(p.date_added if parse_time(p.date_added) else "", []).append(p)
+    order = []
+    for added in sorted(blocks, key=lambda t: parse_time(t) or MAX_TIME):
+        block = blocks[added]
+        numbers = [p.part for p in block if p.part is not None]
+        if len(set(numbers)) == len(block):          # one archive's parts: in order of number
+            block = sorted(block, key=lambda p: p.part)
+        order.extend(block)
+    sets = []
+    for p in order:
+        last = sets[-1][-1] if sets else None
+        if last is None or (p.part is None and last.date_added != p.date_added) or (
+                p.part is not None and last.part is not None and p.part <= last.part):
+            sets.append([p])
+        else:
+            sets[-1].append(p)
+    numbered = []
+    for group in sets:
+        shift = 1 if min((p.part for p in group if p.part is not None), default=1) == 0 else 0
+        numbered.append([replace(p, part=p.part + shift if p.part is not None else index)
+                         for index, p in enumerate(group, 1)])
+    return numbered
+
+
+def archive_added(group):
+    """When an archive (from archive_sets) was made: its earliest DateAdded, None while it has none."""
+    first = group[0].date_added if group else ""
+    return first if parse_time(first) else None
 
 
 def album_changed_at(album):
@@ -1285,10 +1420,12 @@ def read_archive(listing, album, ticket):
     """What one !download listing means for the album: (state, parts, ticket).
 
     state: 'complete' (every part downloadable), 'preparing', 'error',
-    'removed', or 'none' (nothing of ours listed yet). Decided by Status first:
-    a URL is needed only to download, so a part in progress without one still
-    counts, and a Complete part without one is an error. The returned ticket
-    remembers the archive chosen.
+    'removed', or 'none' (nothing of ours listed yet). The listing is split
+    into archives (archive_sets); the newest one that has its first part is
+    chosen and remembered on the ticket by when it was made, and from then on
+    only that archive counts. Decided by Status first: a URL is needed only to
+    download, so a part in progress without one still counts, and a Complete
+    part without one is an error.
     """
     mine = [p for p in listing if part_key(p) not in ticket.stale]
     if ticket.posted and ticket.not_before:
@@ -1299,25 +1436,26 @@ def read_archive(listing, album, ticket):
         # Strictly later: times have whole seconds, and an archive from the very
         # second of a change may predate it. Undated archives are never reused.
         mine = [p for p in mine if changed is not None and (parse_time(p.date_added) or MIN_TIME) > changed]
+    sets = archive_sets(mine)
     if ticket.added is None:
-        if not mine:
-            return "none", [], ticket
-        newest = max(mine, key=lambda p: parse_time(p.date_added) or MIN_TIME).date_added
-        ticket = replace(ticket, added=newest)
-    group = [p for p in mine if p.date_added == ticket.added]
-    if not group:
-        return "removed", [], ticket           # the archive we waited for is listed no more
-    ticket = replace(ticket, seen=ticket.seen | {part_key(p) for p in group})
-    by_number = {}
-    for index, p in enumerate(group, 1):
-        by_number[p.part or index] = replace(p, part=p.part or index)
-    parts = [by_number[n] for n in sorted(by_number)]
+        begun = [group for group in sets if group[0].part == 1]
+        if not begun:
+            return ("preparing" if sets else "none"), [], ticket
+        parts = begun[-1]
+        if archive_added(parts):           # undated: not pinned until it has a date
+            ticket = replace(ticket, added=archive_added(parts))
+    else:
+        chosen = [group for group in sets if archive_added(group) == ticket.added]
+        if not chosen:
+            return "removed", [], ticket       # the archive we waited for is listed no more
+        parts = chosen[-1]
+    ticket = replace(ticket, seen=ticket.seen | {part_key(p) for p in parts})
     statuses = {p.status for p in parts}
     if "Error" in statuses:
         return "error", parts, ticket
     if "Removed" in statuses:
         return "removed", parts, ticket
-    if statuses != {"Complete"} or sorted(by_number) != list(range(1, len(parts) + 1)):
+    if statuses != {"Complete"} or [p.part for p in parts] != list(range(1, len(parts) + 1)):
         return "preparing", parts, ticket      # a part still in progress, or not listed yet
     if any(not p.url for p in parts):
         return "error", parts, ticket          # Complete, but nothing to download it from
@@ -1346,21 +1484,33 @@ def request_archive(client, album, ticket, look_first):
     album = fetch_details(client, album)
     if album.image_count == 0:
         return album, "empty", [], ticket
-    uri = album.uri + "!download"
     if not ticket.posted:
-        existing = archive_parts(client.get(uri)) if look_first else []
+        existing = list_archives(client, album) if look_first else []
         state, parts, chosen = read_archive(existing, album, ticket)
-        if state in ("complete", "preparing"):
+        if state in ("complete", "preparing") and chosen.seen:
             others = [p for p in existing if part_key(p) not in chosen.seen]
             return album, state, parts, replace(chosen, stale=chosen.stale | {part_key(p) for p in others})
         ticket = ticket.after_listing(existing)
-    state, parts, ticket = read_archive(archive_parts(client.post(uri)), album, ticket)
+    # Any 2xx is an accepted request (call() gives {} for a body that is not
+    # JSON): the archive is then found by looking, never asked for twice.
+    answer = client.post(album.uri + "!download")
+    state, parts, ticket = read_archive(list_archives(client, album, first=answer), album, ticket)
     return album, state, parts, ticket
+
+
+def list_archives(client, album, first=None):
+    """The album's archives as ArchiveParts: its !download listing, all pages (first: a POST's
+    answer, its further pages listed). A 404 is no archive, as an empty listing is."""
+    try:
+        objects, _ = list_all(client, album.uri + "!download", first=first)
+    except NotFound:
+        return []
+    return [archive_part(item) for item in objects]
 
 
 def poll_archive(client, album, ticket):
     """Stage of the poll pool: one look at the album's archive; never sleeps."""
-    return read_archive(archive_parts(client.get(album.uri + "!download")), album, ticket)
+    return read_archive(list_archives(client, album), album, ticket)
 
 
 def download_part(client, part, temp, resume_ok, progress, cancel):
@@ -1390,13 +1540,15 @@ def fetch_file(client, task, temp, resume_ok, progress, cancel):
 def download_file(client, url, temp, listed_size, resume_ok, progress, cancel):
     """url streamed into temp, resumed with Range when resume_ok (the same file),
     retried on network errors; the byte count checked against the listed size
-    and the answer's own length; flushed to disk. Returns the size."""
+    and the answer's own length; flushed to disk. Returns the size. Raises
+    Refused for a refusal, or for NOT_THE_FILE_ATTEMPTS answers that are not
+    the file (a login page where an expired link leads)."""
     url = urllib.parse.urljoin(client.base + "/", url)    # a relative URL is on the API host
     if not is_secure_url(url):
         raise DownloadError("refusing to fetch over plain http from %s" % urllib.parse.urlsplit(url).hostname)
     if not resume_ok:
         remove_quietly(temp)
-    last_error = None
+    last_error, wrong = None, 0
     for attempt in range(DOWNLOAD_ATTEMPTS):
         if attempt and client.stop.wait(backoff_delay(attempt - 1)):
             raise Interrupted("stopping")
@@ -1404,6 +1556,13 @@ def download_file(client, url, temp, listed_size, resume_ok, progress, cancel):
             return fetch_to_file(client, url, temp, progress, listed_size, cancel)
         except Refused:
             raise
+        except NotTheFile as exc:
+            # Once may be a hiccup; again, the link is as good as refused (an
+            # expired link may answer a login page): the caller looks anew.
+            wrong += 1
+            last_error = redact_urls(exc)
+            if wrong >= NOT_THE_FILE_ATTEMPTS:
+                raise Refused(last_error)
         except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError) as exc:
             last_error = short_network_error(exc)
         except DownloadError as exc:
@@ -1425,7 +1584,7 @@ def fetch_to_file(client, url, temp, progress, listed_size=None, cancel=None):
     headers = {"Accept-Encoding": "identity"}
     if offset:
         headers["Range"] = "bytes=%d-" % offset
-    with open_following_redirects(client, url, headers) as resp:
+    with send_following_redirects(client, "GET", url, headers, stream=True) as resp:
         status = resp.status_code
         if status == 416 and offset:
             total = parse_unsatisfied_range(resp.headers.get("Content-Range"))
@@ -1449,9 +1608,9 @@ def fetch_to_file(client, url, temp, progress, listed_size=None, cancel=None):
         else:
             raise DownloadError("HTTP %d: %s" % (status, error_message(resp)))
         if "text/html" in resp.headers.get("Content-Type", "").lower():
-            raise DownloadError("got an HTML page instead of the file (HTTP %d)" % status)
+            raise NotTheFile("got an HTML page instead of the file (HTTP %d)" % status)
         if listed_size is not None and answered is not None and answered != listed_size:
-            raise DownloadError("the server sends %d bytes, SmugMug listed %d" % (answered, listed_size))
+            raise NotTheFile("the server sends %d bytes, SmugMug listed %d" % (answered, listed_size))
         expected = listed_size if listed_size is not None else answered
         written = offset
         # Only the local side's OSErrors are write errors: requests' network
@@ -1508,25 +1667,6 @@ def body_chunks(resp):
         if not chunk:
             return
         yield chunk
-
-
-def open_following_redirects(client, url, headers):
-    """A streamed GET of url, following redirects by hand: each hop is signed
-    afresh for its own URL on the archive's or the API's host, sent unsigned
-    elsewhere, and never to plain http off this machine."""
-    trusted = {urllib.parse.urlsplit(url).netloc, urllib.parse.urlsplit(client.base).netloc}
-    for _hop in range(6):
-        auth = None if urllib.parse.urlsplit(url).netloc in trusted else (lambda request: request)
-        resp = client.session().get(url, headers=headers, stream=True, timeout=TIMEOUT,
-                                    allow_redirects=False, auth=auth)
-        location = resp.headers.get("Location")
-        if resp.status_code not in (301, 302, 303, 307, 308) or not location:
-            return resp
-        resp.close()
-        url = urllib.parse.urljoin(url, location)
-        if not is_secure_url(url):
-            raise DownloadError("redirected to plain http on %s" % urllib.parse.urlsplit(url).hostname)
-    raise DownloadError("too many redirects")
 
 
 def remove_quietly(path):
@@ -1601,21 +1741,13 @@ def scan_zip(path, part_name, want_md5, stop=None, progress=None):
 def list_images(client, album):
     """Every file of the album (!images, all pages, only the fields used), as ListedFiles."""
     extra = {"_filter": ",".join(IMAGE_FIELDS), "_filteruri": "LargestVideo"}
-    link = add_query(album.uri + "!images", count=IMAGES_PAGE_COUNT, **extra)
-    files, seen, pages = [], set(), 0
-    while link:
-        body = client.get(link)
-        for obj in as_list(envelope_payload(body)):
-            found = listed_file(obj)
-            if found and found.key not in seen:
-                seen.add(found.key)
-                files.append(found)
-        link = next_page(body)
-        if link:
-            link = add_query(path_and_query(link), **extra)
-        pages += 1
-        if pages > 100000:
-            raise ApiError("paging of %s!images does not end" % album.uri)
+    objects, _ = list_all(client, add_query(album.uri + "!images", count=IMAGES_PAGE_COUNT, **extra), **extra)
+    files, seen = [], set()
+    for obj in objects:
+        found = listed_file(obj)
+        if found and found.key not in seen:
+            seen.add(found.key)
+            files.append(found)
     return files
 
 

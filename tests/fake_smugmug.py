@@ -532,6 +532,23 @@ class FakeSmugMug:
         self.gone_parts = set()         # (album key, part number): that part of the album's first
                                         # archive answers 404 (expired) while the others stream
         self.no_largest_video = set()   # image keys: !largestvideo answers 404
+        # answer variants (each off by default) ----------------------------
+        self.omit_next_page = False     # Pages never carries NextPage, though Total says more
+                                        # (as the recorded bzimmer !images page: Total 34, Count 30)
+        self.api_redirects = {}         # request kind -> 301/302/303/307/308: such API calls are
+                                        # redirected to the same URL under /moved (served alike);
+                                        # "user": /api/v2/user/NICK in another case, to its own case
+        self.post_answer = None         # (status, body bytes): POST !download answers this (the
+                                        # archive is still made), e.g. (202, b"Accepted")
+        self.empty_download_status = None   # 204 or 404: GET !download with no archive listed answers it
+        self.download_max_count = 0     # GET !download is paged, at most this many objects a page (0: one page)
+        self.part_date_step = 0         # seconds: part i of an archive is DateAdded i * step after part 1
+        self.undated_until_complete = False  # Download objects have DateAdded null until Complete
+        self.zero_based_parts = False   # Download objects number parts 0..n-1
+        self.node_type_case = None      # "lower" or "upper": node Type sent as "album" / "FOLDER"
+        self.image_count_as_string = False   # Album ImageCount sent as a string ("3")
+        self.expired_html = set()       # album keys: the first archive expires at its first download:
+                                        # listed Removed, its links answer 200 with an HTML login page
         self._download_attempts = {}
         self._faults_done = set()       # one-time faults already played
         self.image_ids = itertools.count(1)
@@ -772,9 +789,10 @@ class FakeSmugMug:
         for archive in self.archives.get(key, []):
             for i, (name, content) in enumerate(archive.parts):
                 status = self.archive_status(archive, i)
+                added = archive.created_at + datetime.timedelta(seconds=i * self.part_date_step)
                 obj = {
-                    "Part": i + 1, "FileName": name, "Status": status,
-                    "DateAdded": iso(archive.created_at), "DateModified": iso(archive.created_at),
+                    "Part": i if self.zero_based_parts else i + 1, "FileName": name, "Status": status,
+                    "DateAdded": iso(added), "DateModified": iso(added),
                     "Size": content.size,
                     "WebUri": "%s/%s/%s/%d/%s" % ("" if self.relative_web_uri else self.base,
                                                   "redirect" if self.redirect_downloads else "download",
@@ -789,6 +807,8 @@ class FakeSmugMug:
                     del obj["WebUri"]
                 if self.lowercase_status:
                     obj["Status"] = status.lower()
+                if self.undated_until_complete and status != "Complete":
+                    obj["DateAdded"] = None
                 out.append(obj)
         return out
 
@@ -809,7 +829,8 @@ class FakeSmugMug:
         url_name = "".join(c if c.isalnum() else "-" for c in node.name)[:30] or node.node_id
         return {"Description": "", "Name": node.name, "Keywords": [], "PasswordHint": "",
                 "SecurityType": "None", "ShowCoverImage": False, "SortDirection": "Ascending",
-                "SortMethod": "SortIndex", "Type": node.type, "UrlName": url_name,
+                "SortMethod": "SortIndex", "UrlName": url_name,
+                "Type": getattr(node.type, self.node_type_case)() if self.node_type_case else node.type,
                 "DateAdded": iso(node.date_added), "DateModified": iso(node.date_added),
                 "EffectiveSecurityType": "None",
                 "FormattedValues": {"Name": {"html": node.name}, "Description": {"html": "", "text": ""}},
@@ -828,7 +849,8 @@ class FakeSmugMug:
                 "User": _uri("/api/v2/user/%s" % self.nickname, "User", "Object")}
         return {"AlbumKey": album.key, "AllowDownloads": album.allow_downloads, "CanShare": True,
                 "Description": "", "External": True, "HasDownloadPassword": False,
-                "ImageCount": album.image_count if album.image_count is not None else len(album.images),
+                "ImageCount": (str if self.image_count_as_string else int)(
+                    album.image_count if album.image_count is not None else len(album.images)),
                 "ImagesLastUpdated": iso(album.images_last_updated),
                 "Keywords": "", "LastUpdated": iso(album.last_updated), "Name": name,
                 "NiceName": album.key, "UrlName": album.key, "NodeID": album.node_id, "PasswordHint": "",
@@ -1042,13 +1064,15 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 return self.send(302, b"", content_type="text/plain",
                                  headers={"Location": urllib.parse.quote("/download/" + path[len("/redirect/"):],
                                                                          safe="/")})
+            if path.startswith("/moved/api/v2"):       # where api_redirects send API calls
+                return self.api(method, path[len("/moved"):], query, body, moved=True)
             if path.startswith("/api/v2"):
                 return self.api(method, path, query, body)
             self.send_error_json(404, "Not Found")
         except (BrokenPipeError, ConnectionResetError):
             pass
 
-    def api(self, method, path, query, body):
+    def api(self, method, path, query, body, moved=False):
         fake = self.fake
         with fake.lock:
             fake.api_count += 1
@@ -1082,6 +1106,15 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self.record(method, path, query, 401, kind)
             return self.send_error_json(401, "oauth_problem=signature_invalid" if not ok else
                                         "oauth_problem=token_rejected")
+        canonical = "/api/v2/user/%s" % fake.nickname
+        if fake.api_redirects.get("user") and path.lower() == canonical.lower() and path != canonical:
+            status = fake.api_redirects["user"]
+            self.record(method, path, query, status, kind)
+            return self.send(status, {"Code": status, "Message": "Moved"}, headers={"Location": canonical})
+        if fake.api_redirects.get(kind) and not moved:
+            status = fake.api_redirects[kind]
+            self.record(method, path, query, status, kind)
+            return self.send(status, {"Code": status, "Message": "Moved"}, headers={"Location": "/moved" + self.path})
         if fake.fail_every and number % fake.fail_every == 0:
             status = (500, 502, 503, 504)[(number // fake.fail_every) % 4]
             self.record(method, path, query, status, kind)
@@ -1164,13 +1197,13 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             count, start = default, 1
         return start, max(1, min(count, maximum))
 
-    @staticmethod
-    def pages(path, total, start, count, shown, extra=""):
-        """Response.Pages; NextPage absent on the last page, PrevPage on the first."""
+    def pages(self, path, total, start, count, shown, extra=""):
+        """Response.Pages; NextPage absent on the last page (and on every page with
+        omit_next_page), PrevPage on the first."""
         link = lambda s: "%s?count=%d&start=%d%s" % (path, count, s, extra)
         pages = {"Total": total, "Start": start, "Count": shown, "RequestedCount": count,
                  "FirstPage": link(1), "LastPage": link(max(1, ((total - 1) // count) * count + 1))}
-        if start + count <= total:
+        if start + count <= total and not self.fake.omit_next_page:
             pages["NextPage"] = link(start + count)
         if start > 1:
             pages["PrevPage"] = link(max(1, start - count))
@@ -1228,13 +1261,29 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             fake.new_archive(album.key)
             if fake.post_empty_body:
                 return fake.post_status, b""
+            if fake.post_answer is not None:
+                return fake.post_answer
             downloads = fake.download_objects(album.key) if fake.post_lists_downloads else None
             return fake.post_status, envelope(method, request_uri, path, "Download", "Objects",
                                               downloads or None, code=fake.post_status)
         downloads = fake.download_objects(album.key)
+        if not downloads and fake.empty_download_status == 204:
+            return 204, b""
+        if not downloads and fake.empty_download_status:
+            return fake.empty_download_status, {"Response": {"Uri": path}, "Code": fake.empty_download_status,
+                                                "Message": "Not Found"}
+        if fake.download_max_count:
+            start, count = self.paging(self.query_of(request_uri), 100, fake.download_max_count)
+            page = downloads[start - 1:start - 1 + count]
+            return 200, envelope(method, request_uri, path, "Download", "Objects", page or None,
+                                 pages=self.pages(path, len(downloads), start, count, len(page)))
         return 200, envelope(method, request_uri, path, "Download", "Objects", downloads or None,
                              pages={"Total": len(downloads), "Start": 1, "Count": len(downloads),
                                     "RequestedCount": 100})
+
+    @staticmethod
+    def query_of(request_uri):
+        return dict(urllib.parse.parse_qsl(urllib.parse.urlsplit(request_uri).query))
 
     # -- archive downloads ----------------------------------------------------
 
@@ -1254,6 +1303,12 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         with fake.lock:
             attempt = fake._download_attempts.get(key, 0)
             fake._download_attempts[key] = attempt + 1
+        if archive.number == 1 and archive.album in fake.expired_html:
+            archive.forced_status = "Removed"
+            self.record(method, path, {"range": self.headers.get("Range")}, 200, "archive")
+            return self.send(200, "<html><head><title>SmugMug - Log In</title></head><body>"
+                                  "<form action='/login'>Please log in</form></body></html>",
+                             content_type="text/html")
         if fake.removed_once.get(archive.album) == "during" and archive.number == 1:
             archive.forced_status = "Removed"
             return self.send(404, "<html>expired</html>", content_type="text/html")

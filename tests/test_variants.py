@@ -1,0 +1,250 @@
+"""Plausible variants of SmugMug's answers (shared/smugmug-api.md, the UNCERTAIN points and the
+recorded answers): the real script against the emulator over HTTP, byte for byte."""
+
+import json
+import os
+
+import pytest
+
+import smugmug_download as sd
+from conftest import expected_tree, tree
+
+
+def album_files(fake, key, rel):
+    return expected_tree(fake, {key: rel})
+
+
+# Paging ######################################################################
+
+def test_images_pages_without_next_page_are_read_to_their_total(fake, run):
+    """A !images page whose Pages says Total > Start+Count-1 but has no NextPage (as the recorded
+    bzimmer album_images_HZMsPf_page_1.json): the next page is asked for, so a video the zip
+    leaves out, listed on page 2, is still saved."""
+    key = fake.add_album("V", images=[{"file_name": "a.jpg", "size": 1000},
+                                      {"file_name": "b.jpg", "size": 1000},
+                                      {"file_name": "clip.mov", "size": 5000, "is_video": True}])
+    fake.zip_omit_videos = True
+    fake.images_max_count = 2
+    fake.omit_next_page = True
+    code, _, err = run()
+    assert code == sd.EXIT_OK, err
+    video = [im for im in fake.albums[key].images if im.is_video][0]
+    assert tree(run.out) == dict(album_files(fake, key, "V"), **{"V/clip.mov": video.content().whole()})
+    assert [e["query"].get("start") for e in fake.calls("images")] == [None, "3"]
+
+
+def test_children_pages_without_next_page_are_read_to_their_total(fake, run):
+    """The same shape on !children: every album of a folder listed over three pages is found."""
+    keys = [fake.add_album("Album %d" % i) for i in range(5)]
+    fake.max_count = 2
+    fake.omit_next_page = True
+    code, _, err = run()
+    assert code == sd.EXIT_OK, err
+    assert tree(run.out) == expected_tree(fake, {k: "Album %d" % i for i, k in enumerate(keys)})
+
+
+def test_download_listing_is_followed_over_its_pages(fake, run):
+    """GET !download answered in pages (here at most 2 objects a page) for a 3-part archive: every
+    part is found and downloaded, no part is taken for missing."""
+    key = fake.add_album("Big", sizes=(3000, 3001, 3002))
+    fake.download_max_count = 2
+    fake.post_lists_downloads = False
+    code, _, err = run()
+    assert code == sd.EXIT_OK, err
+    assert tree(run.out) == album_files(fake, key, "Big")
+    assert len(fake.calls("post")) == 1 and len(fake.calls("archive")) == 3
+
+
+def test_paged_download_listing_with_old_archives_first(fake, run):
+    """A changed album whose earlier archive fills page 1 of a 1-object-a-page listing: the look
+    before requesting and every poll read all pages, so the new archive on page 2 is found
+    (not given up as never listed)."""
+    key = fake.add_album("A")
+    fake.download_max_count = 1
+    fake.post_lists_downloads = False
+    assert run()[0] == sd.EXIT_OK
+    fake.touch(key)
+    code, _, err = run()
+    assert code == sd.EXIT_OK, err
+    assert "saving it file by file" not in err
+    assert len(fake.calls("post")) == 2
+    assert tree(run.out) == album_files(fake, key, "A")
+
+
+# HTTP ########################################################################
+
+def test_api_redirects_are_followed_each_hop_signed(fake, run):
+    """API calls answered 301/302/307/308 (the walk, an album, the POST, the listing, !images):
+    each hop is signed for its own URL (no 401), a POST stays a POST, and the backup is whole."""
+    folder = fake.add_folder("F")
+    keys = [fake.add_album("A", folder), fake.add_album("B", sizes=(3000, 3001))]
+    fake.api_redirects = {"walk": 301, "post": 307, "download-get": 302, "images": 308}
+    code, _, err = run()
+    assert code == sd.EXIT_OK, err
+    assert tree(run.out) == expected_tree(fake, {keys[0]: "F/A", keys[1]: "B"})
+    assert not [e for e in fake.log if e["status"] == 401]
+    assert {e["status"] for e in fake.log} >= {301, 307, 308}
+    assert len([e for e in fake.calls("post") if e["status"] == 202]) == 2
+
+
+def test_redirect_of_the_user_call_is_followed(fake, run):
+    """The user named in another case, answered 301 to its canonical URI: followed, signed anew."""
+    fake.nickname = "tester"
+    key = fake.add_album("A")
+    fake.api_redirects = {"user": 301}
+    code, _, err = run(smugmug_user="Tester")
+    assert code == sd.EXIT_OK, err
+    assert tree(run.out) == album_files(fake, key, "A")
+    assert [e["status"] for e in fake.calls()[:2]] == [301, 200]
+
+
+def test_post_accepted_with_a_non_json_body(fake, run):
+    """POST !download answered 202 with the body "Accepted": the request counts as made, the
+    archive is found by looking, and it is never asked for twice."""
+    key = fake.add_album("A")
+    fake.post_answer = (202, b"Accepted")
+    code, _, err = run()
+    assert code == sd.EXIT_OK, err
+    assert len(fake.calls("post")) == 1
+    assert tree(run.out) == album_files(fake, key, "A")
+
+
+@pytest.mark.parametrize("status", [204, 404])
+def test_no_archive_listed_as_an_empty_answer(fake, run, status):
+    """GET !download with no archive answered 204 (no body) or 404: an empty listing, so a
+    changed album whose old archive has expired is simply requested again."""
+    key = fake.add_album("A")
+    assert run()[0] == sd.EXIT_OK
+    fake.touch(key)
+    fake.archives[key] = []              # the old archive expired: nothing listed
+    fake.empty_download_status = status
+    before = len(fake.calls("download-get"))
+    code, _, err = run()
+    assert code == sd.EXIT_OK, err
+    assert [e["status"] for e in fake.calls("download-get")][before:before + 1] == [status]
+    assert tree(run.out) == album_files(fake, key, "A")
+
+
+# Archives ####################################################################
+
+def test_parts_each_with_their_own_date_added(fake, run):
+    """A 3-part archive whose part i is DateAdded i seconds after part 1 (built one after the
+    other): one archive, downloaded whole at once (the timeout would end a wait for more)."""
+    key = fake.add_album("Big", sizes=(3000, 3001, 3002))
+    fake.part_date_step = 1
+    code, _, err = run(archive_timeout_hours=10 / 3600.0)
+    assert code == sd.EXIT_OK, err
+    assert "saving it file by file" not in err
+    assert len(fake.calls("post")) == 1 and len(fake.calls("archive")) == 3
+    assert tree(run.out) == album_files(fake, key, "Big")
+
+
+def test_zero_based_part_numbers(fake, run):
+    """Download objects numbered Part 0..n-1: no part dropped, all three saved."""
+    key = fake.add_album("Big", sizes=(3000, 3001, 3002))
+    fake.zero_based_parts = True
+    code, _, err = run()
+    assert code == sd.EXIT_OK, err
+    assert tree(run.out) == album_files(fake, key, "Big")
+    assert len(fake.calls("archive")) == 3 and not fake.calls("file")
+
+
+def test_date_added_null_until_complete(fake, run):
+    """Download objects with DateAdded null until each part is Complete (parts ready one after
+    the other): the archive in preparation is waited for, not taken as Removed and asked again."""
+    key = fake.add_album("Pair", sizes=(3000, 3001))
+    fake.prep_seconds = 0.2
+    fake.staggered_parts = True
+    fake.undated_until_complete = True
+    code, _, err = run()
+    assert code == sd.EXIT_OK, err
+    assert len(fake.calls("post")) == 1
+    assert tree(run.out) == album_files(fake, key, "Pair")
+
+
+def test_expired_link_answering_a_login_page_gets_a_new_archive(fake, run):
+    """The archive expires as it is downloaded: its link answers 200 with an HTML login page
+    while the listing says Removed. A new archive is asked for and saved (no album failure)."""
+    key = fake.add_album("A", sizes=(3000, 3001))
+    fake.expired_html = {key}
+    code, _, err = run()
+    assert code == sd.EXIT_OK, err
+    assert len(fake.calls("post")) == 2
+    assert tree(run.out) == album_files(fake, key, "A")
+
+
+# Walk ########################################################################
+
+@pytest.mark.parametrize("case", ["lower", "upper"])
+def test_node_types_in_another_case(fake, run, case):
+    """Node Type "folder"/"album" (or "FOLDER"/"ALBUM"): folders are walked and albums saved."""
+    folder = fake.add_folder("F")
+    key = fake.add_album("A", folder)
+    fake.node_type_case = case
+    code, _, err = run()
+    assert code == sd.EXIT_OK, err
+    assert tree(run.out) == album_files(fake, key, "F/A")
+
+
+def test_image_count_as_a_string(fake, run):
+    """ImageCount sent as a string: "0" is an empty album (no archive asked for), "2" a full one."""
+    fake.add_album("Empty", sizes=())
+    key = fake.add_album("Full", sizes=(3000, 3001))
+    fake.image_count_as_string = True
+    code, _, err = run()
+    assert code == sd.EXIT_OK, err
+    assert [e["path"] for e in fake.calls("post")] == ["/api/v2/album/%s!download" % key]
+    assert tree(run.out) == album_files(fake, key, "Full")
+
+
+# Pure helpers ################################################################
+
+def test_following_page_where_next_page_is_missing():
+    """The recorded !images page (Total 34, Start 1, Count 30, no NextPage) leads to start=31 with
+    its count kept; a last page, or one without Pages, leads nowhere; NextPage wins when given."""
+    with open(os.path.join(os.path.dirname(__file__), "data", "album_images_HZMsPf_page_1.json")) as f:
+        body = json.load(f)
+    link = "/api/v2/album/HZMsPf!images?count=100&_filter=FileName"
+    assert sd.following_page(body, link) == "/api/v2/album/HZMsPf!images?count=100&_filter=FileName&start=31"
+    last = {"Response": {"Pages": {"Total": 34, "Start": 31, "Count": 4}}}
+    assert sd.following_page(last, link + "&start=31") is None
+    assert sd.following_page({"Response": {"Pages": {"Total": 3}}}, link) is None
+    given = {"Response": {"Pages": {"Total": 34, "Start": 1, "Count": 30, "NextPage": "/x?start=31"}}}
+    assert sd.following_page(given, link) == "/x?start=31"
+
+
+def _part(n, added, status="Complete", name=None):
+    return sd.ArchivePart(n, name or "A-%s.zip" % n, status, "https://p/%s/%s" % (added, n), added)
+
+
+T1, T2, T3, T9 = ("2030-01-01T00:00:0%d+00:00" % s for s in (1, 2, 3, 9))
+
+
+def test_archive_sets_by_numbering():
+    """Parts with their own DateAdded make one archive; parts numbered from 0 are shifted to 1..n;
+    two archives of one second, listed one after the other, stay two; undated parts (still being
+    built) join the archive whose part 1 is dated."""
+    sets = sd.archive_sets([_part(3, T3), _part(1, T1), _part(2, T2), _part(1, T9)])
+    assert [[(p.part, p.date_added) for p in s] for s in sets] == [[(1, T1), (2, T2), (3, T3)], [(1, T9)]]
+    assert [[p.part for p in s] for s in sd.archive_sets([_part(0, T1), _part(1, T1)])] == [[1, 2]]
+    same_second = [_part(1, T1, name="old-1"), _part(2, T1, name="old-2"), _part(1, T1, name="new-1"),
+                   _part(2, T1, name="new-2")]
+    assert [[p.file_name for p in s] for s in sd.archive_sets(same_second)] == [["old-1", "old-2"],
+                                                                               ["new-1", "new-2"]]
+    building = sd.archive_sets([_part(2, "", "Processing"), _part(1, T1)])
+    assert [[p.part for p in s] for s in building] == [[1, 2]]
+
+
+def test_read_archive_waits_for_the_archive_it_chose():
+    """Parts dated one after another are one complete archive; a part dated only once Complete
+    is waited for (not taken as Removed); the ticket remembers the archive by its part 1."""
+    album = sd.Album("n", "A", "/api/v2/album/A", ("A",))
+    posted = sd.ArchiveTicket(posted=True)
+    state, parts, ticket = sd.read_archive([_part(1, T1), _part(2, T2), _part(3, T3)], album, posted)
+    assert state == "complete" and [p.part for p in parts] == [1, 2, 3] and ticket.added == T1
+    state, _, ticket = sd.read_archive([_part(1, "", "Processing")], album, posted)
+    assert state == "preparing" and ticket.added is None
+    state, _, ticket = sd.read_archive([_part(1, T2)], album, ticket)
+    assert state == "complete" and ticket.added == T2
+    state, parts, _ = sd.read_archive([_part(0, T1), _part(1, T1)], album, posted)
+    assert state == "complete" and len(parts) == 2
