@@ -81,8 +81,11 @@ def tree(folder, manifests=False):
             if name == smugmug_download.LOCK_FILE or (name == "metadata.json" and not manifests):
                 continue
             full = os.path.join(root, name)
-            with open(full, "rb") as f:
-                files[os.path.relpath(full, folder).replace(os.sep, "/")] = f.read()
+            try:
+                with open(full, "rb") as f:
+                    files[os.path.relpath(full, folder).replace(os.sep, "/")] = f.read()
+            except FileNotFoundError:       # renamed by a run still going (a test waiting on one)
+                pass
     return files
 
 

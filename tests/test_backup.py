@@ -174,18 +174,18 @@ def test_no_look_at_archives_while_downloads_are_stocked(fake, run, monkeypatch)
     monkeypatch.setattr(sd, "LOOK_HOLD", 0.2)
     fake.bandwidth = 10_000                                  # each 10 KB archive takes a second
     fake.prep_seconds = 0.01
-    stocked = [fake.add_album("A%d" % i, sizes=(10_000,)) for i in range(4)]
+    stocked = [fake.add_album("A%d" % i, sizes=(10_000,)) for i in range(5)]
     slow = fake.add_album("Slow", sizes=(500,))
-    fake.albums[slow].prep_seconds = 1.2
+    fake.albums[slow].prep_seconds = 2.5
     code, _, err = run(workers=1)
     assert code == 0, err
     names = {k: "A%d" % i for i, k in enumerate(stocked)}
     assert tree(run.out) == expected_tree(fake, dict(names, **{slow: "Slow"}))
     starts = sorted(e["t"] for e in fake.calls("archive") if "/%s.zip" % slow not in e["path"])
     looks = [e["t"] for e in fake.calls("download-get") if "/%s!" % slow in e["path"]]
-    # from 0.6 s into the first download (the link's rate known) until the last stocked
-    # archive is handed to the worker (its request reaches the server a moment later), a
-    # second of work or more waits for the worker: no look at Slow
-    held = (starts[0] + 0.6, starts[-1] - 0.05)
-    assert held[1] - held[0] > 0.8
+    # from a second into the first download (the link's rate known by then) until the last
+    # stocked archive is handed to the worker (its request reaches the server a moment
+    # later), a second of work or more waits for the worker: no look at Slow
+    held = (starts[0] + 1.0, starts[-1] - 0.05)
+    assert held[1] - held[0] > 1.5
     assert not [t for t in looks if held[0] < t < held[1]], (held, looks)
