@@ -1160,6 +1160,10 @@ class SmugMugClient:
                     reason = "unreadable answer (HTTP %d, not JSON)" % status
                 elif status >= 500:
                     reason = "HTTP %d: %s" % (status, error_message(resp))
+                    busy = parse_retry_after(resp.headers.get("Retry-After"))
+                    if busy:        # busy (e.g. too many archives in preparation): everyone waits
+                        log.warning("SmugMug is busy (%d): pausing all API calls for %.1f s", status, busy)
+                        self.gate.close_for(busy)
                 else:
                     raise ApiError("HTTP %d: %s" % (status, error_message(resp)), status)
             failures += 1

@@ -491,6 +491,7 @@ class FakeSmugMug:
         self.fail_every = 0             # every k-th API call gets a 5xx (HTML body on odd ones)
         self.garbage_every = 0          # every k-th API call gets a 200 with a non-JSON body
         self.throttle_calls = set()     # API call numbers answered 429 (opens a window)
+        self.throttle_status = 429      # or 503: "busy", with the same Retry-After window
         self.retry_after = 1            # seconds, or a string (HTTP date)
         self.throttle_until = 0.0
         self.throttled_log = []         # (t, path) of calls that met a closed window
@@ -1087,8 +1088,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                        "X-RateLimit-Reset": str(int(time.time()) + 1)}
         if now < fake.throttle_until:
             fake.throttled_log.append((now, path))
-            self.record(method, path, query, 429, kind)
-            return self.send(429, {"Code": 429, "Message": "Too Many Requests"},
+            self.record(method, path, query, fake.throttle_status, kind)
+            return self.send(fake.throttle_status, {"Code": fake.throttle_status, "Message": "Too Many Requests"},
                              headers={"Retry-After": str(fake.retry_after)})
         if number in fake.throttle_calls:
             if isinstance(fake.retry_after, (int, float)):
@@ -1097,8 +1098,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 wait = email.utils.parsedate_to_datetime(fake.retry_after).timestamp() - time.time()
             fake.throttle_until = now + wait
             fake.throttle_started = now
-            self.record(method, path, query, 429, kind)
-            return self.send(429, {"Code": 429, "Message": "Too Many Requests"},
+            self.record(method, path, query, fake.throttle_status, kind)
+            return self.send(fake.throttle_status, {"Code": fake.throttle_status, "Message": "Too Many Requests"},
                              headers={"Retry-After": str(fake.retry_after)})
         ok, _params = self.verify_oauth(method, body, fake.tokens)
         revoked = fake.revoke_after is not None and number > fake.revoke_after

@@ -46,6 +46,22 @@ def test_retry_after_holds_every_thread(sample, run):
     assert tree(run.out) == sample_expected(sample)
 
 
+def test_busy_503_with_retry_after_holds_every_thread(sample, run):
+    """A 503 with Retry-After (SmugMug busy, e.g. too many archives in preparation): every API
+    call waits out the window, then the run goes on to the same tree."""
+    sample.api_latency = 0.005
+    sample.throttle_status = 503
+    sample.throttle_calls = {8}
+    sample.retry_after = 2
+    code, _, err = run("--workers", "8")
+    assert code == 0, err
+    first = [e for e in sample.log if e["status"] == 503][0]["t"]
+    early = [e for e in sample.log if first + 0.25 < e["t"] < first + 2.0 and not e["path"].startswith("/download")]
+    assert early == []
+    assert "SmugMug is busy (503): pausing all API calls" in err
+    assert tree(run.out) == sample_expected(sample)
+
+
 def test_retry_after_as_http_date(sample, run):
     """Retry-After given as an HTTP date is honoured too."""
     import email.utils
