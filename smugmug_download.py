@@ -468,7 +468,7 @@ def assign_names(entries, reserved=()):
 def part_file_names(parts):
     """{part number: local file name} for an archive's parts, cleaned and unique, never the
     manifest's name."""
-    names, seen = {}, {MANIFEST_NAME.casefold()}
+    names, seen = {}, {MANIFEST_NAME.casefold(), ("." + MANIFEST_NAME).casefold()}   # and its temp's stem
     for p in sorted(parts, key=lambda p: p.part):
         name = clean_name(p.file_name or "archive-%d.zip" % p.part, keep_extension=True)
         if name.lower().endswith(".part"):
@@ -1219,7 +1219,14 @@ def list_all(client, link, first=None, **extra):
             raise ApiError("paging of %s does not end" % path_and_query(link).split("?")[0])
         asked.add(path_and_query(link))
         if body is None:
-            body = client.get(link)
+            try:
+                body = client.get(link)
+            except ApiError as exc:
+                if not guessed:
+                    raise
+                # a page we guessed at (Pages said more, no NextPage): the list ends here
+                log.debug("%s: no page past the last one given (%s)", path_and_query(link).split("?")[0], exc)
+                break
         page = as_list(envelope_payload(body))
         fresh = [(hash(json.dumps(o, sort_keys=True, default=str)), o) for o in page]
         fresh = [(h, o) for h, o in fresh if h not in seen]
@@ -1497,7 +1504,11 @@ def request_archive(client, album, ticket, look_first):
         ticket = ticket.after_listing(existing)
     # Any 2xx is an accepted request (call() gives {} for a body that is not
     # JSON): the archive is then found by looking, never asked for twice.
-    answer = client.post(album.uri + "!download")
+    try:
+        answer = client.post(album.uri + "!download")
+    except NotFound as exc:             # the album deleted since the walk, or only its archive refused?
+        client.get(album.uri)           # NotFound again: gone (the orchestrator skips it)
+        raise ApiError("SmugMug answered 404 to the archive request: %s" % exc, 404)
     state, parts, ticket = read_archive(list_archives(client, album, first=answer), album, ticket)
     return album, state, parts, ticket
 
@@ -1788,7 +1799,7 @@ def check_album(client, album, parts, folder, old_files):
     found = match_files(listing, entries)
     locations = {k: {"archive": e.part, "entry": e.name} for k, e in found.items()}
     lacking = [f for f in listing if f.key not in found]
-    names = loose_file_names([(f.key, f.file_name) for f in lacking], [n for n, _ in parts] + [MANIFEST_NAME])
+    names = loose_file_names([(f.key, f.file_name) for f in lacking], [n for n, _ in parts] + [MANIFEST_NAME, "." + MANIFEST_NAME])
     tasks = []
     for f in lacking:
         if f.processing:
@@ -2197,6 +2208,22 @@ def file_sizes_match(folder, files):
     return True
 
 
+def manifest_album_key(doc):
+    """The AlbumKey a metadata.json document says it belongs to, or None."""
+    info = doc.get("album") if isinstance(doc, dict) else None
+    key = info.get("AlbumKey") if isinstance(info, dict) else None
+    return key if isinstance(key, str) and key else None
+
+
+def manifest_owner(output_dir, rel):
+    """The AlbumKey of the metadata.json in folder rel, or None (none there, or unreadable)."""
+    try:
+        with open(os.path.join(output_dir, *rel.split("/"), MANIFEST_NAME), encoding="utf-8") as f:
+            return manifest_album_key(json.load(f))
+    except (OSError, ValueError):
+        return None
+
+
 def record_from_manifest(output_dir, album):
     """An album the state does not know (a lost or damaged state) whose folder holds its own
     metadata.json: a record rebuilt from it, to be checked again (not complete), so that a
@@ -2208,12 +2235,15 @@ def record_from_manifest(output_dir, album):
         size = os.path.getsize(path)
     except (OSError, ValueError):
         return None
-    info = doc.get("album") if isinstance(doc, dict) else None
-    if not isinstance(info, dict) or info.get("AlbumKey") != album.album_key:
+    if manifest_album_key(doc) != album.album_key:
         return None
-    parts = [{"name": p.get("file"), "size": p.get("size")} for p in doc.get("parts") or [] if isinstance(p, dict)]
+    info = doc["album"]
+    listed_parts, listed_files = doc.get("parts"), doc.get("files")
+    if not isinstance(listed_parts, list) or not isinstance(listed_files, list):
+        return None
+    parts = [{"name": p.get("file"), "size": p.get("size")} for p in listed_parts if isinstance(p, dict)]
     loose = []
-    for item in doc.get("files") or []:
+    for item in listed_files:
         name = item.get("file") if isinstance(item, dict) else None
         if isinstance(name, str) and safe_rel(name) and "/" not in name:
             try:
@@ -2799,29 +2829,40 @@ class Orchestrator:
     def place(self, album, record):
         """The album's local path: the walk's, unless another album owned that folder at the
         start of the run (a kept backup, or one moving away): then with " (NodeID)"."""
-        alternative = album.path[:-1] + (with_suffix(album.path[-1], " (%s)" % clean_name(album.node_id)),)
+        alternative = self.alternative_path(album)
         if record and record.path in (album.rel, "/".join(alternative)):
             return album if record.path == album.rel else replace(album, path=alternative)
-        owner = self.owned_at_start.get(PathOwners._key(album.rel)) or self.owners.owner(album.rel)
+        owner = (self.owned_at_start.get(PathOwners._key(album.rel)) or self.owners.owner(album.rel)
+                 or manifest_owner(self.out, album.rel))     # a backup the state lost still has its manifest
         if owner not in (None, album.album_key):
             return replace(album, path=alternative)
         return album
 
+    @staticmethod
+    def alternative_path(album):
+        return album.path[:-1] + (with_suffix(album.path[-1], " (%s)" % clean_name(album.node_id)),)
+
+    def rebuilt_record(self, album):
+        """For an album the state does not know: a record rebuilt from its own metadata.json,
+        at its path or at its " (NodeID)" one (a lost or damaged state), or None."""
+        for path in (album.path, self.alternative_path(album)):
+            record = record_from_manifest(self.out, replace(album, path=path))
+            if record and self.owners.owner(record.path) in (None, record.key):
+                self.owners.claim(record)
+                log.info("%s: not in the state; its metadata.json says what is on disk: checking that",
+                         record.path)
+                return record
+        return None
+
     def on_album(self, album):
-        self.include_hits.update(p for p in self.options.includes if path_matches([p], album.rel))
         if not is_selected(album.rel, self.options.includes, self.options.excludes):
             return              # outside --include/--exclude: not counted (pruned folders are not even seen)
+        self.include_hits.update(p for p in self.options.includes if path_matches([p], album.rel))
         self.summary.albums_found += 1
         self.found_keys.add(album.album_key)
         record = self.state.albums.get(album.album_key)
         if record is None:
-            record = record_from_manifest(self.out, album)
-            if record and self.owners.owner(record.path) in (None, record.key):
-                self.owners.claim(record)
-                log.info("%s: not in the state; its metadata.json says what is on disk: checking that",
-                         album.rel)
-            else:
-                record = None
+            record = self.rebuilt_record(album)
         album = self.place(album, record)
         run = AlbumRun(album, record, "new")
         if record and record.path != album.rel and not self.options.dry_run and not self.halt:
@@ -3894,13 +3935,17 @@ def verify(config, options, status):
         if state.unreadable:
             options.print_line("damaged   the backup state %s is %s: the next run checks every album again"
                                % (state.snapshot_path, state.unreadable))
+            log.error("smugmug_download --verify: the backup state is %s", state.unreadable)
             return EXIT_ALBUMS_FAILED
         state.read_only = False
-        if not state.albums:
+        bad_records = sorted(key for key, raw in state.set_aside.items()
+                             if not isinstance(raw, dict) or not isinstance(raw.get("path"), str)
+                             or is_selected(raw["path"], options.includes, options.excludes))
+        if not state.albums and not bad_records:
             raise UsageError("no backup recorded in %s: nothing to verify" % config.output_dir)
         records = sorted((r for r in state.albums.values()
                           if is_selected(r.path, options.includes, options.excludes)), key=lambda r: r.path)
-        if not records:
+        if not records and not bad_records:
             if options.includes:
                 raise UsageError(no_match_message(options.includes, [r.path for r in state.albums.values()],
                                                   options.excludes))
@@ -3914,8 +3959,10 @@ def verify(config, options, status):
                 checked[0] += n
 
         started = time.monotonic()
+        for key in bad_records:         # set aside on load: the next run checks the album again
+            options.print_line("damaged   album %s: its record in the backup state is damaged" % key)
         futures = {pool.submit(verify_album, config.output_dir, r, stop, progress): r for r in records}
-        damaged, write_error = 0, ""
+        damaged, write_error = len(bad_records), ""
         pending = set(futures)
         try:
             while pending:

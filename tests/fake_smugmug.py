@@ -535,6 +535,8 @@ class FakeSmugMug:
         self.no_largest_video = set()   # image keys: !largestvideo answers 404
         # answer variants (each off by default) ----------------------------
         self.omit_next_page = False     # Pages never carries NextPage, though Total says more
+        self.later_pages_missing = False  # a list asked from start > 1 answers 404 (a server replaying
+                                          # recorded first pages only)
                                         # (as the recorded bzimmer !images page: Total 34, Count 30)
         self.api_redirects = {}         # request kind -> 301/302/303/307/308: such API calls are
                                         # redirected to the same URL under /moved (served alike);
@@ -1152,6 +1154,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     def route(self, method, path, query):
         fake = self.fake
         request_uri = self.path
+        if fake.later_pages_missing and str(query.get("start") or "1") != "1":
+            return 404, {"Code": 404, "Message": "Not Found"}
         if path == "/api/v2!authuser" or path == "/api/v2/user/%s" % fake.nickname:
             return 200, envelope(method, request_uri, "/api/v2/user/%s" % fake.nickname, "User", "Object",
                                  fake.user_json())

@@ -234,6 +234,15 @@ def test_include_that_matches_nothing_is_a_usage_error(sample, run):
     assert [n for n in os.listdir(run.out) if not n.startswith(".")] == []      # no folder made
 
 
+def test_an_include_whose_albums_are_all_excluded_matches_nothing(sample, run):
+    """--include 'Travel/*' --exclude 'Travel/Trip*' selects no album: exit 2, however the
+    exclude is written, in a dry run too."""
+    for args in (["--exclude", "Travel/Trip*"], ["--exclude", "Travel"], ["--dry-run", "--exclude", "Travel/*"]):
+        code, _, err = run("--include", "Travel/*", *args)
+        assert code == sd.EXIT_USAGE, (args, err)
+        assert "matches no album outside --exclude" in err
+
+
 def test_each_include_must_match_an_album(sample, run):
     """Of two --include patterns one matches nothing (a typo): the other's albums are backed
     up, and the run still ends with a usage error naming the pattern, exit 2."""

@@ -332,3 +332,13 @@ def test_an_album_deleted_after_the_walk_is_skipped_with_a_warning(sample, run):
     code, _, err = run()
     assert code == 0 and "Fresh is gone from SmugMug since the walk" in err
     assert not (run.out / "Fresh").exists() or os.listdir(run.out / "Fresh") == []
+
+
+def test_a_404_to_the_archive_request_of_a_living_album_fails_it(fake, run):
+    """The archive request answers 404 but the album itself is there: not taken for deleted,
+    the album fails by name (exit 1)."""
+    fake.add_album("Here", sizes=(1000,))
+    fake.post_answer = (404, b'{"Code": 404, "Message": "Not Found"}')
+    code, _, err = run()
+    assert code == sd.EXIT_ALBUMS_FAILED
+    assert "Here: SmugMug answered 404 to the archive request" in err and "gone from SmugMug" not in err

@@ -409,3 +409,28 @@ def test_a_lost_state_costs_a_check_not_a_new_download(sample, run):
     calls = len(sample.log)
     assert run()[0] == 0
     assert {e["kind"] for e in sample.log[calls:]} == {"walk"}
+
+
+def test_a_lost_state_never_puts_a_new_album_over_a_kept_one(fake, run):
+    """Album X is gone from SmugMug (its files kept); a new album X comes; the state is lost.
+    The kept folder's metadata.json names its owner: the new album goes to "X (NodeID)" and the
+    kept files stay as they were. A manifest with odd types is no record (and no crash)."""
+    gone = fake.add_album("X", sizes=(3000,))
+    assert run()[0] == 0
+    kept = tree(run.out, manifests=True)
+    fake.remove_node(fake.albums[gone].node_id)
+    new = fake.add_album("X", sizes=(2500,))
+    other = fake.add_album("Y", sizes=(1000,))
+    assert run()[0] == 0
+    y_manifest = run.out / "Y" / sd.MANIFEST_NAME
+    doc = json.loads(y_manifest.read_text())
+    doc["parts"] = 1
+    y_manifest.write_text(json.dumps(doc))
+    (run.out / sd.STATE_DIR / sd.STATE_FILE).unlink()
+    code, _, err = run()
+    assert code == 0, err
+    got = tree(run.out, manifests=True)
+    assert {k: v for k, v in got.items() if k.startswith("X/")} == kept
+    node = fake.albums[new].node_id
+    assert got["X (%s)/%s.zip" % (node, new)] == fake.expected_parts(new)["%s.zip" % new]
+    assert tree(run.out)["Y/%s.zip" % other] == fake.expected_parts(other)["%s.zip" % other]

@@ -43,6 +43,20 @@ def test_children_pages_without_next_page_are_read_to_their_total(fake, run):
     assert tree(run.out) == expected_tree(fake, {k: "Album %d" % i for i, k in enumerate(keys)})
 
 
+def test_a_guessed_page_that_fails_ends_the_list_keeping_what_was_read(fake, run):
+    """Pages says more exist, without NextPage, and the page guessed from it answers 404 (a
+    server that replays recorded first pages): the list ends there, nothing read is dropped,
+    and the folder's albums are backed up."""
+    keys = [fake.add_album("Album %d" % i) for i in range(5)]
+    fake.max_count = 3
+    fake.omit_next_page = True
+    fake.later_pages_missing = True
+    code, _, err = run()
+    assert code == sd.EXIT_OK, err
+    assert tree(run.out) == expected_tree(fake, {k: "Album %d" % i for i, k in enumerate(keys[:3])})
+    assert "gone" not in err
+
+
 def test_download_listing_is_followed_over_its_pages(fake, run):
     """GET !download answered in pages (here at most 2 objects a page) for a 3-part archive: every
     part is found and downloaded, no part is taken for missing."""

@@ -1,6 +1,7 @@
 """--verify (issue #12): prove a backup against its manifests offline, and let the next run
 repair what it finds."""
 
+import json
 import os
 import zipfile
 
@@ -142,3 +143,27 @@ def test_verify_names_an_unreadable_file_without_a_traceback(fake, run):
     code, out, err = run("--verify")
     assert code == sd.EXIT_ALBUMS_FAILED
     assert "Traceback" not in err and "damaged   V: " in out
+
+
+def test_verify_counts_a_damaged_state_record_and_logs_a_damaged_state(sample, run, tmp_path):
+    """A record set aside as damaged is damage (exit 1, named), even when it is the only one;
+    an unreadable state is named in the log file too."""
+    assert run()[0] == 0
+    path = run.out / sd.STATE_DIR / sd.STATE_FILE
+    good = path.read_text()
+    state = json.loads(good)
+    key = sample.keys["bbq"]
+    state["albums"][key]["path"] = None
+    path.write_text(json.dumps(state))
+    code, out, err = run("--verify")
+    assert code == sd.EXIT_ALBUMS_FAILED, err
+    assert out.splitlines() == ["damaged   album %s: its record in the backup state is damaged" % key]
+    for record in state["albums"].values():
+        record["path"] = None
+    path.write_text(json.dumps(state))
+    code, out, _ = run("--verify")
+    assert code == sd.EXIT_ALBUMS_FAILED and out.count("\n") == len(state["albums"])
+    path.write_text("{ not json")
+    log_file = tmp_path / "verify.log"
+    code, _, _ = run("--verify", "--quiet", "--log-file", str(log_file))
+    assert code == sd.EXIT_ALBUMS_FAILED and "backup state is unreadable" in log_file.read_text()
