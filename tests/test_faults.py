@@ -32,33 +32,22 @@ def test_every_fault_at_once_still_gives_identical_tree(sample, run):
     assert "Traceback" not in err
 
 
-def test_retry_after_holds_every_thread(sample, run):
-    """After a 429 with Retry-After, no API request from any thread arrives before the window ends."""
+@pytest.mark.parametrize("status, said", [(429, "SmugMug asks to slow down (429): pausing all API calls"),
+                                           (503, "SmugMug is busy (503): pausing all API calls")])
+def test_retry_after_holds_every_thread(sample, run, status, said):
+    """After a 429 with Retry-After, or a busy 503 with one (e.g. too many archives in
+    preparation), no API request from any thread arrives before the window ends; then the run
+    goes on to the same tree."""
     sample.api_latency = 0.005
+    sample.throttle_status = status
     sample.throttle_calls = {8}
     sample.retry_after = 2
     code, _, err = run("--workers", "8")
     assert code == 0, err
-    first = [e for e in sample.log if e["status"] == 429][0]["t"]
+    first = [e for e in sample.log if e["status"] == status][0]["t"]
     early = [e for e in sample.log if first + 0.25 < e["t"] < first + 2.0 and not e["path"].startswith("/download")]
     assert early == []
-    assert "pausing all API calls" in err
-    assert tree(run.out) == sample_expected(sample)
-
-
-def test_busy_503_with_retry_after_holds_every_thread(sample, run):
-    """A 503 with Retry-After (SmugMug busy, e.g. too many archives in preparation): every API
-    call waits out the window, then the run goes on to the same tree."""
-    sample.api_latency = 0.005
-    sample.throttle_status = 503
-    sample.throttle_calls = {8}
-    sample.retry_after = 2
-    code, _, err = run("--workers", "8")
-    assert code == 0, err
-    first = [e for e in sample.log if e["status"] == 503][0]["t"]
-    early = [e for e in sample.log if first + 0.25 < e["t"] < first + 2.0 and not e["path"].startswith("/download")]
-    assert early == []
-    assert "SmugMug is busy (503): pausing all API calls" in err
+    assert said in err
     assert tree(run.out) == sample_expected(sample)
 
 
