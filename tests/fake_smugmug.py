@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """A SmugMug API v2 emulator for tests, benchmarks and trying the tool out.
 
-Serves real HTTP on 127.0.0.1 from a thread and plays the subset of the API
+Serves real HTTP on 127.0.0.1 from threads, on two ports: the API (fake.base) and
+the download host (fake.photos_base, as photos.smugmug.com), and plays the subset of the API
 described in shared/smugmug-api.md: the envelope, !authuser, users, nodes,
 paged !children (with a clamped count and _expand=Album), albums, the
 !download archive lifecycle (Init -> Processing -> Complete on time knobs),
@@ -26,7 +27,11 @@ out with zip_omit_videos; images still Processing never are in archives.
          BASE/video/IMAGEKEY/1920/NAME-1920.mp4 serves a transcode (other bytes)
 
 Request log kinds: walk, album, post, download-get, images, video (API calls);
-archive (zip parts), file (originals and transcodes).
+archive (zip parts), file (originals and transcodes). Status 0: an API call whose
+connection an outage cut, unanswered.
+
+The link can be taken away: fake.outage(seconds, mode) (or the outage_at trigger)
+refuses connections (or resets them) for a while, then serves again on the same ports.
 
     python tests/fake_smugmug.py --write-config demo-config.json
         # serve the sample and rich accounts, write a config, print the command to run
@@ -37,6 +42,7 @@ import bisect
 import dataclasses
 import datetime
 import email.utils
+import errno
 import functools
 import hashlib
 import http.server
@@ -559,7 +565,22 @@ class FakeSmugMug:
         self._bucket_lock = threading.Lock()
         self._bucket_time = time.monotonic()
         self._bucket_tokens = 0.0
-        self.server = None
+        # the two hosts and outages --------------------------------------
+        self.photos_host = True         # downloads on a second port (photos_base), as SmugMug serves
+                                        # them from photos.smugmug.com; False: on the API port
+        self.outage_at = None           # {"api_call": N}: an outage starts when the N-th API call
+                                        # arrives (that call's connection is cut, unanswered), or
+                                        # {"download_bytes": B}: once B bytes of downloads are sent
+                                        # in all (the download under way is cut there); fires once
+        self.outage_seconds = 1.0       # ... the length of that outage
+        self.outage_mode = "refuse"     # ... and its mode (see outage())
+        self.outage_log = []            # (start, end) monotonic times of the outages played
+        self._refuse_until = self._reset_until = 0.0
+        self._outage_timers = []
+        self._serve_lock = threading.Lock()
+        self._stopped = False
+        self.server = self.photos_server = None
+        self.port = self.photos_port = None
 
     # -- building the account ---------------------------------------------
 
@@ -690,32 +711,148 @@ class FakeSmugMug:
 
     @property
     def base(self):
-        return "http://127.0.0.1:%d" % self.server.server_address[1]
+        """The API host: http://127.0.0.1:PORT."""
+        return "http://127.0.0.1:%d" % self.port
+
+    @property
+    def photos_base(self):
+        """The download host (photos.smugmug.com's part): every archive, original, transcode and
+        rendition link the emulator hands out is on it; the API host when photos_host is off."""
+        return "http://127.0.0.1:%d" % (self.photos_port if self.photos_host else self.port)
+
+    def _listen(self, port, name):
+        """A _Server on 127.0.0.1:port (0: any), serving from a daemon thread. A given port is
+        bound with SO_REUSEADDR, retried for up to 2 s while the system still holds it."""
+        deadline = time.monotonic() + 2.0
+        while True:
+            try:
+                server = _Server(("127.0.0.1", port), _Handler)
+                break
+            except OSError as exc:
+                if not port or exc.errno != errno.EADDRINUSE or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.02)
+        server.fake = self
+        threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, name=name,
+                         daemon=True).start()
+        return server
 
     def start(self):
-        self.server = _Server(("127.0.0.1", 0), _Handler)
-        self.server.fake = self
-        thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05},
-                                  name="fake-smugmug", daemon=True)
-        thread.start()
+        """Serves the API and the download host, each on a new port."""
+        self._stopped = False
+        self.server = self._listen(0, "fake-smugmug")
+        self.photos_server = self._listen(0, "fake-smugmug-photos")
+        self.port, self.photos_port = self.server.server_address[1], self.photos_server.server_address[1]
         return self
 
-    def stop(self):
-        if self.server:
-            self.server.shutdown()
-            self.server.server_close()
+    def _close_servers(self):
+        """Both ports stop listening (connections already open are left alone)."""
+        with self._serve_lock:
+            servers = [s for s in (self.server, self.photos_server) if s is not None and not s.closed]
+            for server in servers:
+                server.closed = True
+        stoppers = [threading.Thread(target=server.shutdown, daemon=True) for server in servers]
+        for thread in stoppers:        # each waits up to a poll interval: both at once
+            thread.start()
+        for thread in stoppers:
+            thread.join()
+        for server in servers:
+            server.server_close()
 
-    def vanish(self):
-        """The server goes away: the port stops listening and every open connection is cut.
-        start() serves again, on a new port."""
-        self.stop()
+    def cut_connections(self):
+        """Cuts every open connection at once (downloads in flight included): the client sees
+        its connection end (a reset where the server closes it first)."""
         with self.lock:
             connections, self.connections = list(self.connections), set()
         for sock in connections:
             try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            except OSError:
+                pass
+            try:
                 sock.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
+
+    def stop(self):
+        """Both ports stop listening for good (an outage under way never gives them back)."""
+        self._stopped = True
+        for timer in self._outage_timers:
+            timer.cancel()
+        self._close_servers()
+
+    def vanish(self):
+        """The server goes away: both ports stop listening and every open connection is cut.
+        start() serves again, on new ports."""
+        self.stop()
+        self.cut_connections()
+
+    # -- outages ------------------------------------------------------------
+
+    def outage(self, seconds, mode="refuse"):
+        """Takes the link away for `seconds`, from now; returns at once (a timer ends it).
+        mode "refuse": both ports stop listening and every open connection is cut; a connect is
+        refused until, after `seconds`, both listen again ON THE SAME PORTS. mode "reset": both
+        keep listening, but every connection accepted is reset at once (ECONNRESET), and every
+        open one is cut. Each outage is logged in outage_log as (start, end), monotonic times."""
+        if mode not in ("refuse", "reset"):
+            raise ValueError("outage mode %r: refuse or reset" % mode)
+        start = time.monotonic()
+        with self.lock:
+            self.outage_log.append((start, start + seconds))
+            index = len(self.outage_log) - 1
+            if mode == "refuse":
+                self._refuse_until = max(self._refuse_until, start + seconds)
+            else:
+                self._reset_until = max(self._reset_until, start + seconds)
+        if mode == "refuse":
+            self._close_servers()
+        self.cut_connections()
+        timer = threading.Timer(seconds, self._outage_over, args=(index, mode))
+        timer.daemon = True
+        self._outage_timers.append(timer)
+        timer.start()
+
+    def _outage_over(self, index, mode):
+        with self.lock:
+            if self._stopped or time.monotonic() < (self._refuse_until if mode == "refuse"
+                                                    else self._reset_until) - 0.001:
+                return              # stopped meanwhile, or a later outage still runs
+        if mode == "refuse":
+            with self._serve_lock:
+                if self._stopped:
+                    return
+                self.server = self._listen(self.port, "fake-smugmug")
+                self.photos_server = self._listen(self.photos_port, "fake-smugmug-photos")
+        with self.lock:
+            self.outage_log[index] = (self.outage_log[index][0], time.monotonic())
+
+    def resetting(self):
+        """True while an outage of mode "reset" lasts."""
+        return time.monotonic() < self._reset_until
+
+    def in_outage(self):
+        """True while any outage lasts."""
+        now = time.monotonic()
+        return now < self._reset_until or now < self._refuse_until
+
+    def _trigger_outage(self, what, value):
+        """Starts the outage outage_at names once `what` ("api_call", "download_bytes") reaches
+        its value; the trigger is then spent (outage_at becomes None). True if it started."""
+        with self.lock:
+            at = self.outage_at
+            if not at or what not in at or value < at[what]:
+                return False
+            self.outage_at = None
+        self.outage(self.outage_seconds, self.outage_mode)
+        return True
+
+    def download_bytes_before_outage(self):
+        """Bytes of downloads that may still be sent before outage_at's download trigger, or None."""
+        at = self.outage_at
+        if not at or "download_bytes" not in at:
+            return None
+        return max(0, at["download_bytes"] - self.download_bytes)
 
     def config(self, output_dir, **extra):
         data = {"app_key": self.app_key, "app_key_secret": self.app_secret,
@@ -797,7 +934,7 @@ class FakeSmugMug:
                     "Part": i if self.zero_based_parts else i + 1, "FileName": name, "Status": status,
                     "DateAdded": iso(added), "DateModified": iso(added),
                     "Size": content.size,
-                    "WebUri": "%s/%s/%s/%d/%s" % ("" if self.relative_web_uri else self.base,
+                    "WebUri": "%s/%s/%s/%d/%s" % ("" if self.relative_web_uri else self.photos_base,
                                                   "redirect" if self.redirect_downloads else "download",
                                                   urllib.parse.quote(archive.archive_id, safe=""),
                                                   i + 1, urllib.parse.quote(name, safe="")),
@@ -864,14 +1001,14 @@ class FakeSmugMug:
                 "UriDescription": "Album by key", "Uris": uris}
 
     def original_url(self, image):
-        url = "%s/original/%s/%s" % (self.base, image.key, urllib.parse.quote(image.file_name, safe=""))
+        url = "%s/original/%s/%s" % (self.photos_base, image.key, urllib.parse.quote(image.file_name, safe=""))
         if self.file_url_signature:
             url += "?Expires=1900000000&Signature=" + urllib.parse.quote(self.file_url_signature)
         return url
 
     def transcode_url(self, image):
         stem = image.file_name.rsplit(".", 1)[0] if "." in image.file_name else image.file_name
-        return "%s/video/%s/1920/%s" % (self.base, image.key, urllib.parse.quote(stem + "-1920.mp4", safe=""))
+        return "%s/video/%s/1920/%s" % (self.photos_base, image.key, urllib.parse.quote(stem + "-1920.mp4", safe=""))
 
     def image_json(self, album, image):
         """An AlbumImage object, shaped like the recorded !images listing."""
@@ -951,13 +1088,25 @@ def envelope(method, request_uri, uri, locator, locator_type, payload, pages=Non
 
 class _Server(socketserver.ThreadingMixIn, http.server.HTTPServer):
     daemon_threads = True
-    allow_reuse_address = True
+    allow_reuse_address = True         # SO_REUSEADDR: an outage gives the same port back
     request_queue_size = 128
+    closed = False                     # set once this listener is shut
 
     def process_request(self, request, client_address):
+        if self.fake.resetting():      # an outage of mode "reset": RST at once (SO_LINGER 0)
+            try:
+                request.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            finally:
+                request.close()
+            return
         with self.fake.lock:
             self.fake.connections.add(request)
         super().process_request(request, client_address)
+
+    def shutdown_request(self, request):
+        with self.fake.lock:
+            self.fake.connections.discard(request)
+        super().shutdown_request(request)
 
     def handle_error(self, request, client_address):
         """Clients hanging up (cut downloads, killed runs) are normal here."""
@@ -1072,8 +1221,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             if path.startswith("/api/v2"):
                 return self.api(method, path, query, body)
             self.send_error_json(404, "Not Found")
-        except (BrokenPipeError, ConnectionResetError):
-            pass
+        except (BrokenPipeError, ConnectionResetError, ConnectionAbortedError):
+            self.close_connection = True
 
     def api(self, method, path, query, body, moved=False):
         fake = self.fake
@@ -1081,6 +1230,10 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             fake.api_count += 1
             number = fake.api_count
         kind = self.kind_of(method, path)
+        if fake._trigger_outage("api_call", number):      # this call's connection is cut, unanswered
+            self.record(method, path, query, 0, kind)
+            self.close_connection = True
+            return
         if fake.api_latency:
             time.sleep(fake.api_latency)
         now = time.monotonic()
@@ -1351,7 +1504,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         if route == "original" and image.key in fake.refuse_originals:
             self.record(method, path, {}, 403, "file")
             return self.send_error_json(403, "You do not have permission to download %s%s"
-                                        % (fake.base, self.path))
+                                        % ("http://%s" % self.headers.get("Host"), self.path))
         content = image.content() if route == "original" else image.transcode()
         flip = None
         if image.key in fake.wrong_file_once and content.size:
@@ -1416,6 +1569,12 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         pos = start
         while pos < end:
             n = min(256 * 1024, end - pos)
+            before_outage = fake.download_bytes_before_outage()
+            if before_outage is not None:
+                n = min(n, before_outage)
+                if n == 0 and fake._trigger_outage("download_bytes", fake.download_bytes):
+                    raise ConnectionAbortedError("an outage began")
+                n = n or min(256 * 1024, end - pos)     # another thread fired it meanwhile
             fake.take_bandwidth(n)
             chunk = content.read(pos, pos + n)
             if flip_at is not None and pos <= flip_at < pos + n:
@@ -1429,6 +1588,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 self.count_sent(-n, served_key)
                 raise
             pos += n
+            if before_outage is not None and fake._trigger_outage("download_bytes", fake.download_bytes):
+                raise ConnectionAbortedError("an outage began")
         if end < size:
             self.close_connection = True
             self.wfile.flush()

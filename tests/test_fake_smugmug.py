@@ -2,8 +2,10 @@
 
 import hashlib
 import io
+import socket
 import time
 import tracemalloc
+import urllib.parse
 import zipfile
 import zlib
 
@@ -395,3 +397,102 @@ def test_sample_and_rich_accounts_side_by_side(fake):
     assert all(im.caption for im in fake.albums[rich["captions"]].images)
     names = [fake.nodes[n].name for n in fake.nodes[fake.root_id].children]
     assert len(names) == len(set(names)) and "Rich Media" in names
+
+
+# -- two hosts and outages ------------------------------------------------------------------
+
+def port_of(url):
+    return urllib.parse.urlsplit(url).port
+
+
+def raw_get(port, path="/api/v2!authuser"):
+    """A bare GET on a new connection: the first bytes of the answer (or the OSError raised)."""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=2) as sock:
+            sock.sendall(b"GET %s HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n" % path.encode())
+            return sock.recv(64)
+    except OSError as exc:
+        return exc
+
+
+def test_downloads_are_served_from_a_second_port(fast):
+    """Every download link (archive WebUri, /redirect/, ArchivedUri, !largestvideo Url) is on
+    photos_base, another port than the API's; the OAuth check stays; relative_web_uri still
+    gives a path on the API host."""
+    keys = fake_smugmug.rich_account(fast)
+    assert fast.photos_base != fast.base and port_of(fast.photos_base) != port_of(fast.base)
+    downloads = complete_downloads(fast, keys["video"])
+    assert downloads[0]["WebUri"].startswith(fast.photos_base + "/download/")
+    assert get(fast, downloads[0]["WebUri"]).content == fast.expected_parts(keys["video"])[downloads[0]["FileName"]]
+    assert requests.get(downloads[0]["WebUri"], timeout=5).status_code == 401       # unsigned
+    objects = payload(get(fast, "/api/v2/album/%s!images" % keys["video"]))
+    assert all(o["ArchivedUri"].startswith(fast.photos_base + "/original/") for o in objects)
+    video = [o for o in objects if o["IsVideo"]][0]
+    url = payload(get(fast, video["Uris"]["LargestVideo"]["Uri"]))["Url"]
+    assert url.startswith(fast.photos_base + "/video/") and get(fast, url).status_code == 200
+    fast.redirect_downloads = True
+    link = payload(get(fast, "/api/v2/album/%s!download" % keys["video"]))[0]["WebUri"]
+    assert link.startswith(fast.photos_base + "/redirect/")
+    fast.relative_web_uri = True
+    assert payload(get(fast, "/api/v2/album/%s!download" % keys["video"]))[0]["WebUri"].startswith("/redirect/")
+    fast.photos_host = False
+    assert fast.original_url(fast.albums[keys["video"]].images[0]).startswith(fast.base + "/original/")
+
+
+def test_outage_refuses_then_listens_again_on_the_same_ports(fast):
+    """outage(s): both ports refuse connections at once, open connections (a download in flight)
+    are cut; after s seconds both answer again on the same port numbers; outage_log has it."""
+    key = fast.add_album("Slow", sizes=(400_000,))
+    url = complete_downloads(fast, key)[0]["WebUri"]
+    api, photos = fast.port, fast.photos_port
+    fast.bandwidth = 1_000_000                              # 0.4 s for the part
+    response = get(fast, url, stream=True)
+    started = time.monotonic()
+    fast.outage(0.3)
+    assert time.monotonic() - started < 0.2                 # it returns at once
+    with pytest.raises(requests.exceptions.RequestException):
+        response.content                                    # the download in flight is cut
+    assert isinstance(raw_get(api), ConnectionRefusedError)
+    assert isinstance(raw_get(photos), ConnectionRefusedError)
+    with pytest.raises(requests.exceptions.ConnectionError):
+        get(fast, "/api/v2!authuser")
+    assert fast.in_outage()
+    time.sleep(0.4)
+    assert not fast.in_outage() and (fast.port, fast.photos_port) == (api, photos)
+    assert get(fast, "/api/v2!authuser").status_code == 200
+    fast.bandwidth = None
+    assert get(fast, url).content == fast.expected_parts(key)["%s.zip" % key]
+    (start, end), = fast.outage_log
+    assert 0.28 <= end - start < 0.45
+
+
+def test_outage_reset_mode_resets_every_connection(fast):
+    """mode "reset": the ports keep listening, but each connection is reset (ECONNRESET)."""
+    fast.outage(0.25, mode="reset")
+    for port in (fast.port, fast.photos_port):
+        answer = raw_get(port)
+        assert isinstance(answer, ConnectionResetError) or answer == b"", answer
+    with pytest.raises(requests.exceptions.ConnectionError):
+        get(fast, "/api/v2!authuser")
+    time.sleep(0.3)
+    assert get(fast, "/api/v2!authuser").status_code == 200
+    assert raw_get(fast.photos_port, "/nothing").startswith(b"HTTP/1.1 404")
+
+
+def test_outage_triggers_on_an_api_call_or_download_bytes(fast):
+    """outage_at {"api_call": N}: the N-th API call's connection is cut, unanswered, and the
+    outage starts; {"download_bytes": B}: the download that reaches B bytes is cut there."""
+    key = fast.add_album("Two", sizes=(5000,))
+    fast.outage_at, fast.outage_seconds = {"api_call": 2}, 0.15
+    assert get(fast, "/api/v2!authuser").status_code == 200
+    with pytest.raises(requests.exceptions.ConnectionError):
+        get(fast, "/api/v2!authuser")
+    assert fast.outage_at is None and len(fast.outage_log) == 1
+    time.sleep(0.2)
+    url = complete_downloads(fast, key)[0]["WebUri"]
+    fast.outage_at, fast.outage_mode = {"download_bytes": 1000}, "reset"
+    with pytest.raises(requests.exceptions.RequestException):
+        get(fast, url).content
+    assert fast.download_bytes == 1000 and len(fast.outage_log) == 2 and fast.resetting()
+    time.sleep(0.2)
+    assert len(get(fast, url).content) == fast.albums[key].images[0].size + 22 + 30 + 46 + 2 * len("IMG_0001.jpg")
