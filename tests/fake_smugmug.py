@@ -45,9 +45,11 @@ import email.utils
 import errno
 import functools
 import hashlib
+import hmac
 import http.server
 import itertools
 import json
+import math
 import os
 import random
 import shlex
@@ -69,6 +71,10 @@ APP_KEY, APP_SECRET = "test-app-key-7f3a", "test-app-secret-91c2"
 ACCESS_KEY, ACCESS_SECRET = "test-access-token-5d8e", "test-access-secret-2b6f"
 PATTERN_PERIOD = 65521       # a prime: content shifted by any offset differs
 T0 = datetime.datetime(2020, 1, 1, tzinfo=datetime.timezone.utc)
+
+
+LOGIN_PAGE = ("<html><head><title>SmugMug - Log In</title></head><body>"
+              "<form action='/login'>Please log in</form></body></html>")
 
 
 def iso(moment):
@@ -539,6 +545,37 @@ class FakeSmugMug:
         self.gone_parts = set()         # (album key, part number): that part of the album's first
                                         # archive answers 404 (expired) while the others stream
         self.no_largest_video = set()   # image keys: !largestvideo answers 404
+        # an honest quota ------------------------------------------------
+        self.quota = None               # (calls, window seconds): fixed windows from the first API
+                                        # call; every API answer carries X-RateLimit-Limit,
+                                        # -Remaining (left in this window after this call) and
+                                        # -Reset (epoch s, when it ends); a call past the window's
+                                        # calls gets 429 + Retry-After (whole s to its end, rounded
+                                        # up), is not counted, and is logged in quota_refused.
+                                        # Downloads are not API calls: never counted.
+        self.quota_refused = []         # (monotonic time, path) of the calls refused by the quota
+        self.quota_windows = []         # (start, end) monotonic times of each window that ran out
+        self._quota_state = None        # (quota, first call time, {window index: calls used})
+        # faults on lists and answers ------------------------------------
+        self.fail_pages = {}            # {("images" | "walk", START): STATUS}: that page of every
+                                        # !images (or !children) list answers STATUS, JSON error body
+        self.fail_pages_times = 0       # ... only the first n times per list and page (0: always)
+        self._page_failures = {}
+        self.cut_api_calls = set()      # API call numbers: a 200 with the whole body's Content-Length,
+                                        # half the body sent, then the connection closed
+        self.bad_gzip_calls = set()     # API call numbers: a 200 with Content-Encoding gzip and a body
+                                        # that is not gzip
+        self.auth_message = None        # str: every API call answers 401 {"Code": 401, "Message": it}
+                                        # (e.g. an API key without v2 access)
+        self.post_forbidden = False     # every POST !download answers 403 (a token without Add
+                                        # permission); GETs (Read) keep working
+        self.echo_bare_path = False     # refuse_originals' 403 echoes the link as a bare path with
+                                        # its query ("/original/KEY/NAME?Expires=..."), no host
+        self.link_lifetime = None       # seconds: archive WebUris carry ?Expires=<epoch>&Signature=
+                                        # <hex>; a GET after Expires (or with a wrong signature)
+                                        # answers 403 with an HTML body. None: links never expire
+        self.expired_link_login_page = False   # ... 200 with an HTML login page instead of the 403
+        self.link_clock_skew = 0.0      # seconds added to the clock links expire by (expire_links())
         # answer variants (each off by default) ----------------------------
         self.omit_next_page = False     # Pages never carries NextPage, though Total says more
         self.later_pages_missing = False  # a list asked from start > 1 answers 404 (a server replaying
@@ -847,6 +884,49 @@ class FakeSmugMug:
         self.outage(self.outage_seconds, self.outage_mode)
         return True
 
+    # -- the quota ----------------------------------------------------------
+
+    def take_quota(self, arrived, path):
+        """Counts an API call that arrived at `arrived` against quota: (the X-RateLimit headers
+        of its answer, None) or, where its window's calls are used up, (headers, Retry-After
+        seconds) and the call is logged in quota_refused."""
+        calls, window = self.quota
+        with self.lock:
+            if self._quota_state is None or self._quota_state[0] != self.quota:
+                self._quota_state = (self.quota, arrived, {})
+            _, first, used = self._quota_state
+            index = int((arrived - first) // window)
+            start = first + index * window
+            end = start + window
+            refused = used.get(index, 0) >= calls
+            if refused:
+                self.quota_refused.append((arrived, path))
+            else:
+                used[index] = used.get(index, 0) + 1
+                if used[index] == calls:
+                    self.quota_windows.append((start, end))
+            remaining = calls - used.get(index, 0)
+        left = end - time.monotonic()
+        headers = {"X-RateLimit-Limit": str(calls), "X-RateLimit-Remaining": str(remaining),
+                   "X-RateLimit-Reset": str(math.ceil(time.time() + left))}
+        return headers, (max(1, math.ceil(left)) if refused else None)
+
+    def quota_violations(self, grace=0.25):
+        """API calls (time, path) that arrived inside a closed window: later than `grace`
+        seconds after the first 429 of their window (calls already under way then are forgiven)."""
+        with self.lock:
+            if self._quota_state is None:
+                return []
+            (_, window), first, _ = self._quota_state
+            refused = sorted(self.quota_refused)
+        first_refusal, out = {}, []
+        for t, path in refused:
+            index = int((t - first) // window)
+            first_refusal.setdefault(index, t)
+            if t > first_refusal[index] + grace:
+                out.append((t, path))
+        return out
+
     def download_bytes_before_outage(self):
         """Bytes of downloads that may still be sent before outage_at's download trigger, or None."""
         at = self.outage_at
@@ -934,10 +1014,11 @@ class FakeSmugMug:
                     "Part": i if self.zero_based_parts else i + 1, "FileName": name, "Status": status,
                     "DateAdded": iso(added), "DateModified": iso(added),
                     "Size": content.size,
-                    "WebUri": "%s/%s/%s/%d/%s" % ("" if self.relative_web_uri else self.photos_base,
-                                                  "redirect" if self.redirect_downloads else "download",
-                                                  urllib.parse.quote(archive.archive_id, safe=""),
-                                                  i + 1, urllib.parse.quote(name, safe="")),
+                    "WebUri": "%s/%s/%s/%d/%s%s" % ("" if self.relative_web_uri else self.photos_base,
+                                                    "redirect" if self.redirect_downloads else "download",
+                                                    urllib.parse.quote(archive.archive_id, safe=""),
+                                                    i + 1, urllib.parse.quote(name, safe=""),
+                                                    self.link_query(archive, i + 1)),
                     "Uri": "/api/v2/album/%s!download" % key}
                 if self.omit_part_numbers:
                     del obj["Part"]
@@ -951,6 +1032,38 @@ class FakeSmugMug:
                     obj["DateAdded"] = None
                 out.append(obj)
         return out
+
+    def link_clock(self):
+        """The time (epoch seconds) by which archive links expire."""
+        return time.time() + self.link_clock_skew
+
+    def expire_links(self):
+        """Every archive link handed out so far expires (as if the machine had slept for
+        link_lifetime + 1 s); links handed out from now on are fresh."""
+        self.link_clock_skew += (self.link_lifetime or 0) + 1
+
+    def link_signature(self, archive, part, expires):
+        message = ("%s|%d|%d" % (archive.archive_id, part, expires)).encode()
+        return hmac.new(b"fake-cdn-secret", message, hashlib.sha256).hexdigest()[:40]
+
+    def link_query(self, archive, part):
+        """?Expires=...&Signature=... of an archive link handed out now (with link_lifetime)."""
+        if self.link_lifetime is None:
+            return ""
+        expires = int(self.link_clock() + self.link_lifetime)
+        return "?Expires=%d&Signature=%s" % (expires, self.link_signature(archive, part, expires))
+
+    def link_valid(self, archive, part, query):
+        """False for an archive link that has expired or whose signature is wrong. Links without
+        Expires (handed out while link_lifetime was None) never expire."""
+        if "Expires" not in query and "Signature" not in query:
+            return True
+        try:
+            expires = int(query.get("Expires", ""))
+        except ValueError:
+            return False
+        return (hmac.compare_digest(query.get("Signature", ""), self.link_signature(archive, part, expires))
+                and self.link_clock() < expires)
 
     # -- JSON objects -----------------------------------------------------
 
@@ -1118,6 +1231,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     disable_nagle_algorithm = True     # else each answer may wait ~40 ms for a delayed ACK
 
+    api_headers: Dict[str, str] = {}
+
     def log_message(self, *args):
         pass
 
@@ -1143,7 +1258,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self.send_response(status)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(data)))
-        for k, v in (headers or {}).items():
+        for k, v in dict(self.api_headers, **(headers or {})).items():
             self.send_header(k, v)
         self.end_headers()
         if self.command != "HEAD":
@@ -1199,6 +1314,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     # -- routing ------------------------------------------------------------
 
     def dispatch(self, method):
+        self.api_headers = {}          # sent with every answer of this request (the quota's)
         split = urllib.parse.urlsplit(self.path)
         path, query = urllib.parse.unquote(split.path), dict(urllib.parse.parse_qsl(split.query))
         body = self.read_body()
@@ -1213,9 +1329,10 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 ok, _ = self.verify_oauth(method, b"", self.fake.tokens)
                 if not ok:
                     return self.send_error_json(401, "oauth_problem=signature_invalid")
-                return self.send(302, b"", content_type="text/plain",
-                                 headers={"Location": urllib.parse.quote("/download/" + path[len("/redirect/"):],
-                                                                         safe="/")})
+                location = urllib.parse.quote("/download/" + path[len("/redirect/"):], safe="/")
+                if split.query:                    # a signed link keeps its Expires and Signature
+                    location += "?" + split.query
+                return self.send(302, b"", content_type="text/plain", headers={"Location": location})
             if path.startswith("/moved/api/v2"):       # where api_redirects send API calls
                 return self.api(method, path[len("/moved"):], query, body, moved=True)
             if path.startswith("/api/v2"):
@@ -1226,6 +1343,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
     def api(self, method, path, query, body, moved=False):
         fake = self.fake
+        arrived = time.monotonic()
         with fake.lock:
             fake.api_count += 1
             number = fake.api_count
@@ -1241,6 +1359,12 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         if fake.rate_remaining is not None:
             headers = {"X-RateLimit-Remaining": str(fake.rate_remaining),
                        "X-RateLimit-Reset": str(int(time.time()) + 1)}
+        if fake.quota:
+            self.api_headers, wait = fake.take_quota(arrived, path)
+            if wait is not None:
+                self.record(method, path, query, 429, kind)
+                return self.send(429, {"Code": 429, "Message": "Too Many Requests"},
+                                 headers={"Retry-After": str(wait)})
         if now < fake.throttle_until:
             fake.throttled_log.append((now, path))
             self.record(method, path, query, fake.throttle_status, kind)
@@ -1256,6 +1380,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self.record(method, path, query, fake.throttle_status, kind)
             return self.send(fake.throttle_status, {"Code": fake.throttle_status, "Message": "Too Many Requests"},
                              headers={"Retry-After": str(fake.retry_after)})
+        if fake.auth_message is not None:
+            self.record(method, path, query, 401, kind)
+            return self.send_error_json(401, fake.auth_message)
         ok, _params = self.verify_oauth(method, body, fake.tokens)
         revoked = fake.revoke_after is not None and number > fake.revoke_after
         if not ok or revoked:
@@ -1282,13 +1409,57 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self.record(method, path, query, 200, kind)
             return self.send(200, "<html>SmugMug API browser</html>", content_type="text/html")
         start = int(query.get("start", "1") or 1)
+        failed = self.failed_page(method, path, start)
+        if failed is not None:
+            self.record(method, path, query, failed[0], kind)
+            return self.send(*failed)
         canned = fake.canned.get((path, start)) or fake.canned.get((path, None))
         if canned is not None and method == "GET":
+            status, answer = 200, canned
+        else:
+            status, answer = self.route(method, path, query)
+        if number in fake.cut_api_calls or number in fake.bad_gzip_calls:
             self.record(method, path, query, 200, kind)
-            return self.send(200, canned, headers=headers)
-        status, answer = self.route(method, path, query)
+            return self.send_broken(answer, headers, cut=number in fake.cut_api_calls)
         self.record(method, path, query, status, kind)
         self.send(status, answer, headers=headers)
+
+    def failed_page(self, method, path, start):
+        """(status, JSON error body) where fail_pages fails this page of a list, else None."""
+        fake = self.fake
+        kind = "images" if path.endswith("!images") else "walk" if path.endswith("!children") else None
+        status = fake.fail_pages.get((kind, start)) if kind and method == "GET" else None
+        if not status:
+            return None
+        with fake.lock:
+            done = fake._page_failures.get((path, start), 0)
+            if fake.fail_pages_times and done >= fake.fail_pages_times:
+                return None
+            fake._page_failures[(path, start)] = done + 1
+        message = http.HTTPStatus(status).phrase if status in http.HTTPStatus._value2member_map_ else "Error"
+        return status, {"Response": {"Uri": "%s?start=%d" % (path, start)}, "Code": status, "Message": message}
+
+    def send_broken(self, answer, headers, cut):
+        """A 200 whose body does not arrive whole: cut (Content-Length of the whole JSON body,
+        half of it sent, then the connection closed) or sent as Content-Encoding gzip while it
+        is not gzip."""
+        data = answer if isinstance(answer, bytes) else json.dumps(answer).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        if not cut:
+            self.send_header("Content-Encoding", "gzip")
+        for k, v in dict(self.api_headers, **headers).items():
+            self.send_header(k, v)
+        self.end_headers()
+        self.wfile.write(data[:len(data) // 2] if cut else data)
+        self.wfile.flush()
+        if cut:
+            self.close_connection = True
+            try:
+                self.connection.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
 
     @staticmethod
     def kind_of(method, path):
@@ -1411,6 +1582,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     def album_download(self, method, request_uri, path, album):
         fake = self.fake
         if method == "POST":
+            if fake.post_forbidden:
+                return 403, {"Code": 403, "Message": "Permission denied: this token lacks the Add permission"}
             if not album.allow_downloads:
                 return 403, {"Code": 403, "Message": "Downloads are not allowed for this album"}
             if album.key in fake.never_list:
@@ -1457,6 +1630,13 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             return self.send_error_json(404, "Not Found")
         part_index = int(pieces[3]) - 1
         name, content = archive.parts[part_index]
+        if not fake.link_valid(archive, part_index + 1, self.query_of(self.path)):
+            if fake.expired_link_login_page:
+                self.record(method, path, {"range": self.headers.get("Range")}, 200, "archive")
+                return self.send(200, LOGIN_PAGE, content_type="text/html")
+            self.record(method, path, {"range": self.headers.get("Range")}, 403, "archive")
+            return self.send(403, "<html><head><title>403 Forbidden</title></head><body><h1>Forbidden</h1>"
+                                  "<p>Request has expired</p></body></html>", content_type="text/html")
         key = (archive.archive_id, part_index)
         with fake.lock:
             attempt = fake._download_attempts.get(key, 0)
@@ -1504,7 +1684,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         if route == "original" and image.key in fake.refuse_originals:
             self.record(method, path, {}, 403, "file")
             return self.send_error_json(403, "You do not have permission to download %s%s"
-                                        % ("http://%s" % self.headers.get("Host"), self.path))
+                                        % ("" if fake.echo_bare_path else "http://%s" % self.headers.get("Host"),
+                                           self.path))
         content = image.content() if route == "original" else image.transcode()
         flip = None
         if image.key in fake.wrong_file_once and content.size:

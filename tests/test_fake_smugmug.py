@@ -1,6 +1,8 @@
 """The emulator itself, over real HTTP: zips, images, originals, videos and the archive knobs."""
 
 import hashlib
+import json
+import os
 import io
 import socket
 import time
@@ -15,6 +17,8 @@ from requests_oauthlib import OAuth1
 
 import fake_smugmug
 from fake_smugmug import ACCESS_KEY, ACCESS_SECRET, Content, FakeImage, ZipContent
+
+DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
 
 # Every key of an AlbumImage object in the recorded listing (smugcli/album_images.json).
 RECORDED_IMAGE_KEYS = {
@@ -496,3 +500,131 @@ def test_outage_triggers_on_an_api_call_or_download_bytes(fast):
     assert fast.download_bytes == 1000 and len(fast.outage_log) == 2 and fast.resetting()
     time.sleep(0.2)
     assert len(get(fast, url).content) == fast.albums[key].images[0].size + 22 + 30 + 46 + 2 * len("IMG_0001.jpg")
+
+
+# -- the quota --------------------------------------------------------------------------------
+
+def test_quota_counts_api_calls_in_fixed_windows(fast):
+    """quota (3 calls, 0.4 s): every API answer says limit, remaining and reset; the 4th call of
+    the window gets 429 with Retry-After up to its end and is logged; downloads are not counted;
+    the next window serves again."""
+    key = fast.add_album("Quota", sizes=(2000,))
+    fast.quota = (3, 0.4)
+    first = get(fast, "/api/v2!authuser")
+    started = time.monotonic()
+    assert first.headers["X-RateLimit-Limit"] == "3" and first.headers["X-RateLimit-Remaining"] == "2"
+    assert 0 <= int(first.headers["X-RateLimit-Reset"]) - time.time() <= 1.5
+    url = payload(get(fast, "/api/v2/album/%s!images" % key))[0]["ArchivedUri"]
+    assert "X-RateLimit-Remaining" not in get(fast, url).headers              # a download: not counted
+    third = get(fast, "/api/v2/album/%s" % key)
+    assert third.status_code == 200 and third.headers["X-RateLimit-Remaining"] == "0"
+    refused = get(fast, "/api/v2/album/%s" % key)
+    assert refused.status_code == 429 and refused.headers["Retry-After"] == "1"
+    assert refused.headers["X-RateLimit-Remaining"] == "0" and refused.json()["Code"] == 429
+    assert [p for _, p in fast.quota_refused] == ["/api/v2/album/%s" % key]
+    (start, end), = fast.quota_windows
+    assert abs(end - start - 0.4) < 1e-9 and start <= started
+    assert fast.quota_violations() == []
+    time.sleep(max(0, end - time.monotonic()) + 0.01)
+    again = get(fast, "/api/v2/album/%s" % key)
+    assert again.status_code == 200 and again.headers["X-RateLimit-Remaining"] == "2"
+    get(fast, "/api/v2!authuser"), get(fast, "/api/v2!authuser")
+    assert get(fast, "/api/v2!authuser").status_code == 429
+    time.sleep(0.26)
+    assert get(fast, "/api/v2!authuser").status_code == 429               # inside the closed window
+    assert len(fast.quota_windows) == 2 and len(fast.quota_violations()) == 1
+
+
+# -- faults on lists and answers --------------------------------------------------------------
+
+def test_fail_pages_fail_one_page_of_a_list(fake):
+    """fail_pages: the !images page from START (and a !children page) answer the status with a
+    JSON error, every time or (fail_pages_times) the first n times per list."""
+    fake.images_max_count = 2
+    key = fake.add_album("Pages", sizes=(100, 200, 300))
+    fake.add_folder("F1"), fake.add_folder("F2")
+    fake.fail_pages = {("images", 3): 500, ("walk", 1): 404}
+    assert get(fake, "/api/v2/album/%s!images" % key).status_code == 200
+    for _ in range(2):
+        failed = get(fake, "/api/v2/album/%s!images?count=2&start=3" % key)
+        assert failed.status_code == 500 and failed.json()["Code"] == 500
+    children = get(fake, "/api/v2/node/%s!children" % fake.root_id)
+    assert children.status_code == 404 and children.json()["Message"] == "Not Found"
+    fake.fail_pages_times = 3
+    assert get(fake, "/api/v2/album/%s!images?count=2&start=3" % key).status_code == 500
+    assert get(fake, "/api/v2/album/%s!images?count=2&start=3" % key).status_code == 200   # failed 3 times
+    assert [e["status"] for e in fake.calls("images")] == [200, 500, 500, 500, 200]
+
+
+def test_cut_and_bad_gzip_answers(fake):
+    """cut_api_calls: a 200 whose body stops half way (ChunkedEncodingError); bad_gzip_calls:
+    Content-Encoding gzip on bytes that are not gzip (ContentDecodingError)."""
+    fake.cut_api_calls, fake.bad_gzip_calls = {1}, {2}
+    with pytest.raises(requests.exceptions.ChunkedEncodingError):
+        get(fake, "/api/v2!authuser")
+    with pytest.raises(requests.exceptions.ContentDecodingError):
+        get(fake, "/api/v2!authuser")
+    assert payload(get(fake, "/api/v2!authuser"))["NickName"] == fake.nickname
+
+
+def test_post_forbidden_leaves_reading_alone(fast):
+    """post_forbidden: POST !download is 403 (no Add permission); GET !download, !images and
+    the originals still answer."""
+    key = fast.add_album("Read only", sizes=(1500,))
+    fast.post_forbidden = True
+    refused = post(fast, "/api/v2/album/%s!download" % key)
+    assert refused.status_code == 403
+    assert refused.json() == {"Code": 403, "Message": "Permission denied: this token lacks the Add permission"}
+    assert get(fast, "/api/v2/album/%s!download" % key).status_code == 200
+    url = payload(get(fast, "/api/v2/album/%s!images" % key))[0]["ArchivedUri"]
+    assert get(fast, url).content == fast.original_bytes(fast.albums[key].images[0].key)
+
+
+def test_refusal_echoes_a_bare_path(fake):
+    """echo_bare_path: the 403 of a refused original echoes "/original/KEY/NAME?query", no host."""
+    key = fake.add_album("Refused", sizes=(100,))
+    image = fake.albums[key].images[0]
+    fake.refuse_originals, fake.file_url_signature = {image.key}, "sig-1"
+    url = fake.original_url(image)
+    assert get(fake, url).json()["Message"].endswith(url)
+    fake.echo_bare_path = True
+    message = get(fake, url).json()["Message"]
+    assert message.endswith(" /original/%s/IMG_0001.jpg?Expires=1900000000&Signature=sig-1" % image.key)
+    assert "127.0.0.1" not in message
+
+
+def test_auth_message_refuses_every_api_call(fake):
+    """auth_message: every API call is 401 with that message (here the recorded one of a key
+    without v2 access)."""
+    with open(os.path.join(DATA, "error_401_api_key_lacks_v2.json")) as f:
+        recorded = json.load(f)
+    fake.auth_message = recorded["Message"]
+    for path in ("/api/v2!authuser", "/api/v2/node/%s!children" % fake.root_id):
+        answer = get(fake, path)
+        assert answer.status_code == 401 and answer.json() == recorded
+
+
+def test_archive_links_expire(fast):
+    """link_lifetime: WebUris carry Expires and Signature; an expired link answers 403 HTML (or
+    a 200 login page); a fresh listing hands out fresh links to the same archive; a valid link
+    serves as before, Range included; a forged signature is refused."""
+    key = fast.add_album("Expiring", sizes=(3000, 3000))
+    fast.link_lifetime = 60
+    downloads = complete_downloads(fast, key)
+    query = urllib.parse.parse_qs(urllib.parse.urlsplit(downloads[0]["WebUri"]).query)
+    assert 50 < int(query["Expires"][0]) - time.time() <= 60 and len(query["Signature"][0]) == 40
+    ranged = get(fast, downloads[0]["WebUri"], headers={"Range": "bytes=10-"})
+    assert ranged.status_code == 206 and ranged.content == fast.expected_parts(key)[downloads[0]["FileName"]][10:]
+    fast.expire_links()                                    # the machine slept
+    expired = get(fast, downloads[0]["WebUri"])
+    assert expired.status_code == 403 and expired.headers["Content-Type"].startswith("text/html")
+    fast.expired_link_login_page = True
+    page = get(fast, downloads[1]["WebUri"])
+    assert page.status_code == 200 and b"Log In" in page.content
+    fresh = payload(get(fast, "/api/v2/album/%s!download" % key))
+    same = ("Part", "FileName", "DateAdded", "Size", "Status")
+    assert [{k: d[k] for k in same} for d in fresh] == [{k: d[k] for k in same} for d in downloads]
+    assert fresh[0]["WebUri"] != downloads[0]["WebUri"]
+    assert get(fast, fresh[1]["WebUri"]).content == fast.expected_parts(key)[fresh[1]["FileName"]]
+    forged = fresh[0]["WebUri"].replace("Signature=", "Signature=0")
+    assert get(fast, forged).status_code == 200 and b"Log In" in get(fast, forged).content
