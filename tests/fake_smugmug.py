@@ -22,12 +22,18 @@ out with zip_omit_videos; images still Processing never are in archives.
 
     GET  /api/v2/album/KEY!images          AlbumImage objects, paged (start, count,
                                            images_max_count), _filter, _filteruri
-    GET  ArchivedUri = BASE/original/IMAGEKEY/NAME        the original bytes
-    GET  /api/v2/image/IMAGEKEY-0!largestvideo            videos only; its Url =
-         BASE/video/IMAGEKEY/1920/NAME-1920.mp4 serves a transcode (other bytes)
+    GET  ArchivedUri = PHOTOS/original/IMAGEKEY/NAME      the original bytes
+    GET  /api/v2/image/IMAGEKEY-SERIAL!largestvideo       videos only; its Url =
+         PHOTOS/video/IMAGEKEY/1920/NAME-1920.mp4 serves a transcode (other bytes)
+    GET  /api/v2/image/IMAGEKEY-SERIAL!largestimage       its Url =
+         PHOTOS/rendition/IMAGEKEY/NAME-X3.jpg serves a rendition (other bytes, 60% of the size)
 
-Request log kinds: walk, album, post, download-get, images, video (API calls);
-archive (zip parts), file (originals and transcodes). Status 0: an API call whose
+Images may be collected from another account (Origin "Collected": no Archived* fields,
+left out of zips), edited (Serial 1: KEY-1 in their URIs), or left out of zips one by one
+(in_zip); rendition_account() builds albums of each.
+
+Request log kinds: walk, album, post, download-get, images, video, largestimage (API
+calls); archive (zip parts), file (originals, transcodes and renditions). Status 0: an API call whose
 connection an outage cut, unanswered.
 
 The link can be taken away: fake.outage(seconds, mode) (or the outage_at trigger)
@@ -215,6 +221,16 @@ class FakeImage:
     archived: bool = True                     # False: no ArchivedUri/ArchivedSize/ArchivedMD5
     last_updated: datetime.datetime = T0
     video_size: Optional[int] = None          # the !largestvideo transcode; None: size // 2 + 100
+    origin: str = ""                          # "Collected": collected from another account (listed
+                                              # with Origin, CollectedFrom, CollectedWebUri,
+                                              # Protected, and no Archived* fields)
+    collected_from: str = ""                  # the account it was collected from
+    protected: bool = False                   # Protected (always True for a collected image)
+    serial: int = 0                           # Serial: 1 for an edited image (KEY-1 in its URIs)
+    in_zip: bool = True                       # False: archives leave it out
+    rendition_size: Optional[int] = None      # the !largestimage rendition; None: 60% of size
+    largest_no_size: bool = False             # !largestimage gives no Size
+    video_no_size: bool = False               # !largestvideo gives no Size (made on the fly)
 
     def __post_init__(self):
         self.seed = self.seed or "image:%s" % self.key
@@ -233,6 +249,19 @@ class FakeImage:
     def transcode(self):
         """The video transcode served by !largestvideo (different bytes from the original)."""
         return Content("transcode:" + self.seed, self.transcode_size)
+
+    @property
+    def collected(self):
+        return self.origin == "Collected"
+
+    @property
+    def stem(self):
+        return self.file_name.rsplit(".", 1)[0] if "." in self.file_name else self.file_name
+
+    def rendition(self):
+        """The rendition served by !largestimage (different bytes from the original)."""
+        size = self.rendition_size if self.rendition_size is not None else self.size * 6 // 10
+        return Content("rendition:" + self.seed, size)
 
 
 ZIP64_LIMIT = 0xFFFFFFFF
@@ -426,18 +455,19 @@ class FakeAlbum:
     def image_seed(self, image_key):
         return "%s:%s:%d" % (self.key, image_key, self.version)
 
-    def archived_images(self, omit_videos=False):
-        return [im for im in self.images if not im.processing and not (omit_videos and im.is_video)]
+    def archived_images(self, omit_videos=False, omit_collected=True):
+        return [im for im in self.images if not im.processing and im.in_zip
+                and not (omit_videos and im.is_video) and not (omit_collected and im.collected)]
 
     def part_name(self, i, count):
         if self.part_names and i < len(self.part_names):
             return self.part_names[i]
         return "%s.zip" % self.key if count == 1 else "%s-%d.zip" % (self.key, i + 1)
 
-    def parts(self, zip_clash="-1", omit_videos=False):
+    def parts(self, zip_clash="-1", omit_videos=False, omit_collected=True):
         """[(file name, ZipContent)] of the album's archive as it would be built now."""
         groups, current, used = [], [], 0
-        for image in self.archived_images(omit_videos):
+        for image in self.archived_images(omit_videos, omit_collected):
             if current and self.part_limit is not None and used + image.size > self.part_limit:
                 groups.append(current)
                 current, used = [], 0
@@ -545,6 +575,16 @@ class FakeSmugMug:
         self.gone_parts = set()         # (album key, part number): that part of the album's first
                                         # archive answers 404 (expired) while the others stream
         self.no_largest_video = set()   # image keys: !largestvideo answers 404
+        self.no_largest_image = set()   # image keys: !largestimage answers 404
+        self.zip_omit_collected = True  # archives leave collected images out (whether SmugMug's do
+                                        # is not known)
+        self.video_archived_d_jpg = False   # a video's ArchivedUri ends /D/NAME-D.jpg (NAME: the stem of
+                                        # its FileName), serving the video's original all the same
+        # field-type variants of !images (each off by default) -------------
+        self.latlong_as_numbers = False # Latitude/Longitude as numbers, not strings
+        self.component_file_types_object = False   # ComponentFileTypes {"Image": ["jpg"]} (videos
+                                        # {"Video": ["mov"]}) instead of []
+        self.sizes_as_strings = False   # ArchivedSize and OriginalSize as digit strings
         # an honest quota ------------------------------------------------
         self.quota = None               # (calls, window seconds): fixed windows from the first API
                                         # call; every API answer carries X-RateLimit-Limit,
@@ -705,7 +745,7 @@ class FakeSmugMug:
 
     def album_parts(self, key):
         """[(part file name, ZipContent)] of an archive of the album requested now."""
-        return self.albums[key].parts(self.zip_clash, self.zip_omit_videos)
+        return self.albums[key].parts(self.zip_clash, self.zip_omit_videos, self.zip_omit_collected)
 
     def expected_parts(self, key):
         """{file name: bytes} of the album's current archive."""
@@ -731,6 +771,10 @@ class FakeSmugMug:
     def transcode_bytes(self, image_key):
         """The bytes the !largestvideo Url of a video serves."""
         return self.find_image(image_key)[1].transcode().whole()
+
+    def rendition_bytes(self, image_key):
+        """The bytes the !largestimage Url of an image serves."""
+        return self.find_image(image_key)[1].rendition().whole()
 
     def prepared_undownloaded_bytes(self):
         """Over every archive, the bytes of its parts currently Complete not yet sent (a part's
@@ -1114,19 +1158,27 @@ class FakeSmugMug:
                 "UriDescription": "Album by key", "Uris": uris}
 
     def original_url(self, image):
-        url = "%s/original/%s/%s" % (self.photos_base, image.key, urllib.parse.quote(image.file_name, safe=""))
+        if image.is_video and self.video_archived_d_jpg:
+            name = "D/%s-D.jpg" % image.stem
+        else:
+            name = image.file_name
+        url = "%s/original/%s/%s" % (self.photos_base, image.key, urllib.parse.quote(name, safe="/"))
         if self.file_url_signature:
             url += "?Expires=1900000000&Signature=" + urllib.parse.quote(self.file_url_signature)
         return url
 
     def transcode_url(self, image):
-        stem = image.file_name.rsplit(".", 1)[0] if "." in image.file_name else image.file_name
-        return "%s/video/%s/1920/%s" % (self.photos_base, image.key, urllib.parse.quote(stem + "-1920.mp4", safe=""))
+        return "%s/video/%s/1920/%s" % (self.photos_base, image.key,
+                                        urllib.parse.quote(image.stem + "-1920.mp4", safe=""))
+
+    def rendition_url(self, image):
+        return "%s/rendition/%s/%s" % (self.photos_base, image.key,
+                                       urllib.parse.quote(image.stem + "-X3.jpg", safe=""))
 
     def image_json(self, album, image):
         """An AlbumImage object, shaped like the recorded !images listing."""
         ext = image.file_name.rsplit(".", 1)[-1].upper() if "." in image.file_name else ""
-        image_uri = "/api/v2/image/%s-0" % image.key
+        image_uri = "/api/v2/image/%s-%d" % (image.key, image.serial)
         uris = {"Album": _uri("/api/v2/album/%s" % album.key, "Album", "Object"),
                 "Image": _uri(image_uri, "Image", "Object"),
                 "ImageAlbum": _uri("/api/v2/album/%s" % album.key, "Album", "Object"),
@@ -1136,7 +1188,9 @@ class FakeSmugMug:
         if image.is_video:
             uris["LargestVideo"] = _uri(image_uri + "!largestvideo", "LargestVideo", "Object")
         obj = {"Altitude": image.altitude, "CanBuy": False, "CanEdit": True, "Caption": image.caption,
-               "Collectable": True, "ComponentFileTypes": [], "Date": iso(T0),
+               "Collectable": True, "Date": iso(T0),
+               "ComponentFileTypes": {"Video" if image.is_video else "Image": [ext.lower()]}
+               if self.component_file_types_object else [],
                "DateTimeOriginal": image.date_time_original, "DateTimeUploaded": iso(T0),
                "FileName": image.file_name, "Format": ext,
                "FormattedValues": {"Caption": {"html": image.caption, "text": image.caption},
@@ -1144,27 +1198,55 @@ class FakeSmugMug:
                "Hidden": image.hidden, "ImageKey": image.key, "IsArchive": False, "IsVideo": image.is_video,
                "KeywordArray": list(image.keywords), "Keywords": "; ".join(image.keywords),
                "LastUpdated": iso(image.last_updated),
-               "Latitude": "%.14f" % image.latitude, "Longitude": "%.14f" % image.longitude,
+               "Latitude": image.latitude if self.latlong_as_numbers else "%.14f" % image.latitude,
+               "Longitude": image.longitude if self.latlong_as_numbers else "%.14f" % image.longitude,
                "Movable": True, "OriginalHeight": 1080 if image.is_video else 3000,
                "OriginalSize": image.size, "OriginalWidth": 1920 if image.is_video else 4000,
-               "Processing": image.processing, "Protected": False, "Serial": 0,
+               "Processing": image.processing, "Protected": image.protected or image.collected,
+               "Serial": image.serial,
                "ThumbnailUrl": "https://photos.smugmug.invalid/%s/Th/%s-Th.jpg" % (image.key, image.key),
                "Title": image.title, "UploadKey": str(1000 + sum(map(ord, image.key))),
-               "Uri": "/api/v2/album/%s/image/%s-0" % (album.key, image.key),
+               "Uri": "/api/v2/album/%s/image/%s-%d" % (album.key, image.key, image.serial),
                "UriDescription": "Image from album", "Uris": uris, "Watermark": "No", "Watermarked": False,
                "WebUri": "https://%s.smugmug.invalid/%s/i-%s" % (self.nickname, album.key, image.key)}
-        if image.archived:
+        if image.collected:
+            obj.update({"Origin": "Collected", "CollectedFrom": image.collected_from,
+                        "CollectedWebUri": "https://%s.smugmug.invalid/i-%s" % (image.collected_from or "other",
+                                                                                 image.key)})
+        elif image.archived:
             obj.update({"ArchivedUri": self.original_url(image), "ArchivedSize": image.size,
                         "ArchivedMD5": image.content().md5()})
+        if self.sizes_as_strings:
+            for name in ("ArchivedSize", "OriginalSize"):
+                if name in obj:
+                    obj[name] = str(obj[name])
+        return obj
+
+    def largest_image_json(self, image):
+        """A LargestImage object, shaped like the recorded one (image_serial1_largestimage_...)."""
+        uri = "/api/v2/image/%s-%d" % (image.key, image.serial)
+        obj = {"Url": self.rendition_url(image), "Size": image.rendition().size, "Height": 2304, "Width": 3072,
+               "Usable": True, "Ext": "jpg", "Watermarked": False, "Uri": uri + "!largestimage",
+               "Uris": {"ImageSizeOriginal": _uri(uri + "!sizeoriginal", "ImageSizeOriginal", "Object")}}
+        if image.largest_no_size:
+            del obj["Size"]
         return obj
 
     def largest_video_json(self, image):
+        """A LargestVideo object, shaped like largestvideo_reconstructed.json."""
         transcode, duration = image.transcode(), 12.5
-        return {"Url": self.transcode_url(image), "Size": transcode.size, "MD5": transcode.md5(),
-                "Ext": "mp4", "Width": 1920, "Height": 1080, "Duration": duration,
-                "Bitrate": int(transcode.size * 8 / duration),
-                "Uri": "/api/v2/image/%s-0!largestvideo" % image.key,
-                "UriDescription": "Largest size available for video"}
+        uri = "/api/v2/image/%s-%d" % (image.key, image.serial)
+        obj = {"Url": self.transcode_url(image), "Size": transcode.size, "MD5": transcode.md5(),
+               "Ext": "mp4", "Width": 1920, "Height": 1080, "Duration": duration,
+               "Bitrate": transcode.size * 8 / duration, "Usable": True, "Watermarked": False,
+               "Uri": uri + "!largestvideo", "UriDescription": "Largest size available for video",
+               "Uris": {"ImageSizeCustom": _uri(uri + "!sizecustom?height=1080&width=1920", "ImageSizeCustom",
+                                                "Object"),
+                        "VideoSize1920": _uri("/api/v2/video/%s-%d!size1920" % (image.key, image.serial),
+                                              "VideoSize1920", "Object")}}
+        if image.video_no_size:
+            del obj["Size"]
+        return obj
 
     def user_json(self):
         return {"Name": "Test User", "NickName": self.nickname, "QuickShare": False, "ImageCount": 0,
@@ -1323,7 +1405,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 return self.oauth_flow(method, path, query, body)
             if path.startswith("/download/"):
                 return self.download(method, path)
-            if path.startswith("/original/") or path.startswith("/video/"):
+            if path.startswith(("/original/", "/video/", "/rendition/")):
                 return self.file_download(method, path)
             if path.startswith("/redirect/"):
                 ok, _ = self.verify_oauth(method, b"", self.fake.tokens)
@@ -1471,6 +1553,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             return "images"
         if path.endswith("!largestvideo"):
             return "video"
+        if path.endswith("!largestimage"):
+            return "largestimage"
         if path.startswith("/api/v2/album/"):
             return "album"
         return "walk"
@@ -1508,12 +1592,24 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             if action == "images" and method == "GET":
                 return 200, self.album_images(method, request_uri, path, album, query)
             return 404, {"Code": 404, "Message": "Not Found"}
-        if path.startswith("/api/v2/image/") and path.endswith("-0!largestvideo"):
-            _album, image = fake.find_image(path[len("/api/v2/image/"):-len("-0!largestvideo")])
-            if image is None or not image.is_video or image.key in fake.no_largest_video:
-                return 404, {"Response": {"Uri": path}, "Code": 404, "Message": "Not Found"}
-            return 200, envelope(method, request_uri, path, "LargestVideo", "Object",
-                                 fake.largest_video_json(image))
+        if path.startswith("/api/v2/image/"):
+            image_id, _, action = path[len("/api/v2/image/"):].partition("!")
+            key, _, serial = image_id.rpartition("-")
+            _album, image = fake.find_image(key) if serial.isdigit() else (None, None)
+            not_found = 404, {"Response": {"Uri": path}, "Code": 404, "Message": "Not Found"}
+            if image is None or image.serial != int(serial):
+                return not_found
+            if action == "largestvideo":
+                if not image.is_video or image.key in fake.no_largest_video:
+                    return not_found
+                return 200, envelope(method, request_uri, path, "LargestVideo", "Object",
+                                     fake.largest_video_json(image))
+            if action == "largestimage":
+                if image.key in fake.no_largest_image:
+                    return not_found
+                return 200, envelope(method, request_uri, path, "LargestImage", "Object",
+                                     fake.largest_image_json(image))
+            return not_found
         return 404, {"Code": 404, "Message": "Not Found"}
 
     @staticmethod
@@ -1667,8 +1763,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                     served_key=(archive.archive_id, part_index + 1), content_type="application/zip")
 
     def file_download(self, method, path):
-        """An image's original (/original/KEY/NAME, its ArchivedUri) or a video's transcode
-        (/video/KEY/1920/NAME-1920.mp4, its !largestvideo Url)."""
+        """An image's original (/original/KEY/NAME, its ArchivedUri), a video's transcode
+        (/video/KEY/1920/NAME-1920.mp4, its !largestvideo Url) or an image's rendition
+        (/rendition/KEY/NAME-X3.jpg, its !largestimage Url)."""
         fake = self.fake
         pieces = path.split("/")
         route = pieces[1]
@@ -1686,12 +1783,13 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             return self.send_error_json(403, "You do not have permission to download %s%s"
                                         % ("" if fake.echo_bare_path else "http://%s" % self.headers.get("Host"),
                                            self.path))
-        content = image.content() if route == "original" else image.transcode()
+        content = {"original": image.content, "video": image.transcode, "rendition": image.rendition}[route]()
         flip = None
         if image.key in fake.wrong_file_once and content.size:
             flip = ("wrong", route, image.key, content.size // 2)
         self.stream(method, path, content, "file", flip=flip,
-                    content_type="video/mp4" if route == "video" else "application/octet-stream")
+                    content_type={"video": "video/mp4", "rendition": "image/jpeg"}.get(
+                        route, "application/octet-stream"))
 
     def stream(self, method, path, content, kind, attempt=0, archive_faults=False, flip=None,
                served_key=None, content_type="application/octet-stream"):
@@ -1876,6 +1974,37 @@ def rich_account(fake, folder="Rich Media", parent=None):
         {"file_name": "DSC_0001.JPG", "size": 3000},
         {"file_name": "DSC_0001.JPG", "size": 3000},
         {"file_name": "DSC_0002.JPG", "size": 500}])
+    return keys
+
+
+def rendition_account(fake, folder="Renditions", parent=None):
+    """Albums of files SmugMug offers no original for, in a new folder `folder`. Returns
+    {name: album key}:
+    "collected": Own.jpg, then Theirs.jpg collected from the account "friend" (no Archived*
+    fields; left out of the zip while zip_omit_collected);
+    "edited": Edited.jpg with Serial 1 (its URIs use KEY-1) beside Plain.jpg;
+    "video": Still.jpg, then Clip.mp4, a video the zip lacks (in_zip False) with no ArchivedUri:
+    only its !largestvideo transcode (3000 bytes) is offered;
+    "unsized": Shared.jpg, collected, whose !largestimage has no Size, and Live.mp4, a video the
+    zip lacks, with no ArchivedUri, whose !largestvideo has no Size (made on the fly)."""
+    top = fake.add_folder(folder, parent, days=50)
+    keys = {}
+    keys["collected"] = fake.add_album("Collected", top, days=51, images=[
+        {"file_name": "Own.jpg", "size": 2400},
+        {"file_name": "Theirs.jpg", "size": 5000, "origin": "Collected", "collected_from": "friend",
+         "caption": "Collected from a friend"}])
+    keys["edited"] = fake.add_album("Edited", top, days=52, images=[
+        {"file_name": "Edited.jpg", "size": 4100, "serial": 1, "caption": "Cropped"},
+        {"file_name": "Plain.jpg", "size": 1900}])
+    keys["video"] = fake.add_album("Video Without Original", top, days=53, images=[
+        {"file_name": "Still.jpg", "size": 2200},
+        {"file_name": "Clip.mp4", "size": 8000, "is_video": True, "archived": False, "in_zip": False,
+         "video_size": 3000}])
+    keys["unsized"] = fake.add_album("Sizes Unknown", top, days=54, images=[
+        {"file_name": "Shared.jpg", "size": 4000, "origin": "Collected", "collected_from": "friend",
+         "largest_no_size": True},
+        {"file_name": "Live.mp4", "size": 6000, "is_video": True, "archived": False, "in_zip": False,
+         "video_size": 2500, "video_no_size": True}])
     return keys
 
 

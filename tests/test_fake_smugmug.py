@@ -628,3 +628,102 @@ def test_archive_links_expire(fast):
     assert get(fast, fresh[1]["WebUri"]).content == fast.expected_parts(key)[fresh[1]["FileName"]]
     forged = fresh[0]["WebUri"].replace("Signature=", "Signature=0")
     assert get(fast, forged).status_code == 200 and b"Log In" in get(fast, forged).content
+
+
+# -- files without originals, and other answer shapes ----------------------------------------
+
+def recorded(name):
+    with open(os.path.join(DATA, name)) as f:
+        return json.load(f)
+
+
+def test_collected_images_have_no_archived_fields_and_stay_out_of_zips(fast):
+    """A collected image: Origin, CollectedFrom, CollectedWebUri, Protected, OriginalSize, no
+    Archived* at all; left out of the album's zip while zip_omit_collected (the default)."""
+    keys = fake_smugmug.rendition_account(fast)
+    own, theirs = payload(get(fast, "/api/v2/album/%s!images" % keys["collected"]))
+    assert theirs["Origin"] == "Collected" and theirs["CollectedFrom"] == "friend"
+    assert theirs["CollectedWebUri"].startswith("https://friend.") and theirs["Protected"] is True
+    assert theirs["OriginalSize"] == 5000 and not [k for k in theirs if k.startswith("Archived")]
+    assert "Origin" not in own and own["Protected"] is False and own["ArchivedSize"] == 2400
+    downloads = complete_downloads(fast, keys["collected"])
+    assert open_zip(get(fast, downloads[0]["WebUri"]).content)[1] == ["Own.jpg"]
+    fast.zip_omit_collected = False
+    assert [n for n, _ in fast.album_parts(keys["collected"])[0][1].entries] == ["Own.jpg", "Theirs.jpg"]
+    assert [n for n, _ in fast.album_parts(keys["video"])[0][1].entries] == ["Still.jpg"]   # in_zip False
+
+
+def test_largest_image_serves_a_rendition_and_honours_the_serial(fake):
+    """Uris.LargestImage (and LargestVideo) carry KEY-SERIAL; !largestimage is shaped like the
+    recorded answer; its Url (photos host) serves a rendition, not the original; a wrong serial
+    and no_largest_image answer 404; largest_no_size drops Size."""
+    keys = fake_smugmug.rendition_account(fake)
+    edited, plain = payload(get(fake, "/api/v2/album/%s!images?_filteruri=LargestImage" % keys["edited"]))
+    assert edited["Serial"] == 1 and set(edited["Uris"]) == {"LargestImage"}
+    uri = edited["Uris"]["LargestImage"]["Uri"]
+    assert uri == "/api/v2/image/%s-1!largestimage" % edited["ImageKey"]
+    answer = get(fake, uri).json()["Response"]
+    assert answer["Locator"] == "LargestImage" and answer["LocatorType"] == "Object"
+    largest = answer["LargestImage"]
+    shape = recorded("image_serial1_largestimage_sizedetails_expanded.json")["Expansions"]
+    model = [v["LargestImage"] for v in shape.values() if "LargestImage" in v][0]
+    assert set(largest) == set(model) and "MD5" not in largest
+    assert largest["Usable"] is True and largest["Watermarked"] is False and largest["Ext"] == "jpg"
+    assert largest["Url"] == fake.photos_base + "/rendition/%s/Edited-X3.jpg" % edited["ImageKey"]
+    assert set(largest["Uris"]) == {"ImageSizeOriginal"}
+    data = get(fake, largest["Url"]).content
+    assert len(data) == largest["Size"] == 4100 * 6 // 10 and data == fake.rendition_bytes(edited["ImageKey"])
+    assert data != fake.original_bytes(edited["ImageKey"])[:len(data)]
+    assert get(fake, "/api/v2/image/%s-0!largestimage" % edited["ImageKey"]).status_code == 404
+    assert plain["Uris"]["LargestImage"]["Uri"].endswith("%s-0!largestimage" % plain["ImageKey"])
+    fake.no_largest_image = {plain["ImageKey"]}
+    assert get(fake, plain["Uris"]["LargestImage"]["Uri"]).status_code == 404
+    shared = payload(get(fake, "/api/v2/album/%s!images" % keys["unsized"]))[0]
+    unsized = payload(get(fake, shared["Uris"]["LargestImage"]["Uri"]))
+    assert "Size" not in unsized and len(get(fake, unsized["Url"]).content) == 2400
+    assert [e["kind"] for e in fake.calls() if "!largest" in e["path"]] == ["largestimage"] * 4
+
+
+def test_largest_video_shapes_and_on_the_fly_transcodes(fake):
+    """!largestvideo is shaped like the reconstructed answer; video_no_size drops Size, while its
+    Url still serves the transcode with a Content-Length; no_largest_video still answers 404."""
+    keys = fake_smugmug.rendition_account(fake)
+    model = recorded("largestvideo_reconstructed.json")["Response"]["LargestVideo"]
+    clip = payload(get(fake, "/api/v2/album/%s!images" % keys["video"]))[1]
+    assert clip["IsVideo"] and "ArchivedUri" not in clip
+    largest = payload(get(fake, clip["Uris"]["LargestVideo"]["Uri"]))
+    assert set(largest) == set(model) and largest["Size"] == 3000
+    live = payload(get(fake, "/api/v2/album/%s!images" % keys["unsized"]))[1]
+    on_the_fly = payload(get(fake, live["Uris"]["LargestVideo"]["Uri"]))
+    assert set(on_the_fly) == set(model) - {"Size"}
+    response = get(fake, on_the_fly["Url"])
+    assert int(response.headers["Content-Length"]) == 2500 and response.content == fake.transcode_bytes(live["ImageKey"])
+    fake.no_largest_video = {live["ImageKey"]}
+    assert get(fake, live["Uris"]["LargestVideo"]["Uri"]).status_code == 404
+
+
+def test_video_archived_uri_may_end_in_d_jpg(fake):
+    """video_archived_d_jpg: a video's ArchivedUri ends /D/NAME-D.jpg yet serves the video's
+    original; ArchivedSize equals OriginalSize."""
+    keys = fake_smugmug.rich_account(fake)
+    fake.video_archived_d_jpg = True
+    clip = payload(get(fake, "/api/v2/album/%s!images" % keys["video"]))[1]
+    assert clip["FileName"] == "Clip.MOV" and clip["ArchivedUri"].endswith("/D/Clip-D.jpg")
+    assert clip["ArchivedSize"] == clip["OriginalSize"] == 9000
+    assert get(fake, clip["ArchivedUri"]).content == fake.original_bytes(clip["ImageKey"])
+
+
+def test_field_type_variants(fake):
+    """latlong_as_numbers, component_file_types_object and sizes_as_strings change the types of
+    those fields only (the object form as recorded)."""
+    keys = fake_smugmug.rich_account(fake)
+    before = payload(get(fake, "/api/v2/album/%s!images" % keys["captions"]))[0]
+    assert before["ComponentFileTypes"] == [] and isinstance(before["Latitude"], str)
+    fake.latlong_as_numbers = fake.component_file_types_object = fake.sizes_as_strings = True
+    after = payload(get(fake, "/api/v2/album/%s!images" % keys["captions"]))[0]
+    assert after["Latitude"] == 38.7223 and after["Longitude"] == -9.1393
+    model = recorded("image_owner_view_imagedownload_componentfiletypes_object.json")["Response"]["Image"]
+    assert after["ComponentFileTypes"] == model["ComponentFileTypes"] == {"Image": ["jpg"]}
+    assert after["ArchivedSize"] == after["OriginalSize"] == "2500"
+    changed = {k for k in before if before[k] != after[k]}
+    assert changed == {"Latitude", "Longitude", "ComponentFileTypes", "ArchivedSize", "OriginalSize"}
