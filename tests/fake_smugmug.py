@@ -1986,7 +1986,8 @@ def rendition_account(fake, folder="Renditions", parent=None):
     "video": Still.jpg, then Clip.mp4, a video the zip lacks (in_zip False) with no ArchivedUri:
     only its !largestvideo transcode (3000 bytes) is offered;
     "unsized": Shared.jpg, collected, whose !largestimage has no Size, and Live.mp4, a video the
-    zip lacks, with no ArchivedUri, whose !largestvideo has no Size (made on the fly)."""
+    zip lacks, with no ArchivedUri, whose !largestvideo has no Size (made on the fly), then
+    Zipped.jpg, the one file of its zip."""
     top = fake.add_folder(folder, parent, days=50)
     keys = {}
     keys["collected"] = fake.add_album("Collected", top, days=51, images=[
@@ -2004,7 +2005,8 @@ def rendition_account(fake, folder="Renditions", parent=None):
         {"file_name": "Shared.jpg", "size": 4000, "origin": "Collected", "collected_from": "friend",
          "largest_no_size": True},
         {"file_name": "Live.mp4", "size": 6000, "is_video": True, "archived": False, "in_zip": False,
-         "video_size": 2500, "video_no_size": True}])
+         "video_size": 2500, "video_no_size": True},
+        {"file_name": "Zipped.jpg", "size": 1700}])
     return keys
 
 
