@@ -41,6 +41,7 @@ refuses connections (or resets them) for a while, then serves again on the same 
 
     python tests/fake_smugmug.py --write-config demo-config.json
         # serve the sample and rich accounts, write a config, print the command to run
+    python tests/fake_smugmug.py --help      # --albums N, --bandwidth, --videos-outside-zips
 """
 
 import argparse
@@ -2010,17 +2011,56 @@ def rendition_account(fake, folder="Renditions", parent=None):
     return keys
 
 
+def generated_account(fake, albums, folder="Generated", seed=1):
+    """`albums` albums of 3-6 photos (100-400 KB each) in a few folders under a new folder
+    `folder`; every third album also holds a video (MP4, 0.5-1 MB). Returns [album key]."""
+    rng = random.Random(seed)
+    top = fake.add_folder(folder, days=60)
+    sets = [fake.add_folder("Set %d" % (i + 1), top, days=61 + i) for i in range(max(1, min(5, albums // 8)))]
+    keys = []
+    for i in range(albums):
+        images = [{"file_name": "IMG_%04d.JPG" % (j + 1), "size": rng.randint(100_000, 400_000)}
+                  for j in range(rng.randint(3, 6))]
+        if i % 3 == 2:
+            images.append({"file_name": "MOV_%04d.MP4" % (i + 1), "size": rng.randint(500_000, 1_000_000),
+                           "is_video": True})
+        keys.append(fake.add_album("Album %03d" % (i + 1), sets[i % len(sets)], images=images, days=70 + i))
+    return keys
+
+
+EPILOG = """example: a 5 MB/s link, 40 more albums, videos outside the zips
+  python tests/fake_smugmug.py --albums 40 --bandwidth 5 --videos-outside-zips --write-config demo.json
+  .venv/bin/python smugmug_download.py --config demo.json     # in another terminal
+  then delete a loose .MP4 from the backup and run the tool again: it fetches that video again."""
+
+
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Serve sample SmugMug accounts on localhost.")
+    parser = argparse.ArgumentParser(description="Serve sample SmugMug accounts on localhost: the sample account\n"
+                                     "and rich_account (folder Rich Media), plus --albums N generated ones.",
+                                     epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output-dir", default="./sample-backup", help="output_dir of the printed config")
     parser.add_argument("--write-config", metavar="PATH", help="also write the config to PATH")
-    parser.add_argument("--prep-seconds", type=float, default=2.0, help="archive preparation time")
+    parser.add_argument("--prep-seconds", type=float, default=2.0, help="archive preparation time in seconds (default 2)")
+    parser.add_argument("--albums", type=int, default=0, metavar="N",
+                        help="besides the sample and rich accounts, N generated albums of a few photos "
+                             "(every third with a video) in a few folders under Generated")
+    parser.add_argument("--bandwidth", type=float, metavar="MB_PER_S",
+                        help="cap every download together at MB_PER_S megabytes a second (default: none)")
+    parser.add_argument("--videos-outside-zips", action="store_true",
+                        help="zips leave videos out: the tool fetches each on its own (and a rerun "
+                             "fetches a loose video you deleted)")
     args = parser.parse_args(argv)
+    if args.albums < 0 or (args.bandwidth is not None and args.bandwidth <= 0):
+        parser.error("--albums must be 0 or more and --bandwidth more than 0")
     fake = FakeSmugMug()
     fake.prep_seconds = args.prep_seconds
     fake.max_count = 4
+    fake.bandwidth = args.bandwidth * 1_000_000 if args.bandwidth else None
+    fake.zip_omit_videos = args.videos_outside_zips
     sample_account(fake, part_size=200_000)
     rich_account(fake)
+    if args.albums:
+        generated_account(fake, args.albums)
     fake.start()
     config = fake.config(args.output_dir)
     del config["poll_seconds"], config["poll_max_seconds"]
@@ -2029,8 +2069,12 @@ def main(argv=None):
         with open(args.write_config, "w") as f:
             f.write(text + "\n")
         os.chmod(args.write_config, 0o600)      # it holds (fake) secrets, like a real config
-    print("Fake SmugMug serving the sample account and rich_account (folder Rich Media) at %s. "
-          "A matching config:\n%s" % (fake.base, text))
+    served = "the sample account, rich_account (folder Rich Media)" + (
+        " and %d generated albums (folder Generated)" % args.albums if args.albums else "")
+    print("Fake SmugMug serving %s at %s (downloads from %s%s%s). A matching config:\n%s" % (
+        served, fake.base, fake.photos_base,
+        ", capped at %g MB/s" % args.bandwidth if args.bandwidth else "",
+        ", videos outside the zips" if args.videos_outside_zips else "", text))
     if args.write_config:
         print("Config written to %s. In another terminal run:\n    .venv/bin/python smugmug_download.py --config %s"
               % (args.write_config, shlex.quote(args.write_config)))
