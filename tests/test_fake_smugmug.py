@@ -4,7 +4,10 @@ import hashlib
 import json
 import os
 import io
+import signal
 import socket
+import subprocess
+import sys
 import time
 import tracemalloc
 import urllib.parse
@@ -16,6 +19,7 @@ import requests
 from requests_oauthlib import OAuth1
 
 import fake_smugmug
+from conftest import wait_for
 from fake_smugmug import ACCESS_KEY, ACCESS_SECRET, Content, FakeImage, ZipContent
 
 DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
@@ -727,3 +731,47 @@ def test_field_type_variants(fake):
     assert after["ArchivedSize"] == after["OriginalSize"] == "2500"
     changed = {k for k in before if before[k] != after[k]}
     assert changed == {"Latitude", "Longitude", "ComponentFileTypes", "ArchivedSize", "OriginalSize"}
+
+
+# -- the demo ---------------------------------------------------------------------------------
+
+def test_demo_serves_generated_albums_and_writes_the_config(tmp_path):
+    """python tests/fake_smugmug.py --albums 4 --bandwidth 50 --videos-outside-zips --write-config
+    PATH: the config is written (mode 600) and its api_base serves the sample, rich and
+    generated albums; zips leave the videos out."""
+    path = tmp_path / "demo.json"
+    proc = subprocess.Popen([sys.executable, fake_smugmug.__file__, "--albums", "4", "--bandwidth", "50",
+                             "--videos-outside-zips", "--prep-seconds", "0.01", "--write-config", str(path)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        assert b"Generated" in proc.stdout.readline()          # the first line comes once it serves
+        config = json.loads(path.read_text())
+        assert os.stat(path).st_mode & 0o777 == 0o600
+        auth = OAuth1(config["app_key"], config["app_key_secret"], config["access_key"], config["access_key_secret"])
+
+        def call(uri):
+            """The payload of uri, every page of it (the demo pages !children 4 at a time)."""
+            body = requests.get(config["api_base"] + uri, auth=auth, headers={"Accept": "application/json"},
+                                timeout=5).json()["Response"]
+            found = body.get(body["Locator"])
+            if "NextPage" in body.get("Pages", {}):
+                found += call(body["Pages"]["NextPage"])
+            return found
+
+        root = call("/api/v2/user/tester")["Uris"]["Node"]["Uri"]
+        names = {n["Name"]: n for n in call(root + "!children")}
+        assert {"Family", "Travel", "Rich Media", "Generated"} <= set(names)
+        folders = call(names["Generated"]["Uris"]["ChildNodes"]["Uri"])
+        albums = [a for f in folders for a in call(f["Uris"]["ChildNodes"]["Uri"])]
+        assert sorted(a["Name"] for a in albums) == ["Album 001", "Album 002", "Album 003", "Album 004"]
+        third = [a for a in albums if a["Name"] == "Album 003"][0]["Uris"]["Album"]["Uri"]
+        images = call(third + "!images")
+        assert images[-1]["IsVideo"] and not any(i["IsVideo"] for i in images[:-1])
+        requests.post(config["api_base"] + third + "!download", auth=auth, headers={"Accept": "application/json"},
+                      timeout=5)
+        assert wait_for(lambda: all(d["Status"] == "Complete" for d in call(third + "!download")), timeout=5)
+        link = call(third + "!download")[0]["WebUri"]
+        assert open_zip(requests.get(link, auth=auth, timeout=5).content)[1] == [i["FileName"] for i in images[:-1]]
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=5)
