@@ -652,7 +652,8 @@ class FakeSmugMug:
                                         # in all (the download under way is cut there); fires once
         self.outage_seconds = 1.0       # ... the length of that outage
         self.outage_mode = "refuse"     # ... and its mode (see outage())
-        self.outage_log = []            # (start, end) monotonic times of the outages played
+        self.outage_log = []            # (start, end) monotonic times of the outages played (while
+                                        # one lasts, end is when it is due to end)
         self._refuse_until = self._reset_until = 0.0
         self._outage_timers = []
         self._serve_lock = threading.Lock()
@@ -822,6 +823,7 @@ class FakeSmugMug:
     def start(self):
         """Serves the API and the download host, each on a new port."""
         self._stopped = False
+        self._refuse_until = self._reset_until = 0.0
         self.server = self._listen(0, "fake-smugmug")
         self.photos_server = self._listen(0, "fake-smugmug-photos")
         self.port, self.photos_port = self.server.server_address[1], self.photos_server.server_address[1]
@@ -902,7 +904,7 @@ class FakeSmugMug:
                 return              # stopped meanwhile, or a later outage still runs
         if mode == "refuse":
             with self._serve_lock:
-                if self._stopped:
+                if self._stopped or self.port is None:
                     return
                 self.server = self._listen(self.port, "fake-smugmug")
                 self.photos_server = self._listen(self.photos_port, "fake-smugmug-photos")
