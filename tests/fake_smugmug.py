@@ -845,7 +845,7 @@ class FakeSmugMug:
 
     def cut_connections(self):
         """Cuts every open connection at once (downloads in flight included): the client sees
-        its connection end (a reset where the server closes it first)."""
+        the answer end early, or a reset (SO_LINGER 0) if it writes again."""
         with self.lock:
             connections, self.connections = list(self.connections), set()
         for sock in connections:
@@ -1521,14 +1521,18 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             if fake.fail_pages_times and done >= fake.fail_pages_times:
                 return None
             fake._page_failures[(path, start)] = done + 1
-        message = http.HTTPStatus(status).phrase if status in http.HTTPStatus._value2member_map_ else "Error"
+        try:
+            message = http.HTTPStatus(status).phrase
+        except ValueError:
+            message = "Error"
         return status, {"Response": {"Uri": "%s?start=%d" % (path, start)}, "Code": status, "Message": message}
 
     def send_broken(self, answer, headers, cut):
         """A 200 whose body does not arrive whole: cut (Content-Length of the whole JSON body,
         half of it sent, then the connection closed) or sent as Content-Encoding gzip while it
         is not gzip."""
-        data = answer if isinstance(answer, bytes) else json.dumps(answer).encode()
+        data = answer if isinstance(answer, bytes) else (
+            answer.encode() if isinstance(answer, str) else json.dumps(answer).encode())
         self.send_response(200)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
