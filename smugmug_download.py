@@ -2,36 +2,52 @@
 """Back up a whole SmugMug account to a local disk as album zip archives.
 
 The account's folder tree is walked through the SmugMug API v2 (OAuth1-signed)
-and mirrored under `output_dir`: one folder per SmugMug folder and album, each
-album's photos in the zip archive(s) SmugMug prepares for it.
+and kept under `output_dir`: one folder per SmugMug folder and album, each
+album's photos in the zip archive(s) SmugMug prepares for it. It is a backup,
+not a mirror: a file a run once saved is never deleted or overwritten by a
+later run; what a new backup of an album replaces or no longer has goes to
+`output_dir/.smugmug_download/versions/<run start>/`, kept `keep_versions_days`.
 
 Design: a walk pool lists folders; every album found is an AlbumRun, a small
-state machine moved through the pools by one orchestrator loop that alone owns
-counters, progress output, the backup state and the map of who owns each path:
+state machine moved through the pools by one orchestrator loop that routes
+results and holds no policy of its own. Four owners do the rest:
+    Scheduler  what may start now: requests, looks at archives, downloads,
+               while the link is up and the API gate open
+    Store      every write, rename, move and delete under output_dir,
+               journalled so that a crash is finished by the next start
+    Link       one view of whether SmugMug answers at all, for every thread
+    Reporter   the status line, the log and the summary
+The stages, each a plain function in a pool thread:
     request  ask SmugMug for a zip archive of the album (or reuse a fresh one)
-    poll     look again, paced by what preparations have taken, until Complete
+    look     look again, paced by what preparations have taken, until Complete
     download stream each part to NAME.part, check it against the listed Size
     check    list the album's files (!images), CRC-test the zips, match them
     fetch    download on its own every file the zips lack (checked by MD5)
-then the album's files take their final names together with its metadata.json.
-Reruns are incremental: albums whose timestamps and files match the state
-record cost no API call beyond the folder walk. --verify proves a backup
-against its manifests without asking SmugMug anything.
+then the album's files take their final names together with its metadata.json,
+only when every listed file is accounted for. Reruns are incremental: albums
+whose timestamps and files match the state record cost no API call beyond the
+folder walk (and a rolling recheck: each album is listed again every
+`recheck_days`). --verify proves a backup against its manifests offline.
 
-Usage:  python smugmug_download.py [--config config.json] [--dry-run] ...
+Usage:  .venv/bin/python smugmug_download.py [--config config.json] [--dry-run] ...
 """
 
 import argparse
+import bisect
 import collections
 import concurrent.futures
 import datetime
 import difflib
 import email.utils
+import errno
 import fnmatch
+import functools
 import hashlib
 import heapq
+import itertools
 import json
 import logging
+import math
 import os
 import random
 import re
@@ -46,7 +62,7 @@ import unicodedata
 import urllib.parse
 import zipfile
 from dataclasses import dataclass, field, replace
-from http.client import IncompleteRead, RemoteDisconnected
+from http.client import HTTPException, IncompleteRead, RemoteDisconnected
 from typing import Dict, List, Optional, Tuple
 
 try:
@@ -70,7 +86,7 @@ except ImportError as _missing:
                      % (_package, sys.executable))
     sys.exit(2)           # EXIT_USAGE
 
-__version__ = "1.0.0"
+__version__ = "1.1.0"
 
 log = logging.getLogger("smugmug_download")
 
@@ -96,37 +112,45 @@ CONFIG_OPTIONAL = {
     "archive_timeout_hours": ((int, float), 6),
     "poll_seconds": ((int, float), 1.0),
     "poll_max_seconds": ((int, float), 30.0),
+    "keep_versions_days": ((int, float), 90),
+    "recheck_days": ((int, float), 30),
+    "unreachable_minutes": ((int, float), 15),
 }
 CONFIG_MAXIMUM = {"workers": 64, "max_preparing": 1000}     # the same bounds as the flags
+CONFIG_ZERO_OK = ("keep_versions_days", "recheck_days")     # 0: versions deleted at once; never recheck
 SECRET_KEYS = ("app_key_secret", "access_key", "access_key_secret")
 # Values shipped in config.example.json, and the shapes such placeholders take.
 PLACEHOLDER_RE = re.compile(r"^\s*(<.*>|(paste|your|put)[-_ ].*|x{3,}|change[-_ ]?me)\s*$", re.IGNORECASE)
 
 STATE_DIR = ".smugmug_download"          # inside output_dir
 STATE_FILE = "state.json"                # snapshot, replaced atomically
-JOURNAL_FILE = "journal.jsonl"           # one line per finished album since the snapshot
+JOURNAL_FILE = "journal.jsonl"           # one line per change since the snapshot
+VERSIONS_DIR = "versions"                # in STATE_DIR: versions/<run start>/<path> of replaced files
 LOCK_FILE = ".smugmug_download.lock"     # inside output_dir, flock'ed while a run lives
 STATE_VERSION = 2                        # 1: parts only; 2: files, manifest, completeness
 MANIFEST_NAME = "metadata.json"          # in every album folder: what the album holds, and where
 RESERVED_TOP_NAMES = {STATE_DIR.casefold(), LOCK_FILE.casefold()}
+STAMP_FORMAT = "%Y-%m-%dT%H%M%SZ"        # a run's start (UTC) names its versions folder
 
 # A timeout on every request: connecting should be quick; a busy server may
 # think for a while before the first byte of a large listing.
 TIMEOUT = (10, 60)
+PROBE_TIMEOUT = (5, 10)   # the one request that asks whether SmugMug answers at all
 PAGE_COUNT = 100          # children asked per page; the server may clamp it
-API_ATTEMPTS = 6          # tries of one API call on 5xx / network errors / bad bodies
+API_ATTEMPTS = 6          # tries of one API call on 5xx / bad bodies (while the link works)
 REDIRECT_HOPS = 5         # redirects followed for one request, each hop signed for its own URL
 CONNECT_ATTEMPTS = 2      # quick tries of a refused connect inside one attempt (urllib3 Retry)
-# Once every API call has failed with a network error for this long, the
-# server is taken as gone: calls raise Unreachable instead of retrying on.
-UNREACHABLE_SECONDS = 60.0
+LINK_PROBE_FIRST = 1.0    # seconds from a request that got no answer to the first probe of the link
+LINK_PROBE_MAX = 10.0     # probes double their spacing up to this: a returning link is seen within it
 RATE_LIMIT_ATTEMPTS = 20  # 429s tolerated for one call (each waits its Retry-After)
 BACKOFF_BASE = 0.5        # seconds; doubled per attempt, full jitter, capped below
 BACKOFF_CAP = 30.0
 RETRY_AFTER_CAP = 600.0   # never believe a Retry-After of more than 10 minutes
-RATE_LOW_WATER = 10       # X-RateLimit-Remaining under this: spread calls until reset
-DOWNLOAD_ATTEMPTS = 5     # tries of one part (resumed with Range where possible)
+RATE_LOW_WATER = 10       # X-RateLimit-Remaining under this (or a tenth of the limit, when it is
+RATE_LOW_FRACTION = 0.1   # told): calls are few, spread them to the reset, the ones that move bytes first
+DOWNLOAD_ATTEMPTS = 5     # tries of one part (resumed with Range where possible), while the link works
 NOT_THE_FILE_ATTEMPTS = 2 # answers that are not the file (a login page) before the link counts as refused
+LINK_REFRESHES = 2        # fresh links asked for one archive whose links were refused (expired)
 ARCHIVE_ERROR_RETRIES = 3 # new archives after a Status "Error"
 ARCHIVE_REMOVED_RETRIES = 3
 REQUEST_AGAIN_AFTER_POLLS = 8  # looks with nothing listed for our request: it was lost
@@ -139,24 +163,33 @@ MAX_PAGES = 100000        # pages of one list before its paging is taken as endl
 # The fields of !images the completeness check and the manifest use (_filter).
 IMAGE_FIELDS = ("FileName", "ImageKey", "IsVideo", "Processing", "Hidden", "ArchivedUri", "ArchivedSize",
                 "ArchivedMD5", "Title", "Caption", "Keywords", "KeywordArray", "DateTimeOriginal", "Date",
-                "Latitude", "Longitude", "Altitude", "LastUpdated")
+                "Latitude", "Longitude", "Altitude", "LastUpdated", "Origin", "CollectedFrom", "Serial",
+                "Format", "OriginalSize", "OriginalWidth", "OriginalHeight")
+IMAGE_URIS = ("LargestImage", "LargestVideo")      # the renditions, asked for with _filteruri
 # What the manifest keeps of an album (from the walk's expanded Album object).
 ALBUM_FIELDS = ("AlbumKey", "NodeID", "Name", "Title", "Description", "Keywords", "WebUri",
                 "LastUpdated", "ImagesLastUpdated")
 CHUNK_SIZE = 1024 * 1024  # measured: 1 MiB reads cost a fifth of the CPU of 256 KiB ones; constant memory
 MAX_NAME_BYTES = 200
 STATUS_INTERVAL = 0.1     # the progress line is redrawn at most ten times a second
-PROGRESS_LOG_INTERVAL = 60.0
+STATUS_RATE_SPAN = 10.0   # seconds over which the status line's rate is measured
+WAIT_LOG_INTERVAL = 60.0  # a wait is logged when it starts, when it changes, and once a minute
 # The preparation window (albums requested and not yet downloading), sized as the run goes.
 WINDOW_START = 32         # albums asked for at once before anything is known
 WINDOW_FLOOR = 2
 WINDOW_STEP = 0.25        # seconds between two sizings of the window
 READY_HORIZON = 60.0      # no new request while more than a minute of downloading is prepared or coming
-RATE_SPAN = 5.0           # seconds over which the download rate is measured
-PACER_HISTORY = 50        # preparation times remembered to pace the looks at an archive
-PACER_SCOUTS = 8          # albums looked at early while no preparation time is known yet
-LOOK_FIRST_PROBES = 16    # new albums that look for an archive SmugMug already has before asking for one
-LOOK_HOLD = 10.0          # no look at an archive while the download queue holds this many seconds of work
+RATE_SPAN = 5.0           # seconds over which the download rate is measured for pacing
+LOOK_FIRST_PROBES = 4     # new albums that look for an archive SmugMug already has before asking for one
+# Looks at archives in preparation (see LookPlanner).
+SCOUT_GROWTH = 1.2        # before any archive is ready, scout looks at waits growing by this ...
+SCOUT_SHARE = 0.004       # ... this share of the albums waiting per second waited (at least one)
+LOOK_STOCK = 3.0          # seconds of downloading queued below which more ready archives are looked for
+LOOK_MEMORY = 20          # looks whose outcome sets the expected success of the next ones ...
+LOOK_FLOOR = 0.15         # ... never taken as below this
+LOOK_GAP = 0.25           # an album is looked at again once its wait has grown by this share (up to
+                          # three times more while fewer than half the looks find their archive ready) ...
+LOOK_GAP_LAST = 0.08      # ... or by this share for the last few, the slowest of which sets the run's end
 
 
 # Errors #####################################################################
@@ -222,18 +255,27 @@ class BadArchive(BackupError):
 
 
 class LocalWriteError(BackupError):
-    """Writing to the local disk failed (disk full, permissions): the run stops new work."""
+    """Writing under output_dir failed. fatal (a full or read-only disk, output_dir or the
+    state itself): the run stops new work; otherwise only the album it belongs to fails."""
+
+    def __init__(self, path, exc, fatal=None):
+        reason = exc.strerror or str(exc) if isinstance(exc, OSError) else str(exc)
+        super().__init__("%s: %s" % (path, reason))
+        self.path = path
+        code = exc.errno if isinstance(exc, OSError) else None
+        self.fatal = fatal if fatal is not None else code in DISK_ERRNOS
+
+
+# A full disk, a quota, a file-size limit, a read-only disk: every write will fail.
+DISK_ERRNOS = {errno.ENOSPC, errno.EFBIG, errno.EROFS, getattr(errno, "EDQUOT", errno.ENOSPC)}
 
 
 class Unreachable(BackupError):
-    """Every API call has failed with a network error for UNREACHABLE_SECONDS: stop the run.
+    """SmugMug has not answered for unreachable_minutes: the run stops (exit 1).
 
-    Raised by SmugMugClient.call() (from any thread) instead of retrying
-    further; every later call raises it too after its first failed try, until
-    the server answers again. `since` is the wall-clock time (time.time()) of
-    the first failure of the streak; the message reads "SmugMug unreachable
-    since HH:MM:SS: <last reason>". Not an ApiError: it is about the run, not
-    the album whose call happened to raise it.
+    Raised by Link.wait_up() in every thread that waits for the link once the
+    outage has lasted the limit. since: the wall-clock time (time.time()) the
+    outage began; the message reads "SmugMug unreachable since HH:MM:SS: reason".
     """
 
     def __init__(self, since, reason):
@@ -263,6 +305,9 @@ class Config:
     archive_timeout_hours: float = 6
     poll_seconds: float = 1.0
     poll_max_seconds: float = 30.0
+    keep_versions_days: float = 90
+    recheck_days: float = 30
+    unreachable_minutes: float = 15
 
     def secrets(self):
         return [getattr(self, k) for k in SECRET_KEYS if getattr(self, k)]
@@ -317,7 +362,7 @@ class ListedFile:
     archived_uri: str = ""       # the original; absent where originals may not be downloaded
     archived_size: Optional[int] = None
     archived_md5: str = ""
-    video_uri: str = ""          # !largestvideo, for videos without ArchivedUri
+    rendition_uri: str = ""      # !largestimage or !largestvideo (from the listing's Uris, else by Serial)
     fields: tuple = ()           # (field, value) pairs kept in the manifest
 
 
@@ -338,7 +383,7 @@ class FileTask:
     url: str
     size: Optional[int]
     md5: str
-    transcode: bool = False      # from !largestvideo, not the uploaded original
+    rendition: bool = False      # SmugMug's largest rendition (!largestimage, !largestvideo), not the upload
 
 
 @dataclass(frozen=True)
@@ -349,6 +394,8 @@ class AlbumPlan:
     fetch: tuple = ()            # FileTask
     bad_parts: dict = field(default_factory=dict)   # part name -> reason (not a sound zip)
     files_checked: int = 0
+    held_before: frozenset = frozenset()   # ImageKeys the previous backup holds (its manifest says where)
+    incomplete: str = ""         # the listing was cut short: why (then nothing old is replaced)
 
 
 @dataclass
@@ -361,13 +408,17 @@ class Summary:
     bytes: int = 0
     files_checked: int = 0
     files_fetched: int = 0
+    renditions: int = 0          # files saved as SmugMug's largest rendition (no original offered)
+    versioned: int = 0           # files moved to versions this run
     by_file: List[str] = field(default_factory=list)         # albums saved file by file
     missing: Dict[str, list] = field(default_factory=dict)   # album path -> [(file, reason)]
     emptied: List[str] = field(default_factory=list)         # albums now empty on SmugMug (files kept)
     failed: Dict[str, str] = field(default_factory=dict)     # album path -> reason
     gone: List[str] = field(default_factory=list)
-    write_error: str = ""
+    write_error: str = ""        # why the run stopped (a full disk, SmugMug unreachable...)
+    interrupted: bool = False
     seconds: float = 0.0
+    waited: Dict[str, float] = field(default_factory=dict)   # what the run waited for -> seconds
 
 
 # Pure helpers ###############################################################
@@ -510,7 +561,13 @@ def int_or_none(value):
 
 
 def listed_file(obj):
-    """A ListedFile from an AlbumImage object, or None when it names no file."""
+    """A ListedFile from an AlbumImage object, or None when it names no file.
+
+    Fields are kept as SmugMug gives them (Latitude as a string or a number,
+    ComponentFileTypes as a list or an object); sizes are read as integers or
+    digit strings. The rendition to save when no original is offered is the
+    listing's Uris.LargestVideo / LargestImage where given, else built from the
+    ImageKey and its Serial (an edited image is KEY-1)."""
     if not isinstance(obj, dict):
         return None
     key = obj.get("ImageKey")
@@ -518,18 +575,22 @@ def listed_file(obj):
         return None
     uri = obj.get("ArchivedUri")
     md5 = obj.get("ArchivedMD5")
-    video = uri_of(obj, "LargestVideo") or ""
+    is_video = obj.get("IsVideo") is True
+    serial = int_or_none(obj.get("Serial")) or 0
+    kind = "LargestVideo" if is_video else "LargestImage"
+    rendition = uri_of(obj, kind) or "%s/image/%s-%d!%s" % (API_ROOT, key, serial, kind.lower())
     kept = [(k, obj[k]) for k in IMAGE_FIELDS if k in obj]
     # URLs without their query: a signed link's query is a credential, never kept
     kept = [(k, strip_query(v) if k == "ArchivedUri" and isinstance(v, str) else v) for k, v in kept]
-    if video:
-        kept.append(("Uris", {"LargestVideo": strip_query(video)}))
+    uris = {k: strip_query(uri_of(obj, k)) for k in IMAGE_URIS if uri_of(obj, k)}
+    if uris:
+        kept.append(("Uris", uris))
     return ListedFile(key=key, file_name=str(obj.get("FileName") or ""),
-                      is_video=obj.get("IsVideo") is True, processing=obj.get("Processing") is True,
+                      is_video=is_video, processing=obj.get("Processing") is True,
                       archived_uri=uri if isinstance(uri, str) else "",
                       archived_size=int_or_none(obj.get("ArchivedSize")),
                       archived_md5=md5.lower() if isinstance(md5, str) else "",
-                      video_uri=video, fields=tuple(kept))
+                      rendition_uri=path_and_query(rendition), fields=tuple(kept))
 
 
 _RENAMED = re.compile(r"-\d+| \(\d+\)")
@@ -684,9 +745,27 @@ def strip_query(url):
     return urllib.parse.urlunsplit((parts.scheme, parts.netloc, parts.path, "", ""))
 
 
+# A query parameter whose name says it is a signature, an expiry, a token or a key: the
+# value of a signed link (CDN links carry Signature, Expires, Key-Pair-Id, Policy...).
+_SECRET_PARAM = r"[\w.-]*(?:sig|signature|expires?|token|key|policy|credential|secret|hash|hmac|nonce)[\w.-]*"
+_SIGNED_QUERY = re.compile(r"\?(?=[^\s'\"<>]*(?<=[?&;])%s=)[^\s'\"<>)]*" % _SECRET_PARAM, re.IGNORECASE)
+_SECRET_VALUE = re.compile(r"(?<![\w.-])(%s)=[^\s&;'\"<>)]+" % _SECRET_PARAM, re.IGNORECASE)
+
+
 def redact_urls(text):
-    """text with every URL's query string replaced by '?...'."""
-    return re.sub(r"(https?://[^\s?'\"]+)\?[^\s'\")]*", r"\1?...", str(text))
+    """text without the secrets links carry: every full URL's query becomes '?...', and so
+    does any other query (a bare path's) with a parameter that looks like a signature, an
+    expiry or a token; such a NAME=VALUE anywhere else keeps only its name."""
+    text = re.sub(r"(https?://[^\s?'\"<>]+)\?[^\s'\"<>)]*", r"\1?...", str(text))
+    text = _SIGNED_QUERY.sub("?...", text)
+    return _SECRET_VALUE.sub(r"\1=...", text)
+
+
+def safe_rel(rel):
+    """Is rel a relative path of clean components (nothing that could leave output_dir)?"""
+    if not isinstance(rel, str) or not rel or "\\" in rel or "\x00" in rel:
+        return False
+    return all(piece not in ("", ".", "..") for piece in rel.split("/"))
 
 
 def is_loopback_host(host):
@@ -708,6 +787,17 @@ def parse_time(text):
     except ValueError:
         return None
     return value if value.tzinfo else value.replace(tzinfo=datetime.timezone.utc)
+
+
+def iso_now(now=None):
+    """A moment (time.time() by default) as SmugMug writes times: ISO 8601, UTC, whole seconds."""
+    moment = datetime.datetime.fromtimestamp(time.time() if now is None else now, datetime.timezone.utc)
+    return moment.replace(microsecond=0).isoformat()
+
+
+def run_stamp(now=None):
+    """A run's start, UTC, as its versions folder is named: 2026-12-01T031500Z."""
+    return time.strftime(STAMP_FORMAT, time.gmtime(time.time() if now is None else now))
 
 
 def parse_retry_after(value, now=None):
@@ -850,57 +940,221 @@ def human_seconds(seconds):
 
 # HTTP #######################################################################
 
-class RateGate:
-    """One gate for every API request of the run: SmugMug's limit is per user.
+# What the network layer makes of a failed request (restic's retrying backend,
+# urllib3's Retry): one map, decided from the exception alone. Callers never
+# catch transport exceptions themselves.
+LINK = "link"     # no answer at all: wait for the link, which costs the request no try
+RETRY = "retry"   # an answer, but no good: try again, counting a try
+FAIL = "fail"     # this request will not succeed: give up on it
 
-    A 429's Retry-After closes it for everyone; a low X-RateLimit-Remaining
-    spreads the remaining calls until the window resets.
+
+class LinkBroken(BackupError):
+    """A download's body was cut off mid-stream (the connection broke)."""
+
+
+def failure_kind(exc):
+    """LINK, RETRY or FAIL for an exception a request raised.
+
+    LINK: refused, reset, closed, DNS, unreachable, a connect or read timeout, a
+    body cut off. RETRY: a garbled body (ContentDecodingError), a TLS failure.
+    FAIL: anything else (a bad URL, too many redirects)."""
+    if isinstance(exc, (requests.exceptions.ContentDecodingError, urllib3.exceptions.DecodeError,
+                        requests.exceptions.SSLError, SSLError)):
+        return RETRY
+    if isinstance(exc, (LinkBroken, requests.ConnectionError, requests.Timeout,
+                        requests.exceptions.ChunkedEncodingError, urllib3.exceptions.HTTPError,
+                        HTTPException, ConnectionError, TimeoutError, socket.gaierror)):
+        return LINK
+    return FAIL
+
+
+class Link:
+    """One view, shared by every thread of the run, of whether SmugMug answers at all.
+
+    A request that gets no answer (failure_kind LINK) reports it with failed();
+    from then on every request waits in wait_up() while one probe at a time (an
+    unsigned GET of the API root: any answer will do) is sent, at once, then
+    after 1 s, 2 s, 4 s... at most LINK_PROBE_MAX apart, so that a returning link
+    is seen within that. An answer to anything ends the outage. A failure
+    counts against its request's tries only if the link turned out to work (no
+    probe failed while it lasted: the trouble was that request's own). After
+    give_up seconds down, wait_up() raises Unreachable in every thread.
+    """
+
+    def __init__(self, probe, stop, give_up, clock=time.monotonic):
+        self._cond = threading.Condition(threading.RLock())
+        self._probe = probe             # () -> True when SmugMug answered
+        self._stop = stop
+        self._clock = clock
+        self.give_up = give_up
+        self.down_since = None          # clock() when the outage began; None while up
+        self.since = None               # the same moment as wall-clock time, for messages
+        self.reason = ""
+        self.outage = 0                 # the number of the current (or last) outage
+        self.confirmed = set()          # outages in which a probe failed too: real ones
+        self.down_seconds = 0.0         # the run's time without the link, for the summary
+        self.gave_up = None             # the Unreachable every thread raises once the limit passed
+        self._next_probe = 0.0
+        self._delay = 0.0
+        self._probing = False
+
+    @property
+    def up(self):
+        return self.down_since is None
+
+    def failed(self, reason):
+        """A request got no answer: the link is in doubt. The outage's number, for counts()."""
+        with self._cond:
+            if self.down_since is None:
+                self.outage += 1
+                self.down_since, self.since = self._clock(), time.time()
+                self._delay, self._next_probe = 0.0, self.down_since      # the first probe at once
+            self.reason = reason
+            return self.outage
+
+    def answered(self):
+        """SmugMug answered something (any status): the link works."""
+        with self._cond:
+            if self.down_since is not None:
+                self.down_seconds += self._clock() - self.down_since
+                self.down_since = None
+                self._cond.notify_all()
+
+    def counts(self, outage):
+        """Does a failure seen in this outage count as one of its request's tries?"""
+        return outage not in self.confirmed
+
+    def wait_up(self):
+        """Return once the link is up, probing it meanwhile; Unreachable once it has been
+        down for give_up seconds; Interrupted when the run stops."""
+        while True:
+            probe = False
+            with self._cond:
+                if self.gave_up is not None:
+                    raise self.gave_up
+                if self.down_since is None:
+                    return
+                now = self._clock()
+                if now - self.down_since >= self.give_up:
+                    self.gave_up = Unreachable(self.since, self.reason)
+                    self._cond.notify_all()
+                    raise self.gave_up
+                if not self._probing and now >= self._next_probe:
+                    self._probing = probe = True
+                    outage = self.outage
+                else:
+                    self._cond.wait(min(0.25, max(0.01, self._next_probe - now)))
+            if self._stop.is_set():
+                raise Interrupted("stopping")
+            if probe:
+                answered = False
+                try:
+                    answered = self._probe()
+                finally:
+                    with self._cond:
+                        self._probing = False
+                        if answered:
+                            self.answered()
+                        else:
+                            self.confirmed.add(outage)
+                            self._delay = min(max(self._delay * 2, LINK_PROBE_FIRST), LINK_PROBE_MAX)
+                            self._next_probe = self._clock() + self._delay
+
+    def wait_after(self, reason):
+        """A request got no answer: wait for the link. True when the failure counts as a try."""
+        outage = self.failed(reason)
+        self.wait_up()
+        return self.counts(outage)
+
+
+# API calls queue at the rate gate by what they do: when calls are scarce (a
+# quota running low), those that move bytes soonest go first.
+PRIORITY = {"check": 0, "look": 1, "walk": 2, "request": 3}
+
+
+class RateGate:
+    """One gate for every API call of the run: SmugMug's limit is per user.
+
+    A 429's Retry-After (or a busy 5xx's) closes it for everyone. When
+    X-RateLimit-Remaining runs low, the calls left are spread until the window
+    resets, and the calls waiting go in order of priority (PRIORITY: the listing
+    of an album already downloaded, a look at an archive, the walk, then new
+    requests), so that a quota is spent where it moves bytes soonest.
     """
 
     def __init__(self, stop):
-        self._lock = threading.Lock()
+        self._cond = threading.Condition()
         self._stop = stop
-        self._not_before = 0.0      # monotonic
-        self._spacing = 0.0
-        self._spacing_until = 0.0
-        self.pressure = 0           # 429s and low-water warnings so far (read by the orchestrator)
+        self._queue = []                # heap of (priority, seq) of the calls waiting
+        self._seq = itertools.count()
+        self._not_before = 0.0          # monotonic: no call before this
+        self._spacing = 0.0             # while calls are scarce, seconds between two calls ...
+        self._spacing_until = 0.0       # ... until the window resets
+        self.pressure = 0               # 429s and low-water warnings so far (read by the scheduler)
 
-    def wait(self):
-        """Block until the gate is open and take a turn; raise Interrupted if the run stops."""
-        while True:
-            with self._lock:
-                now = time.monotonic()
-                if now >= self._not_before:
-                    if now < self._spacing_until:
-                        self._not_before = now + self._spacing
-                    return
-                delay = self._not_before - now
-            if self._stop.wait(min(delay, 0.25)):
-                raise Interrupted("stopping")
+    def wait(self, priority=PRIORITY["walk"]):
+        """Block until the gate is open and this call's turn has come; Interrupted if the run stops."""
+        ticket = (priority, next(self._seq))
+        with self._cond:
+            heapq.heappush(self._queue, ticket)
+            try:
+                while True:
+                    now = time.monotonic()
+                    if self._queue[0] == ticket and now >= self._not_before:
+                        heapq.heappop(self._queue)
+                        if now < self._spacing_until:
+                            self._not_before = now + self._spacing
+                        self._cond.notify_all()
+                        return
+                    if self._stop.is_set():
+                        raise Interrupted("stopping")
+                    self._cond.wait(min(0.25, max(0.005, self._not_before - now)))
+            except BaseException:
+                if ticket in self._queue:
+                    self._queue.remove(ticket)
+                    heapq.heapify(self._queue)
+                    self._cond.notify_all()
+                raise
 
     def close_for(self, seconds):
-        with self._lock:
+        with self._cond:
             self.pressure += 1
             self._not_before = max(self._not_before, time.monotonic() + seconds)
 
     def observe(self, headers):
-        """Slow down before a 429 when the server says few calls are left."""
-        try:
-            remaining = int(headers.get("X-RateLimit-Remaining", ""))
-        except (TypeError, ValueError):
+        """Spread the calls left when the server says few are (X-RateLimit-*)."""
+        remaining = int_or_none((headers.get("X-RateLimit-Remaining") or "").strip())
+        if remaining is None:
             return
-        if remaining >= RATE_LOW_WATER:
-            return
-        try:
-            reset_in = float(headers.get("X-RateLimit-Reset", "")) - time.time()
-        except (TypeError, ValueError):
-            reset_in = 10.0
-        reset_in = max(0.0, min(reset_in, RETRY_AFTER_CAP))
-        with self._lock:
-            if time.monotonic() >= self._spacing_until:
+        limit = int_or_none((headers.get("X-RateLimit-Limit") or "").strip())
+        low = max(RATE_LOW_WATER, int(limit * RATE_LOW_FRACTION) if limit else 0)
+        with self._cond:
+            if remaining >= low:
+                self._spacing_until = 0.0
+                return
+            try:
+                reset_in = float(headers.get("X-RateLimit-Reset", "")) - time.time()
+            except (TypeError, ValueError):
+                reset_in = 10.0
+            reset_in = max(0.0, min(reset_in, RETRY_AFTER_CAP))
+            now = time.monotonic()
+            if now >= self._spacing_until:
                 self.pressure += 1
-            self._spacing = reset_in / max(remaining, 1)
-            self._spacing_until = time.monotonic() + reset_in
+            self._spacing = reset_in / (remaining + 1)
+            self._spacing_until = now + reset_in
+            if remaining == 0:
+                self._not_before = max(self._not_before, now + reset_in)
+
+    def resumes(self):
+        """When calls flow again (time.time()), while the gate holds them back for more than a
+        few seconds: closed by a Retry-After, or spread thin by a quota; else None."""
+        with self._cond:
+            now = time.monotonic()
+            if self._not_before - now > 2.0:
+                return time.time() + self._not_before - now
+            if now < self._spacing_until and self._spacing > 2.0:
+                return time.time() + self._spacing_until - now
+            return None
 
 
 def connect_retry():
@@ -917,13 +1171,6 @@ def connect_retry():
         return Retry(backoff_jitter=0.1, **kwargs)
     except TypeError:          # urllib3 1.x
         return Retry(**kwargs)
-
-
-def reached_server(exc):
-    """Did a failed request get past connecting (so it may have reached the server)?"""
-    if isinstance(exc, requests.exceptions.ConnectTimeout):
-        return False
-    return not any(isinstance(e, (NewConnectionError, ConnectTimeoutError)) for e in exception_chain(exc))
 
 
 def exception_chain(exc):
@@ -1021,28 +1268,21 @@ def send_following_redirects(client, method, url, headers, api_only=False, **kwa
 
 
 class SmugMugClient:
-    """OAuth1-signed access to the API: one requests.Session per thread, one rate gate.
-
-    It also watches whether SmugMug answers at all: unreachable_since is the
-    wall-clock time (time.time()) since which every API call has failed with a
-    network error, None while the server answers (any status counts).
-    """
+    """OAuth1-signed access to the API: one requests.Session per thread, one rate gate, one
+    view of the link (shared with the downloads)."""
 
     def __init__(self, config, stop):
         self.config = config
         self.base = config.api_base.rstrip("/")
         self.stop = stop
         self.gate = RateGate(stop)
+        self.link = Link(self.probe, stop, config.unreachable_minutes * 60)
         self.auth = OAuth1(config.app_key, config.app_key_secret,
                            config.access_key, config.access_key_secret,
                            signature_method="HMAC-SHA1", signature_type="AUTH_HEADER")
         self._local = threading.local()
         self._sessions = []
         self._sessions_lock = threading.Lock()
-        self._reach_lock = threading.Lock()
-        self._failing_since = None      # monotonic start of the current streak of network errors
-        self.unreachable_since = None   # the same moment as wall-clock time, for messages
-        self.last_answer = None         # monotonic time of the last answer from the server
 
     def session(self):
         sess = getattr(self._local, "session", None)
@@ -1058,6 +1298,10 @@ class SmugMugClient:
                 self._sessions.append(sess)
         return sess
 
+    def set_priority(self, priority):
+        """The priority at the rate gate of this thread's calls (a pool's initializer)."""
+        self._local.priority = priority
+
     def close(self):
         with self._sessions_lock:
             for sess in self._sessions:
@@ -1067,25 +1311,20 @@ class SmugMugClient:
     def url(self, uri):
         return self.base + path_and_query(uri)
 
-    def note_answer(self):
-        """The server answered (whatever the status): any streak of network errors is over."""
-        with self._reach_lock:
-            self._failing_since = self.unreachable_since = None
-            self.last_answer = time.monotonic()
+    def probe(self):
+        """Does SmugMug answer at all? An unsigned GET of the API root: any answer will do."""
+        try:
+            resp = self.session().get(self.base + API_ROOT, headers={"Accept": "application/json"},
+                                      timeout=PROBE_TIMEOUT, allow_redirects=False, auth=lambda request: request)
+            resp.close()
+            return True
+        except Exception:           # whatever it is, SmugMug did not answer
+            return False
 
-    def note_network_error(self):
-        """A call got no answer: start the streak if none is going; seconds it has lasted."""
-        with self._reach_lock:
-            if self._failing_since is None:
-                self._failing_since, self.unreachable_since = time.monotonic(), time.time()
-            return time.monotonic() - self._failing_since
-
-    def seconds_until_unreachable(self):
-        """How long the current streak may go on before calls raise Unreachable (None: no streak)."""
-        with self._reach_lock:
-            if self._failing_since is None:
-                return None
-            return max(0.0, self._failing_since + UNREACHABLE_SECONDS - time.monotonic())
+    def pause(self, tries):
+        """The backoff before try number tries + 1; Interrupted if the run stops meanwhile."""
+        if self.stop.wait(backoff_delay(tries - 1)):
+            raise Interrupted("stopping")
 
     def get(self, uri, **params):
         return self.call("GET", uri, params)
@@ -1097,89 +1336,78 @@ class SmugMugClient:
         """One API call: the JSON body of a 2xx answer, or an exception.
 
         Redirects on the API host are followed, each hop signed anew. A 2xx
-        without a JSON body is {} for a POST (accepted) and for a 204; other
-        unreadable bodies and 5xx are retried API_ATTEMPTS times with backoff; 429
-        closes the gate for everyone for its Retry-After; 401 raises AuthError.
-        Network errors: a refused connection before the server ever answered
-        is an ApiError at once (wrong api_base, no network). Later ones are
-        retried while the outage lasts; a call gives up with ApiError after
-        API_ATTEMPTS only if the server answered others meanwhile (the trouble
-        is this call's), and raises Unreachable once every call has failed for
-        UNREACHABLE_SECONDS.
+        without a JSON body is {} for a POST (accepted) and for a 204. No answer
+        at all waits for the link (failure_kind LINK: no try counted while the
+        link is down); 5xx and unreadable answers are retried API_ATTEMPTS times
+        with backoff; 429 closes the gate for everyone for its Retry-After; 401
+        raises AuthError, 403 Forbidden, 404 NotFound.
         """
         url = self.url(uri)
-        failures = throttled = 0
-        first_network_error = None
+        tries = throttled = 0
         while True:
             if self.stop.is_set():
                 raise Interrupted("stopping")
-            self.gate.wait()
+            self.link.wait_up()
+            self.gate.wait(getattr(self._local, "priority", PRIORITY["walk"]))
             try:
                 resp = send_following_redirects(self, method, url, {"Accept": "application/json"},
                                                 api_only=True, params=params or None)
-            except DownloadError as exc:
+            except DownloadError as exc:            # a redirect that must not be followed
                 raise ApiError(str(exc))
-            except (requests.ConnectionError, requests.Timeout) as exc:
+            except Exception as exc:
+                kind = failure_kind(exc)
                 reason = short_network_error(exc)
-                failing_for = self.note_network_error()
-                if self.last_answer is None and not reached_server(exc):
-                    raise ApiError("cannot connect to SmugMug: %s" % reason)
-                if failing_for >= UNREACHABLE_SECONDS:
-                    raise Unreachable(self.unreachable_since or time.time(), reason)
-                first_network_error = first_network_error or time.monotonic()
-                resp = None
-            if resp is not None:
-                self.note_answer()
-                self.gate.observe(resp.headers)
-                status = resp.status_code
-                if status == 429:
-                    throttled += 1
-                    # Honour Retry-After, but never hammer a server that keeps saying 429.
-                    wait = max(parse_retry_after(resp.headers.get("Retry-After")) or 0.0,
-                               backoff_delay(throttled - 1))
-                    log.warning("SmugMug asks to slow down (429): pausing all API calls for %.1f s", wait)
-                    self.gate.close_for(wait)
-                    if throttled >= RATE_LIMIT_ATTEMPTS:
-                        raise ApiError("still rate limited after %d tries" % throttled, 429)
-                    continue
-                if status == 401:
-                    raise AuthError(error_message(resp))
-                if status == 403:
-                    raise Forbidden(error_message(resp), 403)
-                if status == 404:
-                    raise NotFound(error_message(resp), 404)
-                if 200 <= status < 300:
-                    try:
-                        body = resp.json()
-                    except ValueError:
-                        body = None
-                    if isinstance(body, dict):
-                        return body
-                    if method == "POST" or status == 204:
-                        return {}         # accepted (what it started is seen by looking again), or no content
-                    reason = "unreadable answer (HTTP %d, not JSON)" % status
-                elif status >= 500:
-                    reason = "HTTP %d: %s" % (status, error_message(resp))
-                    busy = parse_retry_after(resp.headers.get("Retry-After"))
-                    if busy:        # busy (e.g. too many archives in preparation): everyone waits
-                        log.warning("SmugMug is busy (%d): pausing all API calls for %.1f s", status, busy)
-                        self.gate.close_for(busy)
-                else:
-                    raise ApiError("HTTP %d: %s" % (status, error_message(resp)), status)
-            failures += 1
-            delay = backoff_delay(failures - 1)
-            if resp is None:
-                answered_others = (self.last_answer or 0.0) > first_network_error
-                if failures >= API_ATTEMPTS and answered_others:
+                if kind == FAIL:
                     raise ApiError(reason)
-                left = self.seconds_until_unreachable()
-                if left is not None:
-                    delay = min(delay, left + 0.01)   # one last try right when the window ends
-            elif failures >= API_ATTEMPTS:
-                raise ApiError(reason)
+                if kind == LINK and not self.link.wait_after(reason):
+                    continue                        # the link was down: no try counted
+                tries += 1
+                if tries >= API_ATTEMPTS:
+                    raise ApiError(reason)
+                log.debug("%s %s failed (%s), retrying", method, path_and_query(uri).split("?")[0], reason)
+                self.pause(tries)
+                continue
+            self.link.answered()
+            self.gate.observe(resp.headers)
+            status = resp.status_code
+            if status == 429:
+                throttled += 1
+                # Honour Retry-After, but never hammer a server that keeps saying 429.
+                wait = max(parse_retry_after(resp.headers.get("Retry-After")) or 0.0, backoff_delay(throttled - 1))
+                log.warning("SmugMug asks to slow down (429): pausing all API calls for %.1f s", wait)
+                self.gate.close_for(wait)
+                if throttled >= RATE_LIMIT_ATTEMPTS:
+                    raise ApiError("still rate limited after %d tries" % throttled, 429)
+                continue
+            if status == 401:
+                raise AuthError(error_message(resp))
+            if status == 403:
+                raise Forbidden(error_message(resp), 403)
+            if status == 404:
+                raise NotFound(error_message(resp), 404)
+            if 200 <= status < 300:
+                try:
+                    body = resp.json()
+                except ValueError:
+                    body = None
+                if isinstance(body, dict):
+                    return body
+                if method == "POST" or status == 204:
+                    return {}         # accepted (what it started is seen by looking again), or no content
+                reason = "unreadable answer (HTTP %d, not JSON)" % status
+            elif status >= 500:
+                reason = "HTTP %d: %s" % (status, error_message(resp))
+                busy = parse_retry_after(resp.headers.get("Retry-After"))
+                if busy:        # busy (e.g. too many archives in preparation): everyone waits
+                    log.warning("SmugMug is busy (%d): pausing all API calls for %.1f s", status, busy)
+                    self.gate.close_for(busy)
+            else:
+                raise ApiError("HTTP %d: %s" % (status, error_message(resp)), status)
+            tries += 1
+            if tries >= API_ATTEMPTS:
+                raise ApiError(reason, status)
             log.debug("%s %s failed (%s), retrying", method, path_and_query(uri).split("?")[0], reason)
-            if self.stop.wait(delay):
-                raise Interrupted("stopping")
+            self.pause(tries)
 
 
 # Walk #######################################################################
@@ -1203,17 +1431,20 @@ def find_root(client, config):
 
 
 def list_all(client, link, first=None, **extra):
-    """Every object of a paged list, all pages, each once, in order, and the
-    Expansions of every page: (objects, expansions).
+    """Every object of a paged list, all pages, each once, in order, and the Expansions of
+    every page: (objects, expansions, short). short: "" when the list is whole, else why not
+    (fewer objects than its Pages.Total).
 
-    first: the answer to link when already had (a POST's). Pages are followed
-    as following_page() says, with extra added to each link (a NextPage may
-    leave parameters out). A page that adds nothing new ends the listing (a
-    server that ignores start, or a Total that counts hidden objects), except
-    an empty page the server itself links past.
+    first: the answer to link when already had (a POST's). Pages are followed as
+    following_page() says, with extra added to each link (a NextPage may leave
+    parameters out). Only a 404 or an empty page ends a run of pages guessed from
+    Pages.Total (real !images pages carry no NextPage); any other error is raised:
+    a list is never cut short in silence. A page that adds nothing new ends the
+    listing (a server that ignores start), except an empty page the server
+    itself links past.
     """
     objects, expansions, seen, asked = [], {}, set(), set()
-    body, guessed = first, False
+    body, guessed, total = first, False, None
     while link:
         if len(asked) >= MAX_PAGES:
             raise ApiError("paging of %s does not end" % path_and_query(link).split("?")[0])
@@ -1221,13 +1452,15 @@ def list_all(client, link, first=None, **extra):
         if body is None:
             try:
                 body = client.get(link)
-            except ApiError as exc:
+            except NotFound:
                 if not guessed:
                     raise
-                # a page we guessed at (Pages said more, no NextPage): the list ends here
-                log.debug("%s: no page past the last one given (%s)", path_and_query(link).split("?")[0], exc)
-                break
+                break               # a page guessed at past the last: the list ends here
         page = as_list(envelope_payload(body))
+        response = body.get("Response") if isinstance(body, dict) else None
+        pages = response.get("Pages") if isinstance(response, dict) else None
+        if isinstance(pages, dict) and int_or_none(pages.get("Total")) is not None:
+            total = int_or_none(pages.get("Total"))
         fresh = [(hash(json.dumps(o, sort_keys=True, default=str)), o) for o in page]
         fresh = [(h, o) for h, o in fresh if h not in seen]
         if len(asked) > 1 and not fresh and (page or guessed):
@@ -1244,11 +1477,14 @@ def list_all(client, link, first=None, **extra):
         if link and path_and_query(link) in asked:
             break
         body = None
-    return objects, expansions
+    short = ""
+    if total is not None and len(objects) < total:
+        short = "SmugMug listed %d of %d" % (len(objects), total)
+    return objects, expansions, short
 
 
 def list_children(client, folder):
-    """Every child node of a folder, all pages, with the expanded Album objects: (nodes, expansions)."""
+    """Every child node of a folder, all pages, with the expanded Album objects: (nodes, expansions, short)."""
     return list_all(client, add_query(folder.children_uri, count=PAGE_COUNT, _expand="Album"), _expand="Album")
 
 
@@ -1276,8 +1512,9 @@ def with_details(album, details):
 
 
 def walk_folder(client, folder):
-    """Stage of the walk pool: (subfolders, albums, skipped) of one folder, names assigned."""
-    nodes, expansions = list_children(client, folder)
+    """Stage of the walk pool: (subfolders, albums, skipped, short) of one folder, names assigned;
+    short: why the listing is not whole ("" when it is)."""
+    nodes, expansions, short = list_children(client, folder)
     unique, seen = [], set()
     for node in nodes:
         node_id = node.get("NodeID")
@@ -1307,7 +1544,7 @@ def walk_folder(client, folder):
             log.debug("skipping page %s (pages hold no files)", "/".join(path))
         else:
             skipped.append(("/".join(path), "unknown node type %r" % (node.get("Type"),)))
-    return folders, albums, skipped
+    return folders, albums, skipped, short
 
 
 # Stages #####################################################################
@@ -1517,108 +1754,119 @@ def list_archives(client, album, first=None):
     """The album's archives as ArchiveParts: its !download listing, all pages (first: a POST's
     answer, its further pages listed). A 404 is no archive, as an empty listing is."""
     try:
-        objects, _ = list_all(client, album.uri + "!download", first=first)
+        objects, _, _ = list_all(client, album.uri + "!download", first=first)
     except NotFound:
         return []
     return [archive_part(item) for item in objects]
 
 
-def poll_archive(client, album, ticket):
-    """Stage of the poll pool: one look at the album's archive; never sleeps."""
+def look_at_archive(client, album, ticket):
+    """Stage of the look pool: one look at the album's archive (read_archive's answer); never sleeps."""
     return read_archive(list_archives(client, album), album, ticket)
 
 
-def download_part(client, part, temp, resume_ok, progress, cancel):
+def download_part(client, store, part, temp, resume_ok, progress, cancel):
     """Stage of the download pool: one archive part into temp (NAME.part); its size.
 
-    A refusal of the archive's URL means it expired: ArchiveGone."""
+    A refusal of the archive's URL means it expired (or the machine slept): ArchiveGone."""
     try:
-        return download_file(client, part.url, temp, part.size, resume_ok, progress, cancel)
+        return download_file(client, store, part.url, temp, part.size, resume_ok, progress, cancel)
     except Refused as exc:
         raise ArchiveGone("archive no longer available (%s)" % exc)
 
 
-def fetch_file(client, task, temp, resume_ok, progress, cancel):
+def fetch_file(client, store, task, temp, resume_ok, progress, cancel):
     """Stage of the download pool: a file the archive lacks into temp; its size.
 
     Checked against the listed size and MD5; a mismatch is fetched again from
     zero, FILE_ATTEMPTS times in all. Refused propagates: the file is missing."""
     for attempt in range(FILE_ATTEMPTS):
-        size = download_file(client, task.url, temp, task.size, resume_ok and attempt == 0, progress, cancel)
+        size = download_file(client, store, task.url, temp, task.size, resume_ok and attempt == 0, progress,
+                             cancel)
         if not task.md5 or md5_of(temp, client.stop) == task.md5:
             return size
         log.debug("%s: MD5 mismatch (attempt %d)", task.name, attempt + 1)
-        remove_quietly(temp)
+        store.discard(temp)
     raise DownloadError("%s: bytes differ from SmugMug's MD5 after %d tries" % (task.name, FILE_ATTEMPTS))
 
 
-def download_file(client, url, temp, listed_size, resume_ok, progress, cancel):
-    """url streamed into temp, resumed with Range when resume_ok (the same file),
-    retried on network errors; the byte count checked against the listed size
-    and the answer's own length; flushed to disk. Returns the size. Raises
-    Refused for a refusal, or for NOT_THE_FILE_ATTEMPTS answers that are not
-    the file (a login page where an expired link leads)."""
+def download_file(client, store, url, temp, listed_size, resume_ok, progress, cancel):
+    """url streamed into temp, resumed with Range when resume_ok (the same file); the byte
+    count checked against the listed size and the answer's own length; flushed to disk.
+    Returns the size.
+
+    No answer at all (failure_kind LINK) waits for the link and resumes where it
+    stopped, costing no try while the link is down; other failures are tried
+    DOWNLOAD_ATTEMPTS times. Raises Refused for a refusal, or for
+    NOT_THE_FILE_ATTEMPTS answers that are not the file (a login page where an
+    expired link leads)."""
     url = urllib.parse.urljoin(client.base + "/", url)    # a relative URL is on the API host
     if not is_secure_url(url):
         raise DownloadError("refusing to fetch over plain http from %s" % urllib.parse.urlsplit(url).hostname)
     if not resume_ok:
-        remove_quietly(temp)
-    last_error, wrong = None, 0
-    for attempt in range(DOWNLOAD_ATTEMPTS):
-        if attempt and client.stop.wait(backoff_delay(attempt - 1)):
-            raise Interrupted("stopping")
+        store.discard(temp)
+    tries = wrong = 0
+    while True:
+        client.link.wait_up()
         try:
-            return fetch_to_file(client, url, temp, progress, listed_size, cancel)
-        except Refused:
+            return fetch_to_file(client, store, url, temp, progress, listed_size, cancel)
+        except (Refused, LocalWriteError, Interrupted, Abandoned):
             raise
         except NotTheFile as exc:
             # Once may be a hiccup; again, the link is as good as refused (an
             # expired link may answer a login page): the caller looks anew.
             wrong += 1
-            last_error = redact_urls(exc)
+            reason = redact_urls(exc)
             if wrong >= NOT_THE_FILE_ATTEMPTS:
-                raise Refused(last_error)
-        except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError) as exc:
-            last_error = short_network_error(exc)
+                raise Refused(reason)
         except DownloadError as exc:
-            last_error = redact_urls(exc)
-        log.debug("%s: %s (attempt %d)", os.path.basename(temp), last_error, attempt + 1)
-    raise DownloadError("download failed after %d tries: %s" % (DOWNLOAD_ATTEMPTS, last_error))
+            reason = redact_urls(exc)
+        except Exception as exc:
+            kind = failure_kind(exc)
+            reason = short_network_error(exc) if not isinstance(exc, LinkBroken) else str(exc)
+            if kind == FAIL:
+                raise DownloadError(reason)
+            if kind == LINK and not client.link.wait_after(reason):
+                log.debug("%s: %s; resuming now that SmugMug answers again", os.path.basename(temp), reason)
+                continue                     # the link was down: no try counted, resume with Range
+        tries += 1
+        log.debug("%s: %s (try %d)", os.path.basename(temp), reason, tries)
+        if tries >= DOWNLOAD_ATTEMPTS:
+            raise DownloadError("download failed after %d tries: %s" % (DOWNLOAD_ATTEMPTS, reason))
+        client.pause(tries)
 
 
-def fetch_to_file(client, url, temp, progress, listed_size=None, cancel=None):
+def fetch_to_file(client, store, url, temp, progress, listed_size=None, cancel=None):
     """One attempt at completing temp from url; returns the final size.
 
     The expected length is the listed size when SmugMug gave one (an answer of
-    another length, such as a login page, is refused before a byte is
-    written), else the answer's Content-Length / Content-Range."""
-    try:
-        offset = os.path.getsize(temp)
-    except OSError:
-        offset = 0
+    another length, such as a login page, is refused before a byte is written),
+    else the answer's Content-Length / Content-Range."""
+    offset = store.part_size(temp)
     headers = {"Accept-Encoding": "identity"}
     if offset:
         headers["Range"] = "bytes=%d-" % offset
     with send_following_redirects(client, "GET", url, headers, stream=True) as resp:
+        client.link.answered()
         status = resp.status_code
         if status == 416 and offset:
             total = parse_unsatisfied_range(resp.headers.get("Content-Range"))
             if total == offset and listed_size in (None, offset):
                 return offset       # the .part was already whole
-            remove_quietly(temp)
+            store.discard(temp)
             raise DownloadError("server refused to resume (416)")
         if status in (401, 403, 404, 410):
             raise Refused("HTTP %d: %s" % (status, error_message(resp)))
         if status == 206 and offset:
             span = parse_content_range(resp.headers.get("Content-Range"))
             if span is None or span[0] != offset:
-                remove_quietly(temp)
+                store.discard(temp)
                 raise DownloadError("server resumed at the wrong offset (%s)" % resp.headers.get("Content-Range"))
             length = content_length(resp.headers)
             answered = span[2] if span[2] is not None else (offset + length if length is not None else None)
-            mode = "ab"
+            append = True
         elif status == 200:
-            offset, mode = 0, "wb"
+            offset, append = 0, False
             answered = content_length(resp.headers)
         else:
             raise DownloadError("HTTP %d: %s" % (status, error_message(resp)))
@@ -1628,38 +1876,20 @@ def fetch_to_file(client, url, temp, progress, listed_size=None, cancel=None):
             raise NotTheFile("the server sends %d bytes, SmugMug listed %d" % (answered, listed_size))
         expected = listed_size if listed_size is not None else answered
         written = offset
-        # Only the local side's OSErrors are write errors: requests' network
-        # errors are OSErrors too, and are retried by the caller.
-        try:
-            out = open(temp, mode)
-        except OSError as exc:
-            raise LocalWriteError("%s: %s" % (temp, exc.strerror or exc)) from exc
-        try:
+        with store.open_part(temp, append) as out:
             for chunk in body_chunks(resp):
                 if client.stop.is_set():
                     raise Interrupted("stopping")
                 if cancel is not None and cancel.is_set():
                     raise Abandoned("archive given up")
-                try:
-                    out.write(chunk)
-                except OSError as exc:
-                    raise LocalWriteError("%s: %s" % (temp, exc.strerror or exc)) from exc
+                out.write(chunk)
                 written += len(chunk)
                 progress(len(chunk))
             if expected is None or written == expected:
-                try:
-                    out.flush()
-                    os.fsync(out.fileno())      # complete on disk before it can take its final name
-                except OSError as exc:
-                    raise LocalWriteError("%s: %s" % (temp, exc.strerror or exc)) from exc
-        finally:
-            try:
-                out.close()
-            except OSError as exc:
-                raise LocalWriteError("%s: %s" % (temp, exc.strerror or exc)) from exc
+                out.sync()              # complete on disk before it can take its final name
     if expected is not None and written != expected:
         if written > expected:
-            remove_quietly(temp)
+            store.discard(temp)
         raise DownloadError("got %d of %d bytes" % (written, expected))
     return written
 
@@ -1669,16 +1899,19 @@ def body_chunks(resp):
 
     urllib3's read1 hands over what the socket has (measured: a fifth of the
     CPU of iter_content, and no waiting for a whole chunk on a slow link); a
-    broken connection is a DownloadError, retried by the caller."""
+    broken connection is LinkBroken (the caller waits for the link and resumes)."""
     raw = resp.raw
     if not hasattr(raw, "read1"):                  # urllib3 1.x
-        yield from resp.iter_content(CHUNK_SIZE)
+        try:
+            yield from resp.iter_content(CHUNK_SIZE)
+        except requests.RequestException as exc:
+            raise LinkBroken("connection broken: %s" % short_network_error(exc)) from exc
         return
     while True:
         try:
             chunk = raw.read1(CHUNK_SIZE, decode_content=False)   # we ask for identity
-        except (urllib3.exceptions.HTTPError, requests.RequestException) as exc:
-            raise DownloadError("connection broken: %s" % short_network_error(exc)) from exc
+        except (urllib3.exceptions.HTTPError, requests.RequestException, HTTPException, OSError) as exc:
+            raise LinkBroken("connection broken: %s" % short_network_error(exc)) from exc
         if not chunk:
             return
         yield chunk
@@ -1754,77 +1987,132 @@ def scan_zip(path, part_name, want_md5, stop=None, progress=None):
 
 
 def list_images(client, album):
-    """Every file of the album (!images, all pages, only the fields used), as ListedFiles."""
-    extra = {"_filter": ",".join(IMAGE_FIELDS), "_filteruri": "LargestVideo"}
-    objects, _ = list_all(client, add_query(album.uri + "!images", count=IMAGES_PAGE_COUNT, **extra), **extra)
+    """Every file of the album (!images, all pages, only the fields used) as ListedFiles, and
+    why the listing is not whole ("" when it is)."""
+    extra = {"_filter": ",".join(IMAGE_FIELDS), "_filteruri": ",".join(IMAGE_URIS)}
+    objects, _, short = list_all(client, add_query(album.uri + "!images", count=IMAGES_PAGE_COUNT, **extra),
+                                 **extra)
     files, seen = [], set()
     for obj in objects:
         found = listed_file(obj)
         if found and found.key not in seen:
             seen.add(found.key)
             files.append(found)
-    return files
+    return files, short and "%s files" % short
 
 
-def largest_video(client, listed):
-    """(url, size, md5) of the largest transcode of a video (!largestvideo)."""
-    uri = listed.video_uri or "%s/image/%s-0!largestvideo" % (API_ROOT, listed.key)
-    video = envelope_payload(client.get(uri))
-    url = video.get("Url") if isinstance(video, dict) else None
+def largest_rendition(client, listed):
+    """(url, size, md5) of SmugMug's largest rendition of a file (!largestvideo for a video,
+    !largestimage for a photo); size None where SmugMug does not say (made on the fly), md5
+    "" where it gives none (!largestimage never does)."""
+    payload = envelope_payload(client.get(listed.rendition_uri))
+    url = payload.get("Url") if isinstance(payload, dict) else None
     if not isinstance(url, str) or not url:
-        raise ApiError("no video to download")
-    md5 = video.get("MD5")
-    return url, int_or_none(video.get("Size")), md5.lower() if isinstance(md5, str) else ""
+        raise ApiError("no rendition to download")
+    md5 = payload.get("MD5")
+    return url, int_or_none(payload.get("Size")), md5.lower() if isinstance(md5, str) else ""
 
 
-def check_album(client, album, parts, folder, old_files):
+@dataclass(frozen=True)
+class OldBackup:
+    """What an album's check needs of its previous backup (None for a new album)."""
+    folder: str                  # where its files are now (after a move)
+    loose: frozenset             # names of its files saved on their own
+    light: bool = False          # a rolling recheck: trust the manifest's record of the zips' entries
+
+
+def previous_manifest(folder):
+    """The files entries of the metadata.json in folder, or [] (none there, or unreadable)."""
+    try:
+        with open(os.path.join(folder, MANIFEST_NAME), encoding="utf-8") as f:
+            doc = json.load(f)
+    except (OSError, ValueError):
+        return []
+    files = doc.get("files") if isinstance(doc, dict) else None
+    return [item for item in files if isinstance(item, dict)] if isinstance(files, list) else []
+
+
+def held_keys(folder, entries):
+    """The ImageKeys a previous backup holds: its manifest says where, and that file is there."""
+    held = set()
+    for item in entries:
+        where = item.get("archive") or item.get("file")
+        if isinstance(item.get("ImageKey"), str) and isinstance(where, str) and safe_rel(where) \
+                and "/" not in where and os.path.exists(os.path.join(folder, where)):
+            held.add(item["ImageKey"])
+    return frozenset(held)
+
+
+def manifest_entries(entries, parts):
+    """[ZipEntry] as a manifest records the zips' entries (for a rolling recheck, which does not
+    read the zips): the listed size and MD5 of each file it places in one of parts."""
+    out = []
+    for item in entries:
+        if item.get("archive") in parts and isinstance(item.get("entry"), str):
+            md5 = item.get("ArchivedMD5")
+            out.append(ZipEntry(item["archive"], item["entry"], int_or_none(item.get("ArchivedSize")) or -1,
+                                md5.lower() if isinstance(md5, str) else ""))
+    return out
+
+
+def check_album(client, album, parts, folder, old):
     """Stage of the check pool: an AlbumPlan for an album whose parts are on disk.
 
     parts: [(part name, path)] (NAME.part files, or the final files of an
     earlier backup). Lists the album's files, CRC-tests every entry of every
-    part, matches listing to entries, and decides for each file the archive
-    lacks where it goes and where from; a loose file saved before (old_files)
-    that still has the listed size and MD5 is kept rather than fetched again.
+    part (or, for a rolling recheck, takes the entries its manifest records),
+    matches listing to entries, and decides for each file the archive lacks
+    where it goes and where from: its original (ArchivedUri), else SmugMug's
+    largest rendition (a collected photo, a video without an original); a
+    loose file saved before that still has the listed size and MD5 is kept.
+    The plan also says which files the previous backup holds (held_before),
+    so that nothing it has is replaced by a backup that lacks it.
     """
-    listing = list_images(client, album)
+    listing, short = list_images(client, album)
+    previous = previous_manifest(old.folder) if old else []
+    held = held_keys(old.folder, previous) if old else frozenset()
     want_md5 = any(f.archived_md5 for f in listing)
     entries, bad = [], {}
-    for name, path in parts:
-        try:
-            entries.extend(scan_zip(path, name, want_md5, client.stop))
-        except BadArchive as exc:
-            bad[name] = str(exc)
+    if old and old.light and previous:
+        entries = manifest_entries(previous, {name for name, _ in parts})
+    else:
+        for name, path in parts:
+            try:
+                entries.extend(scan_zip(path, name, want_md5, client.stop))
+            except BadArchive as exc:
+                bad[name] = str(exc)
     if bad:
-        return AlbumPlan(tuple(listing), {}, (), bad)
+        return AlbumPlan(tuple(listing), {}, (), bad, held_before=held, incomplete=short)
     found = match_files(listing, entries)
     locations = {k: {"archive": e.part, "entry": e.name} for k, e in found.items()}
     lacking = [f for f in listing if f.key not in found]
-    names = loose_file_names([(f.key, f.file_name) for f in lacking], [n for n, _ in parts] + [MANIFEST_NAME, "." + MANIFEST_NAME])
+    names = loose_file_names([(f.key, f.file_name) for f in lacking],
+                             [n for n, _ in parts] + [MANIFEST_NAME, "." + MANIFEST_NAME])
     tasks = []
     for f in lacking:
         if f.processing:
             locations[f.key] = {"missing": "still processing on SmugMug"}
             continue
-        url, size, md5, transcode = f.archived_uri, f.archived_size, f.archived_md5, False
-        if not url and f.is_video:
-            try:
-                url, size, md5 = largest_video(client, f)
-                transcode = True
-            except ApiError as exc:
-                locations[f.key] = {"missing": "video not downloadable: %s" % exc}
-                continue
+        url, size, md5, rendition = f.archived_uri, f.archived_size, f.archived_md5, False
         if not url:
-            locations[f.key] = {"missing": "SmugMug offers no original to download"}
-            continue
+            try:
+                url, size, md5 = largest_rendition(client, f)
+                rendition = True
+            except (ApiError, Forbidden) as exc:
+                locations[f.key] = {"missing": "SmugMug offers no original and no rendition (%s)" % exc}
+                continue
         name = names[f.key]
         locations[f.key] = {"file": name}
-        if transcode:       # not the uploaded file: say so, with what it was checked against
-            locations[f.key].update(transcode=True, size=size, md5=md5)
+        if rendition:       # not the uploaded file: say so, with what it was checked against
+            locations[f.key].update(rendition=True, size=size, md5=md5)
+            if f.is_video:
+                locations[f.key]["transcode"] = True
         path = os.path.join(folder, name)
-        if name in old_files and file_is(path, size, md5, client.stop):
+        if old and name in old.loose and file_is(path, size, md5, client.stop):
             continue
-        tasks.append(FileTask(f.key, name, url, size, md5, transcode))
-    return AlbumPlan(tuple(listing), locations, tuple(tasks), {}, files_checked=len(listing))
+        tasks.append(FileTask(f.key, name, url, size, md5, rendition))
+    return AlbumPlan(tuple(listing), locations, tuple(tasks), {}, files_checked=len(listing),
+                     held_before=held, incomplete=short)
 
 
 def file_is(path, size, md5, stop=None):
@@ -1837,14 +2125,364 @@ def file_is(path, size, md5, stop=None):
         return False
 
 
+# Storage ####################################################################
+#
+# Everything that writes, renames, moves or deletes under output_dir goes
+# through the Store (the state's own two files aside): download workers write
+# NAME.part files through it, the orchestrator thread commits, moves, versions
+# and cleans up through it. An OSError becomes a LocalWriteError naming the path.
+
+def fsync_dir(folder):
+    """Make renames in folder survive a power loss (a no-op where folders cannot be opened)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path, text, mode=None):
+    """Replace path with text: a temp file in the same folder, fsync, os.replace, fsync the folder.
+
+    The temp file's name is fixed (.NAME.part: like every file not yet complete,
+    it ends in .part), so one left by a killed run is taken over by the next
+    write rather than left behind."""
+    folder = os.path.dirname(os.path.abspath(path))
+    temp = os.path.join(folder, "." + os.path.basename(path) + ".part")
+    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666 if mode is None else mode)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        if mode is not None:
+            os.chmod(temp, mode)
+        os.replace(temp, path)
+    except BaseException:
+        remove_quietly(temp)
+        raise
+    fsync_dir(folder)
+
+
+class PartFile:
+    """A NAME.part open for a download worker: OSErrors become LocalWriteError naming the file."""
+
+    def __init__(self, path, append):
+        self.path = path
+        try:
+            self.file = open(path, "ab" if append else "wb")
+        except OSError as exc:
+            raise LocalWriteError(path, exc) from exc
+
+    def write(self, chunk):
+        try:
+            self.file.write(chunk)
+        except OSError as exc:
+            raise LocalWriteError(self.path, exc) from exc
+
+    def sync(self):
+        """Flush to disk: complete before it can take its final name."""
+        try:
+            self.file.flush()
+            os.fsync(self.file.fileno())
+        except OSError as exc:
+            raise LocalWriteError(self.path, exc) from exc
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        try:
+            self.file.close()
+        except OSError as error:
+            if exc[0] is None:
+                raise LocalWriteError(self.path, error) from error
+
+
+class PathOwners:
+    """Who owns each path under output_dir: an album folder or file belongs to one AlbumKey.
+
+    Like git's index, it is consulted before anything is written, renamed or
+    deleted, so that no album ever touches another's files, kept or live.
+    Paths compare ignoring case and Unicode form, as some disks do."""
+
+    def __init__(self, records=()):
+        self._owner = {}
+        for record in records:
+            self.claim(record)
+
+    @staticmethod
+    def _key(rel):
+        return unicodedata.normalize("NFC", rel).casefold()
+
+    def owner(self, rel):
+        return self._owner.get(self._key(rel))
+
+    def may_write(self, rel, key):
+        return self.owner(rel) in (None, key)
+
+    def claim(self, record):
+        for rel in record.owned_paths():
+            self._owner[self._key(rel)] = record.key
+
+    def release(self, record):
+        for rel in record.owned_paths():
+            if self.owner(rel) == record.key:
+                del self._owner[self._key(rel)]
+
+
+class PathTaken(BackupError):
+    """A change would write at a path another album owns: refused, the album fails."""
+
+
+class Store:
+    """The one owner of every write, rename, move and delete under output_dir.
+
+    Mercurial's vfs and transaction: a change to an album's files is a list of
+    steps, journalled as one intent (with the album's record as it will be)
+    before the first step is taken:
+        ("version", REL, VREL)   move a file this backup replaces or no longer has
+                                 into versions (VREL: versions/<run start>/REL)
+        ("place", TEMP, REL)     a finished TEMP (NAME.part) takes its final name
+        ("move", SRC, DST)       a file of a renamed or moved album goes along
+    Each step can be taken again: one whose source is gone (or, for a version,
+    whose copy is there) is done. Files and the folders touched are fsynced;
+    then the record is written. A crash in between is finished by the next
+    start (recover()). Nothing is overwritten: a file in the way of a place goes
+    to versions first, a move stops short of it. A destination another album
+    owns (PathOwners) is refused before anything is done.
+    """
+
+    def __init__(self, root, stamp, state=None):
+        self.root = root
+        self.stamp = stamp               # the run's start, UTC: this run's versions folder
+        self.state = state               # the BackupState that journals each change
+        self.owners = PathOwners(state.albums.values() if state else ())
+        self.versioned = 0               # files moved to versions by this run
+        self._ids = itertools.count(1)
+
+    # -- paths --
+
+    def abs(self, rel):
+        return os.path.join(self.root, *rel.split("/"))
+
+    def versions_rel(self, rel, stamp=None):
+        return "/".join((STATE_DIR, VERSIONS_DIR, stamp or self.stamp, rel))
+
+    def error(self, rel, exc):
+        """A LocalWriteError for an OSError at rel: fatal for a full or read-only disk, and for
+        output_dir itself or the state; otherwise it concerns one album."""
+        fatal = None                     # decided by the errno: a full or read-only disk
+        if not rel or rel.split("/")[0] == STATE_DIR or (
+                isinstance(exc, OSError) and exc.errno in (errno.EACCES, errno.EPERM)
+                and not os.access(self.root, os.W_OK)):
+            fatal = True
+        return LocalWriteError(self.abs(rel) if rel else self.root, exc, fatal=fatal)
+
+    # -- NAME.part files, for download workers (any thread) --
+
+    @staticmethod
+    def open_part(path, append):
+        return PartFile(path, append)
+
+    @staticmethod
+    def part_size(path):
+        try:
+            return os.path.getsize(path)
+        except OSError:
+            return 0
+
+    @staticmethod
+    def discard(path):
+        """Remove a temporary file (a name ending in .part, and only such a name)."""
+        if path.endswith(".part"):
+            try:
+                os.remove(path)
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                raise LocalWriteError(path, exc) from exc
+
+    # -- the orchestrator's changes --
+
+    def make_folders(self, rel):
+        try:
+            os.makedirs(self.abs(rel), exist_ok=True)
+        except OSError as exc:
+            raise self.error(rel, exc) from exc
+
+    def write_temp(self, rel, text):
+        """text into .NAME.part beside rel (flushed to disk), to be placed by a step: its rel."""
+        folder, name = rel.rsplit("/", 1) if "/" in rel else ("", rel)
+        temp = (folder + "/" if folder else "") + "." + name + ".part"
+        try:
+            os.makedirs(os.path.dirname(self.abs(temp)), exist_ok=True)
+            with open(self.abs(temp), "w", encoding="utf-8") as f:
+                f.write(text)
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as exc:
+            raise self.error(temp, exc) from exc
+        return temp
+
+    def apply(self, key, steps, record=None):
+        """Take steps for album key as one journalled change, then save record (the album's
+        record after it). Returns the moves left undone because something was in the way."""
+        for step in steps:
+            if step[0] in ("place", "move") and not self.owners.may_write(step[2], key):
+                raise PathTaken("%s belongs to album %s" % (step[2], self.owners.owner(step[2])))
+        steps = [("version", step[1], self.versions_rel(step[1])) if step[0] == "version" and len(step) == 2
+                 else tuple(step) for step in steps]
+        intent = "%s#%d" % (self.stamp, next(self._ids))
+        self.journal({"intent": {"id": intent, "key": key, "steps": steps,
+                                 "album": record.to_json() if record else None}})
+        left, versioned = self.take(steps)
+        self.finish(intent, record, versioned)
+        return left
+
+    def take(self, steps):
+        """Do the steps of an intent, each at most once; fsync what they touched.
+        (moves left in the way, [(rel, versions rel)] moved to versions)."""
+        left, versioned, touched = [], [], set()
+        for kind, src, dst in steps:
+            path = src
+            try:
+                source, target = self.abs(src), self.abs(dst)
+                if kind == "version" and os.path.lexists(target):
+                    versioned.append((src, dst))            # taken before a crash
+                    continue
+                if not os.path.lexists(source):
+                    continue
+                path = dst
+                if os.path.lexists(target):
+                    if kind == "move":
+                        left.append((src, dst))
+                        continue
+                    if kind == "place":                     # never overwrite: the old one to versions
+                        kept = self.free_versions_rel(dst)
+                        os.makedirs(os.path.dirname(self.abs(kept)), exist_ok=True)
+                        os.rename(target, self.abs(kept))
+                        versioned.append((dst, kept))
+                        touched.add(os.path.dirname(self.abs(kept)))
+                os.makedirs(os.path.dirname(target), exist_ok=True)
+                os.replace(source, target) if kind == "place" else os.rename(source, target)
+                touched.update((os.path.dirname(source), os.path.dirname(target)))
+                if kind == "version":
+                    versioned.append((src, dst))
+            except OSError as exc:
+                raise self.error(path, exc) from exc
+        for folder in sorted(touched):
+            fsync_dir(folder)
+        return left, versioned
+
+    def free_versions_rel(self, rel):
+        """This run's versions path for rel, with " (2)", " (3)"... where it is taken."""
+        candidate, n = self.versions_rel(rel), 1
+        while os.path.lexists(self.abs(candidate)):
+            n += 1
+            candidate = self.versions_rel(with_suffix(rel, " (%d)" % n, max_bytes=10 ** 6, keep_extension=True))
+        return candidate
+
+    def finish(self, intent, record, versioned):
+        """The intent's steps are taken: the record is saved, and the versions noted."""
+        entry = {"done": intent}
+        if record is not None:
+            entry["album"] = record.to_json()
+            old = self.state.albums.get(record.key)
+            if old is not None:
+                self.owners.release(old)
+            self.owners.claim(record)
+        if versioned:
+            entry["versions"] = [[src, dst] for src, dst in versioned]
+            self.versioned += len(versioned)
+        self.journal(entry)
+
+    def journal(self, entry):
+        """A change in the state's journal, on disk before anything else happens."""
+        try:
+            self.state.record(entry)
+        except OSError as exc:
+            raise LocalWriteError(getattr(exc, "filename", None) or self.state.journal_path, exc,
+                                  fatal=True) from exc
+
+    def save_record(self, record):
+        """An album's record changes, and no file does (emptied, gone, a recheck that found the same)."""
+        old = self.state.albums.get(record.key)
+        if old is not None:
+            self.owners.release(old)
+        self.owners.claim(record)
+        self.journal({"album": record.to_json()})
+
+    def recover(self):
+        """Finish the changes a crashed run journalled and did not end (warn where one cannot be)."""
+        for intent, data in sorted(self.state.intents.items()):
+            try:
+                steps = [tuple(step) for step in data.get("steps") or []]
+                if not all(len(step) == 3 and step[0] in ("version", "place", "move")
+                           and safe_rel(step[1]) and safe_rel(step[2]) for step in steps):
+                    raise ValueError("a damaged entry")
+                record = AlbumRecord.from_json(data["key"], data["album"]) if data.get("album") else None
+                _left, versioned = self.take(steps)
+                self.finish(intent, record, versioned)
+                log.info("finished a change an earlier run left half done (%s)",
+                         record.path if record else data.get("key"))
+            except (ValueError, KeyError, TypeError) as exc:
+                log.warning("the journal holds a change that cannot be finished (%s): left as it is", exc)
+                self.journal({"done": intent})
+            except LocalWriteError as exc:
+                log.warning("could not finish a change an earlier run left half done: %s", exc)
+
+    def prune_folder(self, rel):
+        """Remove an album's folder left empty by a move (only when nothing else is in it)."""
+        try:
+            os.rmdir(self.abs(rel))
+            fsync_dir(os.path.dirname(self.abs(rel)))
+        except OSError:
+            pass
+
+    def discard_parts(self, rels):
+        """Remove NAME.part files no album will resume (rel: the NAME, relative to output_dir)."""
+        for rel in rels:
+            try:
+                self.discard(self.abs(rel) + ".part")
+            except LocalWriteError as exc:
+                log.warning("could not remove %s.part: %s", rel, exc)
+            else:
+                self.state.set_partial(rel, None)
+
+    def prune_versions(self, keep_days, now=None):
+        """Remove versions folders of runs older than keep_days (0: all of them). The number removed."""
+        folder = self.abs("/".join((STATE_DIR, VERSIONS_DIR)))
+        now = time.time() if now is None else now
+        try:
+            stamps = sorted(os.listdir(folder))
+        except OSError:
+            return 0
+        removed = 0
+        for stamp in stamps:
+            try:
+                made = datetime.datetime.strptime(stamp, STAMP_FORMAT).replace(tzinfo=datetime.timezone.utc)
+            except ValueError:
+                continue                  # not ours: left alone
+            if keep_days > 0 and now - made.timestamp() < keep_days * 86400:
+                continue
+            try:
+                shutil.rmtree(os.path.join(folder, stamp))
+            except OSError as exc:
+                log.warning("could not remove old versions %s: %s", os.path.join(folder, stamp),
+                            exc.strerror or exc)
+                continue
+            self.journal({"pruned": stamp})
+            removed += 1
+        return removed
+
+
 # State ######################################################################
-
-def safe_rel(rel):
-    """Is rel a relative path of clean components (nothing that could leave output_dir)?"""
-    if not isinstance(rel, str) or not rel or "\\" in rel or "\x00" in rel:
-        return False
-    return all(piece not in ("", ".", "..") for piece in rel.split("/"))
-
 
 @dataclass
 class SavedFile:
@@ -1866,6 +2504,7 @@ class AlbumRecord:
     manifest: Optional[int] = None   # size of metadata.json; None: not written yet (a version 1 backup)
     complete: bool = True        # False: files were missing or still processing: look again next run
     damaged: List[str] = field(default_factory=list)   # what --verify found wrong
+    listed: str = ""             # when its files were last listed (UTC, ISO 8601): the rolling recheck
 
     @property
     def parts(self):
@@ -1912,8 +2551,11 @@ class AlbumRecord:
             raise ValueError("complete")
         if not isinstance(damaged, list) or not all(isinstance(d, str) for d in damaged):
             raise ValueError("damaged")
+        listed = data.get("Listed") or ""
+        if not isinstance(listed, str) or (listed and parse_time(listed) is None):
+            raise ValueError("Listed")
         return cls(key, strings["NodeID"], strings["path"], strings["LastUpdated"],
-                   strings["ImagesLastUpdated"], files, manifest, complete, list(damaged))
+                   strings["ImagesLastUpdated"], files, manifest, complete, list(damaged), listed)
 
     def to_json(self):
         return {"AlbumKey": self.key, "NodeID": self.node_id, "path": self.path,
@@ -1921,7 +2563,8 @@ class AlbumRecord:
                 "files": [{"name": f.name, "size": f.size, "kind": f.kind} for f in self.files],
                 # the archive parts, as version 1 wrote them (and scripts may read them)
                 "parts": [{"FileName": f.name, "size": f.size} for f in self.parts],
-                "manifest": self.manifest, "complete": self.complete, "damaged": self.damaged}
+                "manifest": self.manifest, "complete": self.complete, "damaged": self.damaged,
+                "Listed": self.listed}
 
     def owned_paths(self):
         """Every path under output_dir this album owns: its folder, its files, its manifest."""
@@ -1949,38 +2592,6 @@ class Partial:
         return {"album": self.album, "identity": self.identity}
 
 
-class PathOwners:
-    """Who owns each path under output_dir: an album folder or file belongs to one AlbumKey.
-
-    Like git's index, it is consulted before anything is written, renamed or
-    deleted, so that no album ever touches another's files, kept or live.
-    Paths compare ignoring case and Unicode form, as some disks do."""
-
-    def __init__(self, records=()):
-        self._owner = {}
-        for record in records:
-            self.claim(record)
-
-    @staticmethod
-    def _key(rel):
-        return unicodedata.normalize("NFC", rel).casefold()
-
-    def owner(self, rel):
-        return self._owner.get(self._key(rel))
-
-    def may_write(self, rel, key):
-        return self.owner(rel) in (None, key)
-
-    def claim(self, record):
-        for rel in record.owned_paths():
-            self._owner[self._key(rel)] = record.key
-
-    def release(self, record):
-        for rel in record.owned_paths():
-            if self.owner(rel) == record.key:
-                del self._owner[self._key(rel)]
-
-
 class BackupState:
     """The incremental-backup record in output_dir/.smugmug_download/.
 
@@ -2001,6 +2612,8 @@ class BackupState:
         self.partials = {}
         self.requested = set()
         self.set_aside = {}
+        self.intents = {}               # changes journalled and not yet done: id -> intent (Store.recover)
+        self.versions = []              # [path, versions path, run stamp] of each file moved to versions
         self._journal = None
 
     @property
@@ -2037,6 +2650,12 @@ class BackupState:
             self.requested = {k for k in requested if isinstance(k, str)}
             set_aside = data.get("set_aside")
             self.set_aside.update(set_aside if isinstance(set_aside, dict) else {})
+            intents, versions = data.get("intents") or {}, data.get("versions") or []
+            if not isinstance(intents, dict) or not isinstance(versions, list):
+                raise ValueError("intents or versions of the wrong type")
+            for intent in intents.values():
+                self._apply({"intent": intent})
+            self._apply({"versions": versions})
         except FileNotFoundError:
             pass
         except (OSError, ValueError, AttributeError, TypeError) as exc:
@@ -2047,6 +2666,9 @@ class BackupState:
             self._set_aside_file()
             return self
         self._replay_journal()
+        now = iso_now()
+        for record in self.albums.values():
+            record.listed = record.listed or now    # unknown (an older version): its rechecks start now
         return self
 
     def _set_aside_file(self):
@@ -2079,7 +2701,8 @@ class BackupState:
 
     def _apply(self, entry):
         """One journal entry: {"album": record} | {"drop": key} | {"partial": [path, Partial|None]}
-        | {"requested": [key, bool]}. A bad record is set aside with a warning."""
+        | {"requested": [key, bool]} | {"intent": change} | {"done": intent id, "versions": [[path,
+        versions path]...]} | {"pruned": run stamp}. A bad record is set aside with a warning."""
         if "album" in entry:
             raw = entry["album"]
             key = entry.get("key") or (raw.get("AlbumKey") if isinstance(raw, dict) else None)
@@ -2110,6 +2733,17 @@ class BackupState:
             key, on = entry["requested"]
             if isinstance(key, str):
                 (self.requested.add if on else self.requested.discard)(key)
+        intent = entry.get("intent")
+        if isinstance(intent, dict) and isinstance(intent.get("id"), str):
+            self.intents[intent["id"]] = intent
+        if isinstance(entry.get("done"), str):
+            self.intents.pop(entry["done"], None)
+        for item in entry.get("versions") or []:
+            if isinstance(item, list) and len(item) >= 2 and all(isinstance(x, str) for x in item):
+                stamp = item[2] if len(item) > 2 else item[1].split("/")[2] if item[1].count("/") > 2 else ""
+                self.versions.append([item[0], item[1], stamp])
+        if isinstance(entry.get("pruned"), str):
+            self.versions = [v for v in self.versions if v[2] != entry["pruned"]]
 
     def record(self, entry):
         """Apply an entry and append it to the journal (flushed and fsynced). OSError: a write error."""
@@ -2145,6 +2779,10 @@ class BackupState:
                 "requested": sorted(self.requested)}
         if self.set_aside:
             data["set_aside"] = self.set_aside
+        if self.intents:
+            data["intents"] = self.intents
+        if self.versions:
+            data["versions"] = self.versions
         write_atomic(self.snapshot_path, json.dumps(data, ensure_ascii=False, indent=1, sort_keys=True))
         if self._journal is not None:
             self._journal.close()
@@ -2158,43 +2796,6 @@ class BackupState:
             except OSError:
                 pass
             self._journal = None
-
-
-def fsync_dir(folder):
-    """Make renames in folder survive a power loss (a no-op where folders cannot be opened)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def write_atomic(path, text, mode=None):
-    """Replace path with text: a temp file in the same folder, fsync, os.replace, fsync the folder.
-
-    The temp file's name is fixed (.NAME.part: like every file not yet complete,
-    it ends in .part), so one left by a killed run is taken over by the next
-    write rather than left behind."""
-    folder = os.path.dirname(os.path.abspath(path))
-    temp = os.path.join(folder, "." + os.path.basename(path) + ".part")
-    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666 if mode is None else mode)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        if mode is not None:
-            os.chmod(temp, mode)
-        os.replace(temp, path)
-    except BaseException:
-        remove_quietly(temp)
-        raise
-    fsync_dir(folder)
 
 
 def file_sizes_match(folder, files):
@@ -2260,12 +2861,30 @@ def record_from_manifest(output_dir, album):
         return None
 
 
-def classify(album, record, output_dir):
+def recheck_due(record, days, now=None):
+    """Is the rolling recheck of this album due (its files listed again, checked against its
+    manifest)? Every album has its own day in each period of `days` (from its key), so that
+    about 1/days of a large account comes due each night; it is due when it was last listed
+    before the latest such day. An album listed within the period costs nothing."""
+    if days <= 0 or not record.listed:
+        return False
+    listed = parse_time(record.listed)
+    if listed is None:
+        return True
+    period = days * 86400.0
+    phase = int(hashlib.md5(record.key.encode("utf-8")).hexdigest()[:12], 16) / float(16 ** 12) * period
+    now = time.time() if now is None else now
+    latest = math.floor((now - phase) / period) * period + phase
+    return listed.timestamp() < latest
+
+
+def classify(album, record, output_dir, recheck_days=0, now=None):
     """What an album needs against its state record (timestamps known):
 
     'new' / 'changed' (an archive), 'recheck' (list and check what is on disk,
     fetch only what is missing: no manifest yet, files missing or damaged, or
-    files SmugMug was still processing last time), or 'unchanged'.
+    files SmugMug was still processing last time), 'due' (the rolling recheck:
+    list its files and compare them with its manifest), or 'unchanged'.
     """
     if not record:
         return "new"
@@ -2280,11 +2899,16 @@ def classify(album, record, output_dir):
         record.manifest is not None and file_sizes_match(folder, [SavedFile(MANIFEST_NAME, record.manifest)]))
     if not manifest_ok or not record.complete or record.damaged or not file_sizes_match(folder, loose):
         return "recheck"
+    if record.files and recheck_due(record, recheck_days, now):
+        return "due"
     return "unchanged"
 
 
 class RunLock:
-    """An exclusive lock on output_dir/.smugmug_download.lock, released by the OS if we die."""
+    """An exclusive lock on output_dir/.smugmug_download.lock, released by the OS if we die.
+
+    The file holds the pid of the run holding it and is removed when the run ends,
+    so a lock file left over names a run that died (the next run takes it over)."""
 
     def __init__(self, output_dir):
         self.path = os.path.join(output_dir, LOCK_FILE)
@@ -2292,26 +2916,34 @@ class RunLock:
 
     def acquire(self):
         """Hold the lock, or LockedError naming the holder; UsageError when output_dir is not writable."""
-        try:
-            self.file = open(self.path, "a+")
-        except OSError as exc:
-            raise UsageError("cannot write in output_dir %s: %s (%s)" % (
-                os.path.dirname(self.path), exc.strerror or exc, self.path)) from exc
-        try:
-            if os.name == "nt":
-                import msvcrt
+        while True:
+            try:
+                self.file = open(self.path, "a+")
+            except OSError as exc:
+                raise UsageError("cannot write in output_dir %s: %s (%s)" % (
+                    os.path.dirname(self.path), exc.strerror or exc, self.path)) from exc
+            try:
+                if os.name == "nt":
+                    import msvcrt
+                    self.file.seek(0)
+                    msvcrt.locking(self.file.fileno(), msvcrt.LK_NBLCK, 1)
+                else:
+                    import fcntl
+                    fcntl.flock(self.file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
                 self.file.seek(0)
-                msvcrt.locking(self.file.fileno(), msvcrt.LK_NBLCK, 1)
-            else:
-                import fcntl
-                fcntl.flock(self.file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            self.file.seek(0)
-            holder = self.file.read().strip() or "unknown"
+                holder = self.file.read().strip() or "unknown"
+                self.file.close()
+                self.file = None
+                raise LockedError("another smugmug_download run (pid %s) is already backing up %s"
+                                  % (holder, os.path.dirname(self.path)))
+            try:                        # the file we locked may have been removed by a run ending
+                same = os.path.samestat(os.fstat(self.file.fileno()), os.stat(self.path))
+            except OSError:
+                same = False
+            if same:
+                break
             self.file.close()
-            self.file = None
-            raise LockedError("another smugmug_download run (pid %s) is already backing up %s"
-                              % (holder, os.path.dirname(self.path)))
         self.file.seek(0)
         self.file.truncate()
         self.file.write("%d\n" % os.getpid())
@@ -2320,128 +2952,45 @@ class RunLock:
 
     def release(self):
         if self.file is not None:
-            self.file.close()      # closing drops the lock
+            try:
+                os.remove(self.path)    # before closing: no other run can hold it yet
+            except OSError:
+                pass
+            self.file.close()           # closing drops the lock
             self.file = None
 
 
-# Pipeline ###################################################################
+# Scheduling #################################################################
 
-class StatusLine:
-    """The live status line on a terminal; log lines clear it before printing."""
+class Meter:
+    """Bytes downloaded, counted by the download threads; rates read by the orchestrator."""
 
-    def __init__(self, stream, enabled):
-        self.stream = stream
-        self.enabled = enabled
-        self.lock = threading.Lock()
-        self.text = ""
-        self.last = 0.0
+    def __init__(self, clock=time.monotonic):
+        self._lock = threading.Lock()
+        self._clock = clock
+        self.done = 0
+        self.samples = collections.deque([(clock(), 0)])
 
-    def show(self, text, force=False):
-        if not self.enabled:
-            return
-        now = time.monotonic()
-        if not force and now - self.last < STATUS_INTERVAL:
-            return
-        self.last = now
-        with self.lock:
-            self.text = fit_line(text, self.width())
-            self.stream.write("\r" + self.text + "\x1b[K")
-            self.stream.flush()
+    def add(self, n):
+        with self._lock:
+            self.done += n
 
-    def width(self):
-        """Columns the line may use: the terminal's width now (so a resize counts at the
-        next redraw), less one, since writing the last column makes some terminals wrap."""
-        try:
-            columns = os.get_terminal_size(self.stream.fileno()).columns
-        except (OSError, ValueError, AttributeError):
-            columns = 0
-        if columns <= 0:                     # not a terminal, or one that does not know its size
-            columns = shutil.get_terminal_size().columns     # $COLUMNS, else 80
-        return max(columns, 2) - 1
+    def sample(self):
+        """Note the count now (the orchestrator's loop does, at least every STATUS_INTERVAL)."""
+        now = self._clock()
+        self.samples.append((now, self.done))
+        while len(self.samples) > 2 and now - self.samples[1][0] > STATUS_RATE_SPAN:
+            self.samples.popleft()
 
-    def clear(self):
-        if self.enabled and self.text:
-            self.stream.write("\r\x1b[K")
-            self.stream.flush()
-            self.text = ""
-
-
-class AlbumRun:
-    """One album's way through a run: an explicit state machine, touched by the orchestrator alone.
-
-        new -> waiting -> requesting -> preparing -> downloading -> checking -> fetching -> done
-    and besides: waiting again when its archive failed, expired or was never
-    listed (a new request); checking straight from requesting or preparing when
-    SmugMug will not prepare the archive (saved file by file) or from new for
-    a recheck of what is on disk; downloading again from checking when a part
-    is not a sound zip; failed from anywhere. Every retry counter is in tries.
-    """
-
-    MOVES = {
-        "new": ("waiting", "checking", "done", "failed"),
-        "waiting": ("requesting", "failed"),
-        "requesting": ("preparing", "downloading", "waiting", "checking", "done", "failed"),
-        "preparing": ("downloading", "waiting", "checking", "failed"),
-        "downloading": ("checking", "waiting", "failed"),
-        "checking": ("fetching", "downloading", "waiting", "done", "failed"),
-        "fetching": ("done", "failed"),
-        "done": (),
-        "failed": (),
-    }
-
-    def __init__(self, album, record, reason):
-        self.album = album
-        self.record = record          # AlbumRecord before this run, or None
-        self.reason = reason          # new / changed / recheck
-        self.state = "new"
-        self.ticket = ArchiveTicket()  # the archive this album waits for
-        self.tries = collections.Counter()   # error, removed, lost, part_check
-        self.asked_at = 0.0           # when the current archive was requested (monotonic)
-        self.first_asked_at = 0.0     # the timeout spans every request
-        self.looks = 0                # polls of the current request
-        self.look_token = 0           # the one planned look that counts (earlier plans are dropped)
-        self.in_window = False        # counted in the preparation window
-        self.generation = 0           # bumped when an archive is given up: its downloads are stale
-        self.cancel = threading.Event()
-        self.running = collections.Counter()  # downloads in flight, by generation
-        self.outstanding = 0          # downloads (parts or files) of this step not finished
-        self.parts = {}               # local part name -> ArchivePart of the current archive
-        self.sizes = {}               # local part name -> size on disk
-        self.from_disk = False        # the parts are the recorded final files (a recheck)
-        self.by_file = ""             # why the album is saved file by file, if it is
-        self.plan = None              # AlbumPlan from the check stage
-        self.fetched = {}             # loose file name -> size
-        self.missing = {}             # ImageKey -> why it could not be fetched
-
-    def to(self, state):
-        """Move to state; a move the table does not allow is a bug, said loudly."""
-        if state not in self.MOVES[self.state]:
-            raise RuntimeError("album %s: %s -> %s is not a move" % (self.album.rel, self.state, state))
-        self.state = state
-
-    def abandon_archive(self):
-        """Give up on the current archive: its running downloads stop and are ignored."""
-        self.generation += 1
-        self.cancel.set()
-        self.cancel = threading.Event()
-        self.outstanding = 0
-        self.parts, self.sizes = {}, {}
-
-
-@dataclass
-class DownloadTask:
-    """A part or a loose file waiting for a download worker."""
-    run: AlbumRun
-    generation: int
-    name: str                     # local final name in the album's folder
-    temp: str
-    resume_ok: bool
-    part: Optional[ArchivePart] = None
-    file: Optional[FileTask] = None
-
-    @property
-    def size(self):
-        return (self.part.size if self.part else self.file.size) or 0
+    def rate(self, span):
+        """Bytes per second over the last span seconds (None while not known: under half a second
+        of samples, or nothing moved)."""
+        now = self._clock()
+        recent = [(t, b) for t, b in self.samples if now - t <= span] or [self.samples[-1]]
+        older = [(t, b) for t, b in self.samples if now - t > span]
+        t0, b0 = older[-1] if older else recent[0]
+        t1, b1 = self.samples[-1]
+        return (b1 - b0) / (t1 - t0) if t1 - t0 >= 0.5 and b1 > b0 else None
 
 
 class PrepWindow:
@@ -2451,7 +3000,7 @@ class PrepWindow:
     It grows while download workers sit idle and nothing prepared waits for
     them; it holds while prepared archives wait; it halves when SmugMug
     rate-limits. Never above cap, never below floor. (What is prepared, or
-    will be, is bounded apart in bytes: see Orchestrator.backlog_full.)
+    will be, is bounded apart in bytes: Scheduler.backlog_full.)
     """
 
     def __init__(self, cap, floor=WINDOW_FLOOR, start=WINDOW_START):
@@ -2472,145 +3021,206 @@ class PrepWindow:
         return self.limit
 
 
-class PollPacer:
-    """When to look at an archive in preparation, from what preparations have taken.
+@dataclass
+class Preparing:
+    """An album whose archive SmugMug prepares, as the LookPlanner sees it."""
+    asked: float                 # when it was requested (clock)
+    seen: float = 0.0            # its wait at the last look that found it not ready (0: none yet)
+    looks: int = 0
+    looking: bool = False        # a look is under way
 
-    Before anything is known, a few scout albums are looked at early and often
-    (after `first` seconds, then after half the time waited so far); the
-    others wait for the first scout's archive to be ready (at most `maximum`
-    seconds). From then on no album is looked at before the typical archive
-    was ready (the median of the last ones), and each later look comes after
-    half the time waited so far, between first/2 and maximum seconds. A long
-    preparation costs few calls, and a ready archive sits unseen for about a
-    third of its own preparation time at most.
+
+class LookPlanner:
+    """When to look at archives in preparation: each look is an API call.
+
+    Looks follow demand: they are made only when the link will soon have
+    nothing to do (less than LOOK_STOCK seconds of downloading queued, or a
+    worker idle), as many as should find the archives it needs at the success
+    rate of the recent looks. The likeliest ready go first: albums never looked
+    at (the longest waiting first), then those whose wait has grown most since
+    their last look. An album is not looked at again before its wait has
+    grown by a share (LOOK_GAP while many are left; for the last few, LOOK_GAP_LAST,
+    since the slowest of them sets the run's end). Before any archive has been
+    seen ready, scout looks go out at waits growing by SCOUT_GROWTH, a few more
+    the longer the wait: few calls early.
     """
 
-    def __init__(self, first, maximum):
+    def __init__(self, first, maximum, clock=time.monotonic):
         self.first, self.maximum = first, maximum
-        self.taken = collections.deque(maxlen=PACER_HISTORY)
-        self.scouts = 0
+        self._clock = clock
+        self.albums = {}             # run -> Preparing
+        self.outcomes = collections.deque(maxlen=LOOK_MEMORY)   # the recent looks: ready or not
+        self.found = 0               # archives seen ready so far
+        self.scout_wait = 0.0        # the wait of the last scout looks
 
-    def observe(self, seconds):
-        self.taken.append(seconds)
+    def add(self, run, asked):
+        self.albums[run] = Preparing(asked)
 
-    def typical(self):
-        """The median preparation time seen (the fastest while fewer than three), or None."""
-        if not self.taken:
-            return None
-        ordered = sorted(self.taken)
-        return ordered[len(ordered) // 2] if len(ordered) >= 3 else ordered[0]
+    def drop(self, run):
+        self.albums.pop(run, None)
 
-    def first_delay(self):
-        """Seconds from a request to its first look; None: wait for what the scouts find."""
-        typical = self.typical()
-        if typical is not None:
-            return max(self.first, typical)
-        if self.scouts < PACER_SCOUTS:
-            self.scouts += 1
-            return self.first
-        return None
+    def seen(self, run, ready, now):
+        """A look at run's archive came back: ready or not."""
+        item = self.albums.get(run)
+        if item is None:
+            return
+        item.looking = False
+        self.outcomes.append(ready)
+        if ready:
+            self.found += 1
+            self.drop(run)
+        else:
+            item.seen, item.looks = now - item.asked, item.looks + 1
 
-    def next_delay(self, waited):
-        """Seconds to the next look at an archive not ready after waited seconds: half that, but
-        not before the typical preparation time (it may have grown since the last look)."""
-        typical = self.typical() or 0.0
-        return max(min(self.maximum, max(self.first / 2.0, 0.5 * waited)), typical - waited)
+    def gap(self, last):
+        """The share by which an album's wait grows before it is looked at again."""
+        if last:
+            return LOOK_GAP_LAST
+        return LOOK_GAP * min(3.0, max(1.0, 0.5 / self.success()))
+
+    def success(self):
+        """The share of recent looks that found an archive ready (a floor against waste)."""
+        return max(LOOK_FLOOR, sum(self.outcomes) / len(self.outcomes)) if self.outcomes else 0.5
+
+    def plan(self, now, need, limit, last=False):
+        """The albums to look at now, the link needing about `need` more archives: at most limit."""
+        chosen = []
+        if limit <= 0 or not self.albums:
+            return chosen
+        waits = {run: now - item.asked for run, item in self.albums.items()
+                 if not item.looking and now - item.asked >= self.first}
+        if not self.found:                  # nothing seen ready yet: scouts, at growing waits
+            oldest = max(waits.values(), default=0.0)
+            if oldest and oldest >= self.scout_wait * SCOUT_GROWTH:
+                self.scout_wait = oldest
+                count = max(1, int(oldest * SCOUT_SHARE * len(self.albums)))
+                chosen = sorted(waits, key=lambda run: (self.albums[run].looks, -waits[run]))[:min(limit, count)]
+        else:
+            share = self.gap(last)
+            due = [run for run, wait in waits.items() if wait >= self.albums[run].seen * (1.0 + share)]
+            due.sort(key=lambda run: (self.albums[run].looks > 0,
+                                      -(waits[run] / self.albums[run].seen if self.albums[run].seen else waits[run])))
+            in_flight = sum(1 for i in self.albums.values() if i.looking)
+            count = math.ceil(need / self.success()) - in_flight
+            chosen = due[:max(0, min(limit, count))]
+        for run in chosen:
+            self.albums[run].looking = True
+        return chosen
+
+    def next_due(self, now):
+        """Seconds until a look may be due (for the orchestrator's wait), or None."""
+        return STATUS_INTERVAL if self.albums else None
 
 
-def partial_key(album, name):
-    """How the state names an album's NAME.part: its path relative to output_dir."""
-    return "/".join(album.path + (name,))
+class Scheduler:
+    """What may start now: the orchestrator asks, and starts what it is told.
 
-
-class Orchestrator:
-    """Moves albums between the pools; alone owns counters, output, the state and the path owners.
-
-    One error policy: an OSError on this thread is a write error (stop new
-    work, name the file, exit 1); anything a worker raises is its album's
-    failure, with its reason.
+    Requests go out while the preparation window has room (PrepWindow) and
+    the archives prepared or coming do not exceed READY_HORIZON seconds of
+    the link (they expire); looks as the LookPlanner says; queued downloads on
+    free workers. Nothing new starts while the link is down; while the API
+    gate holds calls back (a quota, a Retry-After), no new requests start, so
+    the calls left go to looks and checks, which move bytes sooner.
     """
 
-    def __init__(self, client, config, options, state, status):
-        self.client = client
-        self.config = config
-        self.options = options
-        self.state = state
-        self.status = status
-        self.out = config.output_dir
-        self.summary = Summary()
-        self.workers = max(1, config.workers)
-        self.pools = {
-            "walk": concurrent.futures.ThreadPoolExecutor(max(4, 2 * self.workers), "walk"),
-            "request": concurrent.futures.ThreadPoolExecutor(self.workers, "request"),
-            "poll": concurrent.futures.ThreadPoolExecutor(self.workers, "poll"),
-            "check": concurrent.futures.ThreadPoolExecutor(self.workers, "check"),
-            "download": concurrent.futures.ThreadPoolExecutor(self.workers, "download"),
-        }
-        self.futures = {}                       # future -> (kind, payload)
+    def __init__(self, config, workers, link, gate, meter, clock=time.monotonic):
+        self.workers = workers
+        self.link, self.gate, self.meter = link, gate, meter
+        self._clock = clock
+        self.window = PrepWindow(config.max_preparing)
+        self.looks = LookPlanner(config.poll_seconds, config.poll_max_seconds, clock)
         self.waiting = collections.deque()      # AlbumRuns waiting for a window slot
         self.delayed = []                       # heap of (when, seq, AlbumRun): asking again soon
-        self.polls = []                         # heap of (due, seq, AlbumRun, look token)
-        self.deferred = []                      # AlbumRuns waiting for the scouts' first finding
         self.queue = collections.deque()        # DownloadTasks waiting for a worker
-        self.busy = 0                           # download workers at work
-        self.seq = 0
-        self.window = PrepWindow(config.max_preparing)
-        self.in_window = 0
-        self.pacer = PollPacer(config.poll_seconds, config.poll_max_seconds)
-        self.runs = {}                          # AlbumKey -> AlbumRun of this run
-        self.owners = PathOwners(state.albums.values())
-        self.owned_at_start = {PathOwners._key(r.path): k for k, r in state.albums.items()}
-        self.seen_nodes = set()
-        self.seen_paths = set()                 # every folder and album path listed (for --include hints)
-        self.include_hits = set()               # the --include patterns some album matched
-        self.probes = LOOK_FIRST_PROBES         # new albums left that look first while none has paid
-        self.reused = False                     # an archive SmugMug already had was reused this run
-        self.walk_complete = True
-        self.halt = False                       # a local write error: start nothing new
-        self.found_keys = set()
-        self.dry_counts = collections.defaultdict(lambda: [0, 0])   # status -> [albums, images]
-        self.bytes_done = 0
-        self.bytes_known = 0
-        self.resumed = 0
-        self._bytes_lock = threading.Lock()
-        self.started = time.monotonic()
-        self.rate_samples = collections.deque([(self.started, 0)])
+        self.running = []                       # DownloadTasks at work
+        self.in_window = set()                  # AlbumRuns requested and not yet prepared
         self.link_rate = 0.0                    # the best download rate seen: what the link takes
         self.prepared = self.prepared_bytes = 0 # archives prepared so far, and their listed sizes
-        self.last_adjust = 0.0
-        self.pressure_seen = 0
-        self.last_progress_log = self.started
+        self._seq = itertools.count()
+        self._last_adjust = 0.0
+        self._pressure_seen = 0
 
-    # -- submitting work --
+    # -- what the orchestrator tells it --
 
-    def submit(self, pool, kind, payload, fn, *args):
-        future = self.pools[pool].submit(fn, *args)
-        self.futures[future] = (kind, payload)
+    def want_archive(self, run, delay=0.0):
+        """run needs an archive: request it when the window has room (after delay seconds)."""
+        if delay:
+            heapq.heappush(self.delayed, (self._clock() + delay, next(self._seq), run))
+        else:
+            self.waiting.append(run)
 
-    def start(self, root):
-        self.seen_nodes.add(root.node_id)
-        self.submit("walk", "walk", root, walk_folder, self.client, root)
+    def preparing(self, run, asked):
+        """run's archive is being prepared: the looks at it are planned (once)."""
+        if run not in self.looks.albums:
+            self.looks.add(run, asked)
 
-    def pump(self):
-        """Start what may start: requests inside the window, due polls, downloads on free workers."""
-        if self.halt:
-            return
+    def looked(self, run, ready):
+        self.looks.seen(run, ready, self._clock())
+
+    def prepared_archive(self, run, size):
+        """run's archive is ready (its parts about to be queued): it leaves the window."""
+        self.leave(run)
+        self.prepared += 1
+        self.prepared_bytes += size
+
+    def leave(self, run):
+        """run needs nothing more of the window or the looks (prepared, failed, given up)."""
+        self.in_window.discard(run)
+        self.looks.drop(run)
+
+    def queue_download(self, task):
+        self.queue.append(task)
+
+    def download_done(self, task):
+        if task in self.running:
+            self.running.remove(task)
+
+    # -- what may start --
+
+    def paused(self):
+        return not self.link.up
+
+    def requests(self):
+        """Albums to request now."""
         self.adjust_window()
-        now = time.monotonic()
+        now = self._clock()
         while self.delayed and self.delayed[0][0] <= now:
             self.waiting.appendleft(heapq.heappop(self.delayed)[2])
-        while self.waiting and self.in_window < self.window.limit and not self.backlog_full():
-            self.request(self.waiting.popleft())
-        now = time.monotonic()
-        while self.looks_planned() and self.polls[0][0] <= now and not self.downloads_stocked():
-            run = heapq.heappop(self.polls)[2]
-            self.submit("poll", "poll", (run, run.generation), poll_archive, self.client, run.album, run.ticket)
-        self.start_downloads()
+        started = []
+        if self.paused() or self.gate.resumes() is not None:
+            return started
+        while self.waiting and len(self.in_window) < self.window.limit and not self.backlog_full():
+            run = self.waiting.popleft()
+            self.in_window.add(run)
+            started.append(run)
+        return started
 
-    def start_downloads(self):
-        """Hand queued downloads to free workers; never two downloads on one album's old and new archive."""
-        skipped = collections.deque()
-        while self.queue and self.busy < self.workers:
+    def looks_now(self):
+        """Albums whose archive to look at now: only while the link will soon want more."""
+        if self.paused():
+            return []
+        stock = self.stock_seconds()
+        busy = len(self.running) + len(self.queue)
+        if busy >= self.workers and stock is not None and stock >= LOOK_STOCK:
+            return []
+        album_bytes = self.prepared_bytes / self.prepared if self.prepared and self.prepared_bytes else 0
+        if self.link_rate and album_bytes and stock is not None:
+            need = max(1.0, (LOOK_STOCK - stock) * self.link_rate / album_bytes)
+        else:
+            need = float(max(1, self.workers - busy))
+        looking = sum(1 for i in self.looks.albums.values() if i.looking)
+        return self.looks.plan(self._clock(), need, self.workers - looking, self.last_few())
+
+    def last_few(self):
+        """Only a few albums left to prepare: the slowest of them sets the run's end."""
+        return not self.waiting and not self.delayed and len(self.looks.albums) <= max(2, self.workers)
+
+    def downloads(self):
+        """Queued downloads to start now on free workers: never two on one album's old and new archive."""
+        started, skipped = [], collections.deque()
+        if self.paused():
+            return started
+        while self.queue and len(self.running) < self.workers:
             task = self.queue.popleft()
             run = task.run
             if task.generation != run.generation or run.state in ("done", "failed"):
@@ -2618,17 +3228,18 @@ class Orchestrator:
             if any(n for g, n in run.running.items() if g != run.generation):
                 skipped.append(task)                         # the old archive's downloads are still stopping
                 continue
-            self.busy += 1
-            run.running[task.generation] += 1
-            if task.resume_ok and os.path.exists(task.temp):
-                self.resumed += 1
-            if task.part is not None:
-                self.submit("download", "download", task, download_part, self.client, task.part, task.temp,
-                            task.resume_ok, self.add_bytes, run.cancel)
-            else:
-                self.submit("download", "fetch", task, fetch_file, self.client, task.file, task.temp,
-                            task.resume_ok, self.add_bytes, run.cancel)
+            self.running.append(task)
+            started.append(task)
         self.queue.extendleft(reversed(skipped))
+        return started
+
+    def stock_seconds(self):
+        """Seconds of downloading queued or under way, at the link's best rate (None: no rate yet,
+        and less than a task per worker)."""
+        left = sum(t.size for t in self.queue) + sum(max(0, t.size - t.done) for t in self.running)
+        if not self.link_rate:
+            return None if len(self.queue) + len(self.running) < self.workers else LOOK_STOCK
+        return left / self.link_rate
 
     def backlog_full(self):
         """Would another request let archives pile up? They expire: no new request while what
@@ -2639,173 +3250,530 @@ class Orchestrator:
         if not self.link_rate:
             return len(parts) >= 2 * self.workers
         album_bytes = self.prepared_bytes / self.prepared if self.prepared else 0
-        coming = sum(t.size for t in parts) + self.in_window * album_bytes
+        coming = sum(t.size for t in parts) + len(self.in_window) * album_bytes
         return coming > self.link_rate * READY_HORIZON
 
-    def downloads_stocked(self):
-        """Does the download queue hold LOOK_HOLD seconds of work? Then finding more ready
-        archives can wait: the looks that come due meanwhile are made, oldest first, once it
-        runs low. (Each look is an API call; a ready archive found early gains nothing while
-        the link is busy.)"""
-        return bool(self.link_rate) and sum(t.size for t in self.queue) > self.link_rate * LOOK_HOLD
-
     def adjust_window(self):
-        now = time.monotonic()
-        if now - self.last_adjust < WINDOW_STEP:
+        now = self._clock()
+        if now - self._last_adjust < WINDOW_STEP:
             return
-        self.last_adjust = now
-        pressure = self.client.gate.pressure
-        throttled, self.pressure_seen = pressure > self.pressure_seen, pressure
-        parts = [t for t in self.queue if t.part is not None]
-        self.link_rate = max(self.link_rate, self.recent_rate() or 0)
-        self.window.adjust(idle_workers=self.workers - self.busy, ready_waiting=len(parts),
+        self._last_adjust = now
+        throttled, self._pressure_seen = self.gate.pressure > self._pressure_seen, self.gate.pressure
+        self.link_rate = max(self.link_rate, self.meter.rate(RATE_SPAN) or 0)
+        ready = sum(1 for t in self.queue if t.part is not None)
+        self.window.adjust(idle_workers=self.workers - len(self.running), ready_waiting=ready,
                            throttled=throttled, wanted=bool(self.waiting))
 
-    def recent_rate(self):
-        """Download bytes per second over the last few seconds (None until known)."""
-        now = time.monotonic()
-        self.rate_samples.append((now, self.bytes_done))
-        while len(self.rate_samples) > 2 and now - self.rate_samples[1][0] > RATE_SPAN:
-            self.rate_samples.popleft()
-        (t0, b0), (t1, b1) = self.rate_samples[0], self.rate_samples[-1]
-        return (b1 - b0) / (t1 - t0) if t1 - t0 >= 0.5 and b1 > b0 else None
-
-    def looks_planned(self):
-        """Is a look at some archive planned? (Plans replaced by later ones are dropped here.)"""
-        while self.polls and (self.polls[0][2].state != "preparing" or self.polls[0][3] != self.polls[0][2].look_token):
-            heapq.heappop(self.polls)
-        return bool(self.polls)
-
-    def next_timeout(self):
-        timeout = STATUS_INTERVAL if self.status.enabled else 0.25
-        self.looks_planned()
-        for heap in (self.delayed,) if self.downloads_stocked() else (self.polls, self.delayed):
-            if heap:
-                timeout = min(timeout, max(0.0, heap[0][0] - time.monotonic()))
+    def timeout(self):
+        """Seconds until something may start on its own (a delayed request, a due look)."""
+        now = self._clock()
+        timeout = STATUS_INTERVAL
+        if self.delayed:
+            timeout = min(timeout, max(0.0, self.delayed[0][0] - now))
+        due = self.looks.next_due(now)
+        if due is not None:
+            timeout = min(timeout, due)
         return timeout
 
-    def enter_window(self, run):
-        if not run.in_window:
-            run.in_window = True
-            self.in_window += 1
+    def has_work(self):
+        return bool(self.waiting or self.delayed or self.queue or self.looks.albums)
 
-    def leave_window(self, run):
-        if run.in_window:
-            run.in_window = False
-            self.in_window -= 1
+    def clear(self):
+        """Stop: nothing queued starts any more."""
+        self.waiting.clear()
+        self.delayed.clear()
+        self.queue.clear()
+        self.looks.albums.clear()
+
+
+# Reporting ##################################################################
+
+NOTICE = logging.ERROR + 5       # what a person must see even with --quiet, printed without "Error:"
+logging.addLevelName(NOTICE, "NOTICE")
+
+
+def fit_parts(parts, width):
+    """A status line from (priority, text) parts that fits width: parts are dropped, the least
+    important (highest priority number) first and of those the rightmost, before the line
+    is cut; the others keep their order."""
+    parts = [p for p in parts if p[1]]
+    while len(parts) > 1 and len(" | ".join(text for _, text in parts)) > width:
+        worst = max(range(len(parts)), key=lambda i: (parts[i][0], i))
+        del parts[worst]
+    return fit_line(" | ".join(text for _, text in parts), width)
+
+
+def human_eta(seconds):
+    """How long is left, as a person says it."""
+    if seconds < 60:
+        return "less than a minute left"
+    if seconds < 3600:
+        return "about %d min left" % max(1, round(seconds / 60.0))
+    hours, rest = divmod(int(round(seconds / 60.0)), 60)
+    return "about %d h %02d min left" % (hours, rest)
+
+
+class StatusLine:
+    """The live status line on a terminal; log lines clear it before printing."""
+
+    def __init__(self, stream, enabled):
+        self.stream = stream
+        self.enabled = enabled
+        self.lock = threading.Lock()
+        self.text = ""
+        self.parts = []
+        self.last = 0.0
+        self.resized = False         # set by SIGWINCH: redraw at the new width now
+
+    def show(self, parts, force=False):
+        """Draw the line from (priority, text) parts (see fit_parts), at most every STATUS_INTERVAL."""
+        if not self.enabled:
+            return
+        now = time.monotonic()
+        if not force and not self.resized and now - self.last < STATUS_INTERVAL:
+            return
+        self.last, self.resized, self.parts = now, False, list(parts)
+        with self.lock:
+            self.text = fit_parts(self.parts, self.width())
+            self.stream.write("\r" + self.text + "\x1b[K")
+            self.stream.flush()
+
+    def resize(self, *_signal):
+        self.resized = True
+
+    def width(self):
+        """Columns the line may use: the terminal's width now (so a resize counts at the
+        next redraw), less one, since writing the last column makes some terminals wrap."""
+        try:
+            columns = os.get_terminal_size(self.stream.fileno()).columns
+        except (OSError, ValueError, AttributeError):
+            columns = 0
+        if columns <= 0:                     # not a terminal, or one that does not know its size
+            columns = shutil.get_terminal_size().columns     # $COLUMNS, else 80
+        return max(columns, 2) - 1
+
+    def clear(self):
+        if self.enabled and self.text:
+            self.stream.write("\r\x1b[K")
+            self.stream.flush()
+            self.text = ""
+
+
+class Reporter:
+    """What a run says, and where: a status line on a terminal (redrawn in place), one log
+    line per album finished or failed (always in the log file; on the console when there is
+    no status line), each wait when it starts, changes and once a minute, and the summary.
+    Owned by the orchestrator thread."""
+
+    def __init__(self, options, status, meter, clock=time.monotonic):
+        self.options, self.status, self.meter = options, status, meter
+        self._clock = clock
+        self.wait = None             # (kind, text) of what the run waits for now
+        self.wait_since = 0.0
+        self.wait_logged = None      # when the current wait was last logged (None: not yet)
+        self.waited = collections.Counter()     # kind -> seconds waited (unreachable, rate limit)
+        self.started = self._last_tick = clock()
+
+    def album(self, text, *args):
+        """One line for an album finished or failed."""
+        log.info(text, *args, extra={"album": True})
+
+    def tick(self, orchestrator):
+        """Once per turn of the orchestrator's loop: the rate, the waits, the status line."""
+        now = self._clock()
+        self.meter.sample()
+        wait = self.current_wait(orchestrator)
+        if self.wait and self.wait[0] in ("unreachable", "rate limit"):
+            self.waited[self.wait[0]] += now - self._last_tick
+        self._last_tick = now
+        if (wait and wait[0]) != (self.wait and self.wait[0]):
+            if self.wait and self.wait[0] == "unreachable" and self.wait_logged is not None:
+                log.info("SmugMug answers again after %s", human_seconds(now - self.wait_since))
+            self.wait, self.wait_since, self.wait_logged = wait, now, None
+        elif wait:
+            self.wait = wait
+        if wait and (self.wait_logged is None and (wait[0] != "preparation" or now - self.wait_since >= 5.0)
+                     or self.wait_logged is not None and now - self.wait_logged >= WAIT_LOG_INTERVAL):
+            self.wait_logged = now
+            log.info("%s", wait[1])
+        if self.status.enabled and not self.options.dry_run:
+            self.status.show(self.line(orchestrator, wait))
+
+    def current_wait(self, orchestrator):
+        """What the run waits for now, if it waits: (kind, text), else None."""
+        link, gate = orchestrator.client.link, orchestrator.client.gate
+        if not link.up:
+            return "unreachable", "SmugMug unreachable since %s (%s), retrying" % (
+                time.strftime("%H:%M", time.localtime(link.since)), link.reason)
+        resumes = gate.resumes()
+        if resumes is not None:
+            return "rate limit", "SmugMug rate limit: resuming at %s" % time.strftime("%H:%M:%S",
+                                                                                       time.localtime(resumes))
+        preparing = orchestrator.count("requesting", "preparing")
+        if preparing and not orchestrator.scheduler.running:
+            return "preparation", "waiting for %d archive%s to be prepared" % (preparing, plural(preparing))
+        return None
+
+    def line(self, orchestrator, wait):
+        """The status line's parts: albums done of found, bytes done of the known total, the
+        recent rate and the time left, what the run waits for; (--verbose) the pipeline."""
+        s, scheduler = orchestrator.summary, orchestrator.scheduler
+        done = s.backed_up + s.unchanged
+        known = max(orchestrator.bytes_known, self.meter.done)
+        parts = [(1, "%d of %d album%s" % (done, s.albums_found, plural(s.albums_found))),
+                 (2, "%s of %s" % (human_bytes(self.meter.done), human_bytes(known)))]
+        rate = self.meter.rate(STATUS_RATE_SPAN)
+        if wait and wait[0] != "preparation" or not rate:
+            parts.append((1, wait[1] if wait else ""))
+        else:
+            parts.append((1, "%s/s" % human_bytes(rate)))
+            left = orchestrator.bytes_left()
+            if left is not None:
+                parts.append((1, human_eta(left / rate)))
+        if s.failed:
+            parts.append((2, "%d failed" % len(s.failed)))
+        if self.options.verbose:
+            parts.append((3, "%d preparing, %d ready, %d downloading, window %d" % (
+                orchestrator.count("requesting", "preparing"), len(scheduler.queue), len(scheduler.running),
+                scheduler.window.limit)))
+        return parts
+
+
+def plural(n):
+    return "" if n == 1 else "s"
+
+
+def print_summary(summary, options):
+    """The end of a run, the same for a finished, stopped and interrupted one: one line, then
+    the failed albums each once with its reason, then what was checked, fetched and versioned.
+
+    In the log it always comes last; under --quiet only a run that did not succeed reaches
+    the terminal (the first line and the failures), so cron mails only on trouble."""
+    failed = len(summary.failed)
+    done = summary.backed_up + summary.unchanged
+    not_attempted = max(0, summary.albums_found - done - failed)
+    trouble = failed or summary.write_error or summary.interrupted
+    how = "Interrupted" if summary.interrupted else "Stopped" if summary.write_error else "Done"
+    why = "Ctrl-C or SIGTERM" if summary.interrupted else summary.write_error
+    log.log(NOTICE if trouble else logging.INFO,
+            "%s after %s: %d album%s backed up, %d unchanged, %d failed, %d not attempted%s.", how,
+            human_seconds(summary.seconds), summary.backed_up, plural(summary.backed_up), summary.unchanged,
+            failed, not_attempted, " (%s)" % why if why else "")
+    for path, reason in sorted(summary.failed.items()):
+        log.log(NOTICE, "  failed: %s: %s", path, reason)
+    counts = ["%d file%s checked against SmugMug's listing" % (summary.files_checked, plural(summary.files_checked)),
+              "%d fetched on their own" % summary.files_fetched,
+              "%d moved to versions" % summary.versioned]
+    if summary.parts or summary.bytes:
+        counts.insert(0, "%d part%s (%s) downloaded" % (summary.parts, plural(summary.parts),
+                                                        human_bytes(summary.bytes)))
+    log.info("%s.", ", ".join(counts))
+    if summary.renditions:
+        log.info("%d file%s saved as SmugMug's largest rendition: no original offered.", summary.renditions,
+                 plural(summary.renditions))
+    if summary.by_file:
+        log.info("%d album%s saved file by file: %s", len(summary.by_file), plural(len(summary.by_file)),
+                 ", ".join(summary.by_file[:5]) + (" ..." if len(summary.by_file) > 5 else ""))
+    if summary.moved:
+        log.info("%d album%s moved or renamed on SmugMug: their files moved along.", summary.moved,
+                 plural(summary.moved))
+    for path, files in sorted(summary.missing.items()):
+        log.info("%s: %d file%s not saved:", path, len(files), plural(len(files)))
+        for name, why in files[:20]:
+            log.info("  %s: %s", name, why)
+        if len(files) > 20:
+            log.info("  ... and %d more (see its metadata.json)", len(files) - 20)
+    if summary.emptied:
+        log.info("%d album%s empty on SmugMug now (local files kept): %s", len(summary.emptied),
+                 plural(len(summary.emptied)), ", ".join(summary.emptied))
+    if summary.gone:
+        log.info("%d album%s gone from SmugMug (local files kept):", len(summary.gone), plural(len(summary.gone)))
+        for path in summary.gone:
+            log.info("  %s", path)
+    waits = [(kind, seconds) for kind, seconds in sorted(summary.waited.items()) if seconds >= 1]
+    if waits:
+        log.info("Waited %s in all: %s.", human_seconds(sum(s for _, s in waits)),
+                 ", ".join("%s %s" % ("SmugMug unreachable" if kind == "unreachable" else "SmugMug's " + kind,
+                                      human_seconds(s)) for kind, s in waits))
+
+
+def print_dry_run(orchestrator, options):
+    """A dry run's findings, in path order (so that nightly dry runs compare), and the totals:
+    albums (and the images they hold) by status."""
+    for _path, line in sorted(orchestrator.dry_lines + [(tuple(p.split("/")), "%-9s %s" % ("gone", p))
+                                                         for p in orchestrator.summary.gone]):
+        options.print_line(line)
+    counts = orchestrator.dry_counts
+    counts["gone"][0] = len(orchestrator.summary.gone)
+    shown = [s for s in ("new", "changed", "recheck", "unchanged", "moved", "gone", "skipped")
+             if counts[s][0] or s not in ("recheck",)]
+    work = sum(counts[s][1] for s in ("new", "changed", "recheck"))
+    options.print_line("total: %s; %d image%s in the albums to back up" % (
+        ", ".join("%d %s" % (counts[s][0], s) + (" (%d image%s)" % (counts[s][1], plural(counts[s][1]))
+                                                  if counts[s][1] else "")
+                  for s in shown), work, plural(work)))
+
+
+# Pipeline ###################################################################
+
+class AlbumRun:
+    """One album's way through a run: an explicit state machine, touched by the orchestrator alone.
+
+        new -> waiting -> requesting -> preparing -> downloading -> checking -> fetching -> done
+    and besides: waiting again when its archive failed, expired or was never
+    listed (a new request); preparing again from downloading when a download
+    link was refused (a fresh link is looked up); checking straight from
+    requesting or preparing when SmugMug will not prepare the archive (saved
+    file by file) or from new for a recheck of what is on disk; downloading
+    again from checking when a part is not a sound zip; failed from anywhere.
+    Every retry counter is in tries.
+    """
+
+    MOVES = {
+        "new": ("waiting", "checking", "done", "failed"),
+        "waiting": ("requesting", "failed"),
+        "requesting": ("preparing", "downloading", "waiting", "checking", "done", "failed"),
+        "preparing": ("downloading", "waiting", "checking", "failed"),
+        "downloading": ("checking", "waiting", "preparing", "failed"),
+        "checking": ("fetching", "downloading", "waiting", "done", "failed"),
+        "fetching": ("done", "failed"),
+        "done": (),
+        "failed": (),
+    }
+
+    def __init__(self, album, record, reason):
+        self.album = album
+        self.record = record          # AlbumRecord before this run, or None
+        self.reason = reason          # new / changed / recheck / due
+        self.state = "new"
+        self.ticket = ArchiveTicket()  # the archive this album waits for
+        self.tries = collections.Counter()   # error, removed, lost, part_check, refresh
+        self.asked_at = 0.0           # when the current archive was requested (monotonic)
+        self.first_asked_at = 0.0     # the timeout spans every request
+        self.looks = 0                # looks at the current request
+        self.generation = 0           # bumped when an archive is given up: its downloads are stale
+        self.cancel = threading.Event()
+        self.running = collections.Counter()  # downloads in flight, by generation
+        self.outstanding = 0          # downloads (parts or files) of this step not finished
+        self.parts = {}               # local part name -> ArchivePart of the current archive
+        self.sizes = {}               # local part name -> size on disk
+        self.from_disk = False        # the parts are the recorded final files (a recheck)
+        self.by_file = ""             # why the album is saved file by file, if it is
+        self.plan = None              # AlbumPlan from the check stage
+        self.fetched = {}             # loose file name -> size
+        self.missing = {}             # ImageKey -> why SmugMug would not give it (refused)
+        self.unfetched = {}           # ImageKey -> why it could not be fetched (retry next run)
+
+    def to(self, state):
+        """Move to state; a move the table does not allow is a bug, said loudly."""
+        if state not in self.MOVES[self.state]:
+            raise RuntimeError("album %s: %s -> %s is not a move" % (self.album.rel, self.state, state))
+        self.state = state
+
+    def abandon_archive(self):
+        """Give up on the current archive: its running downloads stop and are ignored."""
+        self.generation += 1
+        self.cancel.set()
+        self.cancel = threading.Event()
+        self.outstanding = 0
+        self.parts, self.sizes = {}, {}
+
+
+@dataclass(eq=False)
+class DownloadTask:
+    """A part or a loose file waiting for a download worker."""
+    run: AlbumRun
+    generation: int
+    name: str                     # local final name in the album's folder
+    temp: str
+    resume_ok: bool
+    part: Optional[ArchivePart] = None
+    file: Optional[FileTask] = None
+    done: int = 0                 # bytes written so far (by its worker)
+
+    @property
+    def size(self):
+        return (self.part.size if self.part else self.file.size) or 0
+
+
+def partial_key(album, name):
+    """How the state names an album's NAME.part: its path relative to output_dir."""
+    return "/".join(album.path + (name,))
+
+
+class Orchestrator:
+    """Routes albums between the pools and holds no policy of its own: the Scheduler says
+    what may start, the Store changes the disk, the Reporter says what happened, and each
+    stage's result goes to its handler (self.handlers: one per kind of work).
+
+    One error policy: a LocalWriteError fails its album, and stops new work when it is
+    fatal (a full disk, output_dir, the state); anything else a worker raises is its
+    album's failure; AuthError, Unreachable and Interrupted end the run.
+    """
+
+    def __init__(self, client, config, options, state, store, reporter):
+        self.client, self.config, self.options = client, config, options
+        self.state, self.store, self.reporter = state, store, reporter
+        self.out = config.output_dir
+        self.summary = Summary()
+        workers = max(1, config.workers)
+        sizes = {"walk": max(4, 2 * workers), "request": workers, "look": workers, "check": workers,
+                 "download": workers}
+        self.pools = {name: concurrent.futures.ThreadPoolExecutor(
+            size, name, initializer=client.set_priority, initargs=(PRIORITY.get(name, PRIORITY["walk"]),))
+            for name, size in sizes.items()}
+        self.scheduler = Scheduler(config, workers, client.link, client.gate, reporter.meter)
+        self.futures = {}                       # future -> (kind, payload)
+        self.runs = {}                          # AlbumKey -> AlbumRun of this run
+        self.owned_at_start = {PathOwners._key(r.path): k for k, r in state.albums.items()}
+        self.seen_nodes, self.seen_paths, self.include_hits, self.found_keys = set(), set(), set(), set()
+        self.probes = LOOK_FIRST_PROBES         # new albums left that look first while none has paid
+        self.reused = False                     # an archive SmugMug already had was reused this run
+        self.walk_complete = True
+        self.halt = False                       # stop new work (a fatal write error, SmugMug unreachable)
+        self.dry_counts = collections.defaultdict(lambda: [0, 0])   # status -> [albums, images]
+        self.dry_lines = []                     # (path, line) of a dry run, printed in path order
+        self.bytes_known = 0
+        self.nickname = None                    # the account's, once found (the walk has begun)
+        self.handlers = {"root": self.on_root, "walk": self.on_walk, "details": self.on_details,
+                         "request": self.on_request, "look": self.on_look, "download": self.on_download,
+                         "check": self.on_check, "fetch": self.on_fetch, "wait": lambda payload, result: None}
 
     # -- the loop --
 
-    def run(self, root):
-        self.start(root)
-        while self.futures or (not self.halt and (self.looks_planned() or self.waiting or self.delayed or self.queue)):
-            self.pump()
-            done, _ = concurrent.futures.wait(list(self.futures), timeout=self.next_timeout(),
-                                              return_when=concurrent.futures.FIRST_COMPLETED)
-            for future in done:
-                kind, payload = self.futures.pop(future)
-                self.handle(kind, payload, future)
-            self.show_progress()
+    def submit(self, pool, kind, payload, fn, *args):
+        self.futures[self.pools[pool].submit(fn, *args)] = (kind, payload)
+
+    def run(self):
+        self.submit("walk", "root", None, find_root, self.client, self.config)
+        try:
+            while self.futures or (not self.halt and self.scheduler.has_work()):
+                self.start_work()
+                done, _ = concurrent.futures.wait(list(self.futures), timeout=self.scheduler.timeout(),
+                                                  return_when=concurrent.futures.FIRST_COMPLETED)
+                for future in done:
+                    self.finished(future)
+                self.reporter.tick(self)
+        except Unreachable as exc:            # like a write error: stop, keep what is done
+            self.stop_new_work(str(exc))
+            self.client.stop.set()
         self.finish()
         return self.summary
 
-    def handle(self, kind, payload, future):
-        """A finished piece of work: its result moves its album on; by the one error policy."""
-        if kind in ("download", "fetch"):
-            self.busy -= 1
+    def start_work(self):
+        """Start what the scheduler says may start now."""
+        if self.halt:
+            return
+        for run in self.scheduler.requests():
+            self.request(run)
+        for run in self.scheduler.looks_now():
+            self.submit("look", "look", (run, run.generation), look_at_archive, self.client, run.album, run.ticket)
+        for task in self.scheduler.downloads():
+            task.run.running[task.generation] += 1
+            progress = functools.partial(self.progress, task)
+            if task.part is not None:
+                self.submit("download", "download", task, download_part, self.client, self.store, task.part,
+                            task.temp, task.resume_ok, progress, task.run.cancel)
+            else:
+                self.submit("download", "fetch", task, fetch_file, self.client, self.store, task.file, task.temp,
+                            task.resume_ok, progress, task.run.cancel)
+        if self.scheduler.paused() and "wait" not in (kind for kind, _ in self.futures.values()):
+            self.submit("walk", "wait", None, self.client.link.wait_up)   # someone probes the link
+        if not self.futures:
+            self.client.stop.wait(self.scheduler.timeout())
+
+    def progress(self, task, n):
+        """Called from download threads: bytes written."""
+        task.done += n
+        self.reporter.meter.add(n)
+
+    def finished(self, future):
+        """A finished piece of work: its result goes to its handler; errors by the one policy."""
+        kind, payload = self.futures.pop(future)
+        if kind == "root":              # no account to back up: its errors end the run, the caller says why
+            return self.on_root(payload, future.result())
+        if isinstance(payload, DownloadTask):
+            self.scheduler.download_done(payload)
             payload.run.running[payload.generation] -= 1
-        if kind in ("download", "fetch"):
             run = payload.run
         else:
-            run = payload[0] if isinstance(payload, tuple) else None     # a walk's payload is its Folder
+            run = payload[0] if isinstance(payload, tuple) else None
         try:
             try:
                 result = future.result()
-            except (AuthError, Interrupted, Unreachable, OutputClosed):
+            except (AuthError, Interrupted, Unreachable, OutputClosed, LocalWriteError, PathTaken):
                 raise
-            except LocalWriteError as exc:
-                self.stop_new_work(str(exc))
-                self.fail(run, "could not write: %s" % exc)
-                return
             except BackupError as exc:
-                self.on_error(kind, payload, exc)
-                return
+                return self.work_failed(kind, payload, exc)
             except Exception as exc:       # a bug or an unforeseen answer: fail this piece, go on
                 log.debug("unexpected error in %s", kind, exc_info=True)
-                self.on_error(kind, payload, BackupError("%s: %s" % (type(exc).__name__, redact_urls(exc))))
-                return
-            getattr(self, "on_" + kind)(payload, result)
-        except OSError as exc:
-            where = getattr(exc, "filename", None) or self.out
-            self.stop_new_work("%s: %s" % (where, exc.strerror or exc))
-            self.fail(run, "could not write: %s" % (exc.strerror or exc))
+                return self.work_failed(kind, payload, BackupError("%s: %s" % (type(exc).__name__,
+                                                                                 redact_urls(exc))))
+            self.handlers[kind](payload, result)
+        except LocalWriteError as exc:
+            if exc.fatal:
+                self.stop_new_work(str(exc))
+            self.fail(run, "could not write %s" % exc, where=getattr(payload, "path", None))
+        except PathTaken as exc:
+            self.fail(run, str(exc))
         except (AuthError, Interrupted, Unreachable, OutputClosed):
             raise
         except Exception as exc:           # a bug here: fail the album by name rather than the run
             log.debug("internal error after %s", kind, exc_info=True)
-            if run is not None:
-                self.fail(run, "internal error: %s: %s" % (type(exc).__name__, exc))
-            else:
-                self.walk_complete = False
-                self.summary.failed["/".join(getattr(payload, "path", ())) + "/"] = "internal error: %s" % exc
+            if run is not None and run.state in ("done", "failed"):
+                log.error("internal error after %s of %s: %s: %s", kind, run.album.rel, type(exc).__name__,
+                          redact_urls(exc))
+            self.fail(run, "internal error: %s: %s" % (type(exc).__name__, redact_urls(exc)),
+                      where=getattr(payload, "path", None))
 
-    def on_error(self, kind, payload, exc):
+    def work_failed(self, kind, payload, exc):
+        """A stage raised: what that means for its album (or folder)."""
         if kind == "walk":
-            self.walk_complete = False
             where = "/".join(payload.path) or "the root folder"
+            self.walk_complete = False
             if isinstance(exc, NotFound):
                 log.warning("folder %s is gone (404): skipped", where)
             else:
-                log.error("could not list folder %s: %s", where, exc)
-                self.summary.failed[where + "/"] = "could not list folder: %s" % exc
+                self.fail(None, "could not list folder: %s" % exc, where=payload.path)
             return
-        if kind in ("download", "fetch"):
-            run = payload.run
-            if payload.generation != run.generation or run.state in ("done", "failed") or isinstance(exc, Abandoned):
-                self.start_pending(run)
-                return                          # a download of an archive given up on
-            if kind == "fetch":
-                self.file_done(run, payload, exc)
-            elif isinstance(exc, ArchiveGone):
-                self.archive_failed(run, "removed", str(exc))
-            else:
-                self.fail(run, str(exc))
-            return
-        run, generation = payload
-        if generation != run.generation or run.state in ("done", "failed"):
-            return
-        if isinstance(exc, Forbidden) and kind == "request":
-            self.fail(run, "downloads not allowed: %s" % exc)
+        run = payload.run if isinstance(payload, DownloadTask) else payload[0]
+        if kind == "look":
+            self.scheduler.looked(run, False)
+        stale = (payload.generation if isinstance(payload, DownloadTask) else payload[1]) != run.generation
+        if stale or run.state in ("done", "failed") or isinstance(exc, Abandoned):
+            self.start_work()           # a download of an archive given up on has stopped
+        elif kind == "fetch":
+            self.file_done(payload, exc)
+        elif isinstance(exc, ArchiveGone):
+            self.refresh_links(run, str(exc))
+        elif isinstance(exc, Forbidden) and kind == "request":
+            self.save_by_file(run, "SmugMug would not prepare an archive (%s)" % exc)
         elif isinstance(exc, NotFound) and kind in ("request", "details"):
             self.vanished(run)
         else:
             self.fail(run, str(exc))
 
-    def vanished(self, run):
-        """An album deleted on SmugMug since the walk listed it (404): nothing to back up; its
-        files from before are kept, as for any album gone from SmugMug. Not a failure."""
-        run.to("done")
-        self.leave_window(run)
-        run.abandon_archive()
-        log.warning("%s is gone from SmugMug since the walk listed it (404): skipped%s", run.album.rel,
-                    "; its files from before are kept" if run.record else "")
-
-    def start_pending(self, run):
-        """Once the last download of an abandoned archive has stopped, the new one may start."""
-        if not any(n for g, n in run.running.items() if g != run.generation):
-            self.start_downloads()
-
     # -- walk --
 
+    def on_root(self, _payload, result):
+        nickname, root = result
+        self.nickname = nickname
+        log.info("%s account %s into %s", "Dry run: looking at" if self.options.dry_run else "Backing up",
+                 nickname, self.out)
+        self.seen_nodes.add(root.node_id)
+        self.submit("walk", "walk", root, walk_folder, self.client, root)
+
     def on_walk(self, folder, result):
-        folders, albums, skipped = result
+        folders, albums, skipped, short = result
+        if short:
+            self.walk_complete = False
+            self.fail(None, "could not list folder: %s children" % short, where=folder.path)
         for where, why in skipped:
             if not is_selected(where, self.options.includes, self.options.excludes):
                 continue
             self.dry_counts["skipped"][0] += 1
             if why.startswith("album without"):
-                log.info("failed: %s: %s", where, why)
-                self.summary.failed[where] = why
+                self.fail(None, why, where=where.split("/"), folder=False)
             else:
                 log.warning("skipping %s: %s", where, why)
         self.seen_paths.update("/".join(item.path) for item in folders + albums)
@@ -2815,16 +3783,44 @@ class Orchestrator:
             self.seen_nodes.add(sub.node_id)
             rel = "/".join(sub.path)
             if not folder_may_match(rel, self.options.includes, self.options.excludes):
-                log.debug("not walking %s (outside --include/--exclude)", rel)
                 continue
             if not self.options.dry_run and is_selected(rel, self.options.includes, self.options.excludes):
-                os.makedirs(os.path.join(self.out, *sub.path), exist_ok=True)
+                try:
+                    self.store.make_folders(rel)
+                except LocalWriteError as exc:
+                    if exc.fatal:
+                        raise
+                    log.error("could not make folder %s", exc)      # its albums fail as they come
             self.submit("walk", "walk", sub, walk_folder, self.client, sub)
         for album in albums:
-            if album.node_id in self.seen_nodes:
-                continue
-            self.seen_nodes.add(album.node_id)
-            self.on_album(album)
+            if album.node_id not in self.seen_nodes:
+                self.seen_nodes.add(album.node_id)
+                self.found(album)
+        if self.options.dry_run:
+            self.print_dry_lines()
+
+    def found(self, album):
+        """An album the walk found: where it goes, whether it moved, what it needs."""
+        if not is_selected(album.rel, self.options.includes, self.options.excludes):
+            return              # outside --include/--exclude: not counted (pruned folders are not even seen)
+        self.include_hits.update(p for p in self.options.includes if path_matches([p], album.rel))
+        self.summary.albums_found += 1
+        self.found_keys.add(album.album_key)
+        record = self.state.albums.get(album.album_key) or self.rebuilt_record(album)
+        album = self.place(album, record)
+        run = AlbumRun(album, record, "new")
+        if record and record.path != album.rel and not self.options.dry_run and not self.halt:
+            self.runs[album.album_key] = run
+            try:
+                self.move_album(run)
+            except (LocalWriteError, PathTaken) as exc:
+                if getattr(exc, "fatal", False):
+                    self.stop_new_work(str(exc))
+                return self.fail(run, "could not move its files: %s" % exc)
+        if album.has_details or not record:
+            self.route(run)
+        else:
+            self.submit("request", "details", (run, run.generation), fetch_details, self.client, album)
 
     def place(self, album, record):
         """The album's local path: the walk's, unless another album owned that folder at the
@@ -2832,11 +3828,9 @@ class Orchestrator:
         alternative = self.alternative_path(album)
         if record and record.path in (album.rel, "/".join(alternative)):
             return album if record.path == album.rel else replace(album, path=alternative)
-        owner = (self.owned_at_start.get(PathOwners._key(album.rel)) or self.owners.owner(album.rel)
+        owner = (self.owned_at_start.get(PathOwners._key(album.rel)) or self.store.owners.owner(album.rel)
                  or manifest_owner(self.out, album.rel))     # a backup the state lost still has its manifest
-        if owner not in (None, album.album_key):
-            return replace(album, path=alternative)
-        return album
+        return replace(album, path=alternative) if owner not in (None, album.album_key) else album
 
     @staticmethod
     def alternative_path(album):
@@ -2847,50 +3841,26 @@ class Orchestrator:
         at its path or at its " (NodeID)" one (a lost or damaged state), or None."""
         for path in (album.path, self.alternative_path(album)):
             record = record_from_manifest(self.out, replace(album, path=path))
-            if record and self.owners.owner(record.path) in (None, record.key):
-                self.owners.claim(record)
+            if record and self.store.owners.owner(record.path) in (None, record.key):
+                self.store.owners.claim(record)
                 log.info("%s: not in the state; its metadata.json says what is on disk: checking that",
                          record.path)
                 return record
         return None
 
-    def on_album(self, album):
-        if not is_selected(album.rel, self.options.includes, self.options.excludes):
-            return              # outside --include/--exclude: not counted (pruned folders are not even seen)
-        self.include_hits.update(p for p in self.options.includes if path_matches([p], album.rel))
-        self.summary.albums_found += 1
-        self.found_keys.add(album.album_key)
-        record = self.state.albums.get(album.album_key)
-        if record is None:
-            record = self.rebuilt_record(album)
-        album = self.place(album, record)
-        run = AlbumRun(album, record, "new")
-        if record and record.path != album.rel and not self.options.dry_run and not self.halt:
-            self.move_album(run)
-        if album.has_details or not record:
-            self.route(run)
-        else:
-            self.submit("request", "details", (run, run.generation), fetch_details, self.client, album)
-
     def on_details(self, payload, album):
-        run, _generation = payload
-        run.album = album
-        self.route(run)
+        payload[0].album = album
+        self.route(payload[0])
+        if self.options.dry_run:
+            self.print_dry_lines()
 
     def route(self, run):
         """Decide what an album needs once its timestamps are known (or it is new)."""
-        album = run.album
-        status = classify(album, run.record, self.out) if album.has_details or run.record else "new"
+        album, record = run.album, run.record
+        status = (classify(album, record, self.out, self.config.recheck_days)
+                  if album.has_details or record else "new")
         if self.options.dry_run:
-            if status == "unchanged" and run.record.path != album.rel:
-                status = "moved"
-            counts = self.dry_counts[status]
-            counts[0] += 1
-            counts[1] += album.image_count or 0
-            moved = status != "moved" and run.record and run.record.path != album.rel
-            self.options.print_line("%-9s %s%s" % (status, album.rel,
-                                                   " (moved from %s)" % run.record.path if moved else ""))
-            return
+            return self.dry_run_line(run, status)
         if status == "unchanged":
             self.summary.unchanged += 1
             return
@@ -2900,64 +3870,85 @@ class Orchestrator:
         self.runs[album.album_key] = run
         if album.image_count == 0:
             self.emptied(run)
-        elif status == "recheck":
+        elif status in ("recheck", "due"):
             run.from_disk = True
             self.check(run)
         else:
             run.to("waiting")
-            self.waiting.append(run)
+            self.scheduler.want_archive(run)
+
+    def dry_run_line(self, run, status):
+        album, record = run.album, run.record
+        moved = record is not None and record.path != album.rel
+        if status == "unchanged" and moved:
+            status = "moved"
+        shown = "recheck" if status == "due" else status
+        notes = ["moved from %s" % record.path] if moved and status != "moved" else []
+        if status == "due":
+            notes.append("its rolling recheck is due")
+        if status == "changed" and record and record.files:
+            count = len(record.files) + (record.manifest is not None)
+            notes.append("%d old file%s to versions" % (count, plural(count)))
+        self.dry_counts[shown][0] += 1
+        self.dry_counts[shown][1] += album.image_count or 0
+        heapq.heappush(self.dry_lines, (album.path, "%-9s %s%s" % (shown, album.rel,
+                                                                    " (%s)" % "; ".join(notes) if notes else "")))
+
+    def print_dry_lines(self):
+        """Print the dry run's lines in path order as soon as no folder still being listed can
+        hold a path that sorts before them (so `| head` ends the walk early)."""
+        pending = [tuple(payload.path) if kind == "walk" else payload[0].album.path
+                   for kind, payload in self.futures.values() if kind in ("walk", "details")]
+        if any(kind == "root" for kind, _ in self.futures.values()):
+            return
+        bound = min(pending) if pending else None
+        while self.dry_lines and (bound is None or self.dry_lines[0][0] < bound):
+            self.options.print_line(heapq.heappop(self.dry_lines)[1])
 
     def move_album(self, run):
-        """The album was renamed or moved on SmugMug: move its own files along (never the
-        folder, which may hold other albums' files), never over a file another album owns."""
-        record = run.record
-        old = os.path.join(self.out, *record.path.split("/"))
-        new = os.path.join(self.out, *run.album.path)
-        left = []
-        for name in [f.name for f in record.files] + ([MANIFEST_NAME] if record.manifest is not None else []):
-            src, dst = os.path.join(old, name), os.path.join(new, name)
-            if not os.path.exists(src):
-                continue
-            if os.path.exists(dst) or not self.owners.may_write(run.album.rel + "/" + name, record.key):
-                # Left where it is (and named): the album lacks it at its new place and fetches it again.
-                log.warning("%s: %s/%s is in the way; %s/%s is left where it is", run.album.rel,
-                            run.album.rel, name, record.path, name)
-                left.append(name)
-                continue
-            os.makedirs(new, exist_ok=True)
-            os.rename(src, dst)
-        try:
-            os.rmdir(old)                   # only when nothing else is left in it
-        except OSError:
-            pass
-        moved = replace(record, path=run.album.rel, damaged=sorted(set(record.damaged) | set(left)))
-        self.owners.release(record)
-        self.owners.claim(moved)
-        self.state.save_album(moved)
+        """The album was renamed or moved on SmugMug: its own files go along (never the folder,
+        which may hold other albums' files); one in the way is left, named, and fetched again."""
+        record, new = run.record, run.album.rel
+        names = [f.name for f in record.files] + ([MANIFEST_NAME] if record.manifest is not None else [])
+        left = [n for n in names if os.path.lexists(self.store.abs(new + "/" + n))
+                or not self.store.owners.may_write(new + "/" + n, record.key)]
+        for name in left:
+            log.warning("%s: %s/%s is in the way; %s/%s is left where it is", new, new, name, record.path, name)
+        moved = replace(record, path=new, damaged=sorted(set(record.damaged) | set(left)))
+        self.store.apply(record.key, [("move", record.path + "/" + n, new + "/" + n) for n in names
+                                      if n not in left], moved)
+        self.store.prune_folder(record.path)
         run.record = moved
-        log.info("moved %s -> %s", record.path, run.album.rel)
+        log.info("moved %s -> %s", record.path, new)
         self.summary.moved += 1
 
     def emptied(self, run):
-        """An album with no images: its folder and a manifest; files kept from before stay."""
+        """An album with no images: its folder; the files kept from before stay (and the summary says so)."""
         record = run.record
         if record and record.files:
-            kept = replace(record, last_updated=run.album.last_updated,
-                           images_last_updated=run.album.images_last_updated)
-            self.state.save_album(kept)
+            self.store.save_record(replace(record, last_updated=run.album.last_updated,
+                                           images_last_updated=run.album.images_last_updated))
             self.summary.emptied.append(run.album.rel)
             log.warning("%s is empty on SmugMug now: its %d file%s from before are kept", run.album.rel,
-                        len(record.files), "" if len(record.files) == 1 else "s")
+                        len(record.files), plural(len(record.files)))
             run.to("done")
             return
         run.plan = AlbumPlan((), {})
         self.commit(run)
 
-    # -- request and poll --
+    def vanished(self, run):
+        """An album deleted on SmugMug since the walk listed it (404): nothing to back up; its
+        files from before are kept, as for any album gone from SmugMug. Not a failure."""
+        run.to("done")
+        self.scheduler.leave(run)
+        run.abandon_archive()
+        log.warning("%s is gone from SmugMug since the walk listed it (404): skipped%s", run.album.rel,
+                    "; its files from before are kept" if run.record else "")
+
+    # -- request and look --
 
     def request(self, run):
         run.to("requesting")
-        self.enter_window(run)
         run.asked_at = time.monotonic()
         run.first_asked_at = run.first_asked_at or run.asked_at   # the timeout spans re-requests
         run.looks = 0
@@ -2968,12 +3959,9 @@ class Orchestrator:
     def probe(self):
         """Should a new album look for an archive SmugMug already has (one asked for on the
         web, or by a run whose state was lost) before asking for one? The first
-        LOOK_FIRST_PROBES do; the others only once such a look has paid. A fresh account
-        pays one call per album less."""
-        if self.reused:
-            return True
+        LOOK_FIRST_PROBES do; the others only once such a look has paid."""
         self.probes -= 1
-        return self.probes >= 0
+        return self.reused or self.probes >= 0
 
     def on_request(self, payload, result):
         run, generation = payload
@@ -2985,29 +3973,25 @@ class Orchestrator:
         if ticket.posted:
             self.state.set_requested(album.album_key, True)
         if state == "empty":
-            self.leave_window(run)
-            self.emptied(run)
-            return
-        self.on_archive(run, state, parts)
+            self.scheduler.leave(run)
+            return self.emptied(run)
+        self.archive_state(run, state, parts)
 
-    def on_poll(self, payload, result):
+    def on_look(self, payload, result):
         run, generation = payload
         state, parts, ticket = result
+        self.scheduler.looked(run, state == "complete")
         if generation != run.generation or run.state != "preparing":
             return
         run.ticket = ticket
-        self.on_archive(run, state, parts)
+        run.looks += 1
+        self.archive_state(run, state, parts)
 
-    def on_archive(self, run, state, parts):
+    def archive_state(self, run, state, parts):
+        """What SmugMug said of the archive the album waits for."""
         now = time.monotonic()
         if state == "complete":
-            self.leave_window(run)                    # prepared: the backlog bound takes over
-            first_finding = self.pacer.typical() is None
-            self.pacer.observe(now - run.asked_at)
-            if first_finding:
-                for other in self.deferred:           # the scouts found something: look at the rest
-                    self.schedule_look(other, max(now, other.asked_at + self.pacer.typical()))
-                self.deferred = []
+            self.scheduler.prepared_archive(run, sum(p.size or 0 for p in parts))
             self.download(run, parts)
         elif state in ("error", "removed"):
             self.archive_failed(run, state, "SmugMug could not prepare the archive (Error)"
@@ -3019,69 +4003,54 @@ class Orchestrator:
             if run.tries["lost"] > LOST_REQUEST_RETRIES:
                 self.save_by_file(run, "SmugMug never listed the archive (%d requests)" % run.tries["lost"])
             else:
-                log.debug("%s: no archive listed after %d looks; requesting again", run.album.rel, run.looks)
                 self.request_again(run)
         else:
-            if run.state != "preparing":
+            if run.state == "requesting":
                 run.to("preparing")
-            delay = self.pacer.first_delay() if run.looks == 0 else self.pacer.next_delay(now - run.asked_at)
-            run.looks += 1
-            if delay is None:           # nothing known yet: wait for the scouts, not longer than poll_max
-                self.deferred.append(run)
-                delay = self.config.poll_max_seconds
-            self.schedule_look(run, now + delay)
-
-    def schedule_look(self, run, due):
-        """The next look at the album's archive (any earlier one planned is dropped)."""
-        run.look_token += 1
-        self.seq += 1
-        heapq.heappush(self.polls, (due, self.seq, run, run.look_token))
+            self.scheduler.preparing(run, run.asked_at)
 
     def archive_failed(self, run, kind, why):
         """Error or Removed: ask again a bounded number of times, then save the album file by file."""
         run.tries[kind] += 1
         limit = ARCHIVE_ERROR_RETRIES if kind == "error" else ARCHIVE_REMOVED_RETRIES
         if run.tries[kind] > limit:
-            self.save_by_file(run, "%s, %d tries" % (why, run.tries[kind]))
-            return
+            return self.save_by_file(run, "%s, %d tries" % (why, run.tries[kind]))
         log.warning("%s: %s; requesting a new one", run.album.rel, why)
         self.request_again(run)
+
+    def refresh_links(self, run, why):
+        """A download link was refused (expired: the machine slept, or the archive waited long):
+        the same archive is looked up again for fresh links before a failure is counted."""
+        run.tries["refresh"] += 1
+        if run.tries["refresh"] > LINK_REFRESHES:
+            return self.archive_failed(run, "removed", why)
+        log.debug("%s: %s; looking up the archive again for fresh links", run.album.rel, why)
+        run.abandon_archive()
+        run.to("preparing")
+        self.submit("look", "look", (run, run.generation), look_at_archive, self.client, run.album, run.ticket)
 
     def request_again(self, run):
         """Give up on the current archive (its downloads stop and are ignored) and ask again, a
         little later: DateAdded has whole seconds, so the new archive is told apart by its second."""
-        self.leave_window(run)
+        self.scheduler.leave(run)
         run.abandon_archive()
         run.ticket = run.ticket.given_up()
         run.to("waiting")
-        self.seq += 1
-        heapq.heappush(self.delayed, (time.monotonic() + REQUEST_AGAIN_DELAY, self.seq, run))
+        self.scheduler.want_archive(run, REQUEST_AGAIN_DELAY)
 
     def save_by_file(self, run, why):
         """SmugMug will not prepare the archive: list the album and fetch every file on its own."""
-        self.leave_window(run)
+        self.scheduler.leave(run)
         run.abandon_archive()
         run.by_file = why
         log.warning("%s: %s; saving it file by file", run.album.rel, why)
         self.check(run)
 
-    # -- download and check --
-
-    def folder_of(self, run):
-        return os.path.join(self.out, *run.album.path)
-
-    def claimable(self, run, names):
-        """Fail the album if one of these names in its folder belongs to another album."""
-        for name in names:
-            owner = self.owners.owner(run.album.rel + "/" + name)
-            if owner not in (None, run.album.album_key):
-                self.fail(run, "%s/%s belongs to album %s" % (run.album.rel, name, owner))
-                return False
-        return True
+    # -- download, check, fetch --
 
     def queue_download(self, run, name, part=None, file=None, resume=True):
         """Queue a part or a file; a NAME.part is resumed only if the state says it holds the same."""
-        temp = os.path.join(self.folder_of(run), name) + ".part"
+        temp = self.store.abs(partial_key(run.album, name)) + ".part"
         key = partial_key(run.album, name)
         identity = part.identity if part else "file|%s|%s|%s" % (file.key, file.size, file.md5)
         partial = Partial(run.album.album_key, identity)
@@ -3089,31 +4058,19 @@ class Orchestrator:
         if not resume_ok:
             self.state.set_partial(key, partial)
         self.bytes_known += (part.size if part else file.size) or 0
-        self.queue.append(DownloadTask(run, run.generation, name, temp, resume_ok, part, file))
+        self.scheduler.queue_download(DownloadTask(run, run.generation, name, temp, resume_ok, part, file))
 
     def download(self, run, parts):
         run.to("downloading")
         names = part_file_names(parts)
-        if not self.claimable(run, names.values()):
-            return
-        os.makedirs(self.folder_of(run), exist_ok=True)
-        run.parts = {names[p.part]: p for p in parts}
-        run.sizes = {}
-        self.prepared += 1
-        self.prepared_bytes += sum(p.size or 0 for p in parts)
-        run.outstanding = len(parts)
+        self.store.make_folders(run.album.rel)
+        run.parts, run.sizes, run.outstanding = {names[p.part]: p for p in parts}, {}, len(parts)
         for p in parts:
             self.queue_download(run, names[p.part], part=p)
-
-    def add_bytes(self, n):
-        """Called from download threads; the orchestrator only reads the total."""
-        with self._bytes_lock:
-            self.bytes_done += n
 
     def on_download(self, task, size):
         run = task.run
         if task.generation != run.generation or run.state != "downloading":
-            self.start_pending(run)
             return
         run.sizes[task.name] = size
         run.outstanding -= 1
@@ -3123,16 +4080,19 @@ class Orchestrator:
     def check(self, run):
         """List the album's files and test its zips (the parts just downloaded, or those on disk)."""
         run.to("checking")
-        folder = self.folder_of(run)
+        folder = self.store.abs(run.album.rel)
         if run.by_file:
             parts = []
         elif run.from_disk:
             parts = [(f.name, os.path.join(folder, f.name)) for f in run.record.parts]
         else:
             parts = [(name, os.path.join(folder, name) + ".part") for name in sorted(run.parts)]
-        old_files = {f.name for f in run.record.files if f.kind == "file"} if run.record else set()
+        old = None
+        if run.record and run.record.path == run.album.rel:
+            old = OldBackup(folder, frozenset(f.name for f in run.record.files if f.kind == "file"),
+                            light=run.reason == "due")
         self.submit("check", "check", (run, run.generation), check_album, self.client, run.album, parts,
-                    folder, old_files)
+                    folder, old)
 
     def on_check(self, payload, plan):
         run, generation = payload
@@ -3143,42 +4103,42 @@ class Orchestrator:
             why = "; ".join(sorted(plan.bad_parts.values()))
             run.tries["part_check"] += 1
             if run.tries["part_check"] > PART_CHECK_RETRIES:
-                self.fail(run, "archive is not a sound zip after %d downloads: %s" % (run.tries["part_check"], why))
-            elif run.from_disk:
+                return self.fail(run, "archive is not a sound zip after %d downloads: %s" % (
+                    run.tries["part_check"], why))
+            if run.from_disk:
                 log.warning("%s: %s; requesting a new archive", run.album.rel, why)
                 run.from_disk, run.reason = False, "changed"
                 run.to("waiting")
-                self.waiting.append(run)
-            else:
-                log.warning("%s: %s; downloading it again", run.album.rel, why)
-                run.to("downloading")
-                run.outstanding = len(plan.bad_parts)
-                for name in plan.bad_parts:
-                    self.queue_download(run, name, part=run.parts[name], resume=False)
+                return self.scheduler.want_archive(run)
+            log.warning("%s: %s; downloading it again", run.album.rel, why)
+            run.to("downloading")
+            run.outstanding = len(plan.bad_parts)
+            for name in plan.bad_parts:
+                self.queue_download(run, name, part=run.parts[name], resume=False)
             return
         run.plan = plan
-        if not self.claimable(run, [t.name for t in plan.fetch]):
-            return
-        if plan.fetch:
-            run.to("fetching")
-            os.makedirs(self.folder_of(run), exist_ok=True)
-            run.outstanding = len(plan.fetch)
-            for task in plan.fetch:
-                self.queue_download(run, task.name, file=task)
-        else:
-            self.commit(run)
+        if not plan.fetch:
+            return self.commit(run)
+        run.to("fetching")
+        self.store.make_folders(run.album.rel)
+        run.outstanding = len(plan.fetch)
+        for task in plan.fetch:
+            self.queue_download(run, task.name, file=task)
 
     def on_fetch(self, task, size):
-        self.file_done(task.run, task, None, size)
+        self.file_done(task, None, size)
 
-    def file_done(self, run, task, exc, size=0):
+    def file_done(self, task, exc, size=0):
+        run = task.run
         if task.generation != run.generation or run.state != "fetching":
             return
         if exc is None:
             run.fetched[task.name] = size
             self.summary.files_fetched += 1
+        elif isinstance(exc, Refused):
+            run.missing[task.file.key] = "refused by SmugMug (%s)" % exc
         else:
-            run.missing[task.file.key] = ("refused by SmugMug (%s)" % exc) if isinstance(exc, Refused) else str(exc)
+            run.unfetched[task.file.key] = str(exc)
         run.outstanding -= 1
         if run.outstanding == 0:
             self.commit(run)
@@ -3186,189 +4146,215 @@ class Orchestrator:
     # -- the commit point --
 
     def commit(self, run):
-        """Every file of the album is checked and complete beside its final name: rename them
-        all, write metadata.json, record the album; then drop its old files it no longer has.
-
-        Old files are dropped only when nothing is missing: an incomplete backup
-        never replaces more than it must."""
-        folder, album, plan = self.folder_of(run), run.album, run.plan
-        os.makedirs(folder, exist_ok=True)
-        locations = dict(plan.locations)
-        for key, why in run.missing.items():
-            locations[key] = {"missing": why}
-        for key, where in list(locations.items()):
-            if "missing" in where:      # the server's words may carry a signed URL
-                locations[key] = dict(where, missing=redact_urls(where["missing"]))
-        new_parts = []
-        if run.from_disk:
-            new_parts = [(f.name, f.size) for f in run.record.parts]
-        elif not run.by_file:
-            new_parts = [(name, run.sizes[name]) for name in sorted(run.parts)]
-        loose = sorted({where["file"] for where in locations.values() if "file" in where})
-        empty = not new_parts and not loose and not plan.listing     # an empty folder, no manifest
-        if not self.claimable(run, [n for n, _ in new_parts] + loose + ([] if empty else [MANIFEST_NAME])):
-            return
-        renamed = [n for n, _ in new_parts if not run.from_disk] + [n for n in loose if n in run.fetched]
-        for name in renamed:
-            os.replace(os.path.join(folder, name) + ".part", os.path.join(folder, name))
-        files = [SavedFile(n, s, "archive") for n, s in new_parts]
-        files += [SavedFile(n, os.path.getsize(os.path.join(folder, n)), "file") for n in loose]
-        manifest_size = None
-        if not empty:
-            manifest = manifest_document(album, replace(plan, locations=locations), new_parts)
-            text = json.dumps(manifest, ensure_ascii=False, indent=2) + "\n"
-            write_atomic(os.path.join(folder, MANIFEST_NAME), text)
-            manifest_size = len(text.encode("utf-8"))
-        missing = {k: w["missing"] for k, w in locations.items() if "missing" in w}
-        lacking = {k: w for k, w in missing.items() if w != "still processing on SmugMug"}
-        old = run.record
-        same_place = old is not None and old.path == album.rel
-        obsolete = [f for f in (old.files if same_place else []) if f.name not in {s.name for s in files}]
-        if missing and same_place:
-            files += [f for f in obsolete if os.path.exists(os.path.join(folder, f.name))]
-            obsolete = []
+        """Every listed file is accounted for (in a part, saved on its own, or refused by
+        SmugMug): the new files take their final names with the manifest, what they replace or
+        no longer hold goes to versions, the record is saved (Store.apply, one change). When a
+        file could not be fetched, or SmugMug no longer gives a file the previous backup has,
+        or its listing was cut short, the previous files stay where they are and the album
+        fails by name: the next run tries again."""
+        album, plan, old = run.album, run.plan, run.record
+        if "done" not in AlbumRun.MOVES[run.state]:
+            raise RuntimeError("album %s: commit from %s" % (album.rel, run.state))
+        outcome = commit_outcome(run, self.store.abs(album.rel))
+        if outcome.keep:
+            return self.fail(run, outcome.keep)
+        steps = [("version", album.rel + "/" + name) for name in outcome.replaced]
+        manifest_size = old.manifest if outcome.files and old and old.path == album.rel else None
+        if outcome.manifest is not None:
+            manifest_size = len(outcome.manifest.encode("utf-8"))
+            temp = self.store.write_temp(album.rel + "/" + MANIFEST_NAME, outcome.manifest)
+            steps.append(("place", temp, album.rel + "/" + MANIFEST_NAME))
+        steps += [("place", album.rel + "/" + name + ".part", album.rel + "/" + name) for name in outcome.placed]
+        files = [SavedFile(n, s, "archive") for n, s in outcome.parts]
+        files += [SavedFile(n, run.fetched.get(n) or self.store.part_size(self.store.abs(album.rel + "/" + n)), "file")
+                  for n in outcome.loose]
         record = AlbumRecord(album.album_key, album.node_id, album.rel, album.last_updated,
-                             album.images_last_updated, files, manifest_size, complete=not missing)
-        if old is not None:
-            self.owners.release(old)
-        self.owners.claim(record)
-        self.state.save_album(record)
+                             album.images_last_updated, files, manifest_size, complete=not outcome.missing,
+                             listed=iso_now())
+        self.store.make_folders(album.rel)
+        self.store.apply(album.album_key, steps, record)
         self.state.set_requested(album.album_key, False)
-        for path, partial in list(self.state.partials.items()):
-            if partial.album == album.album_key:
-                remove_quietly(os.path.join(self.out, *path.split("/")) + ".part")
-                self.state.set_partial(path, None)
-        for f in obsolete:
-            if self.owners.may_write(album.rel + "/" + f.name, album.album_key):
-                remove_quietly(os.path.join(folder, f.name))
-        fsync_dir(folder)
+        self.store.discard_parts([p for p, partial in list(self.state.partials.items())
+                                  if partial.album == album.album_key])
         run.to("done")
-        total = sum(s for _, s in new_parts if not run.from_disk) + sum(run.fetched.values())
+        total = sum(s for _, s in outcome.parts if not run.from_disk) + sum(run.fetched.values())
         self.summary.backed_up += 1
-        self.summary.parts += 0 if run.from_disk else len(new_parts)
+        self.summary.parts += 0 if run.from_disk else len(outcome.parts)
         self.summary.bytes += total
+        self.summary.renditions += outcome.renditions
         if run.by_file:
             self.summary.by_file.append(album.rel)
-        if missing:
+        if outcome.missing:
             names = {f.key: f.file_name for f in plan.listing}
-            self.summary.missing[album.rel] = sorted((names.get(k, k), why) for k, why in missing.items())
+            self.summary.missing[album.rel] = sorted((names.get(k, k), why) for k, why in outcome.missing.items())
+        lacking = {why for why in outcome.missing.values() if why != "still processing on SmugMug"}
         if lacking:
             self.summary.backed_up -= 1
-            self.summary.failed[album.rel] = "%d file%s missing: %s" % (
-                len(lacking), "" if len(lacking) == 1 else "s", "; ".join(sorted(set(lacking.values()))))
-            log.info("failed: %s: %s", album.rel, self.summary.failed[album.rel])   # the summary says it
-        elif not self.status.enabled or self.options.verbose:
-            log.info("backed up %s (%s%s, %d part%s, %d file%s on their own, %s)", album.rel, run.reason,
-                     ", file by file" if run.by_file else "", len(new_parts), "" if len(new_parts) == 1 else "s",
-                     len(loose), "" if len(loose) == 1 else "s", human_bytes(total))
+            count = sum(1 for why in outcome.missing.values() if why in lacking)
+            self.fail(run, "%d file%s missing: %s" % (count, plural(count), "; ".join(sorted(lacking))), done=True)
+        else:
+            self.reporter.album("backed up %s (%s%s, %d part%s, %d file%s on their own, %s%s)", album.rel,
+                                run.reason, ", file by file" if run.by_file else "", len(outcome.parts),
+                                plural(len(outcome.parts)), len(outcome.loose), plural(len(outcome.loose)),
+                                human_bytes(total), ", %d to versions" % len(outcome.replaced)
+                                if outcome.replaced else "")
 
-    def fail(self, run, reason):
-        if run is None or run.state in ("done", "failed"):
+    def fail(self, run, reason, where=None, folder=True, done=False):
+        """An album fails by name (or, run None, the folder or node at where)."""
+        if run is None:
+            path = "/".join(where or ())
+            self.summary.failed[path + "/" if path and folder else path or "the root folder"] = reason
+            path = path or "the root folder"
+            self.reporter.album("failed: %s: %s", path, reason)
             return
-        run.to("failed")
-        self.leave_window(run)
-        run.abandon_archive()
+        if run.state in ("done", "failed") and not done:
+            return
+        if not done:
+            run.to("failed")
+            self.scheduler.leave(run)
+            run.abandon_archive()
         self.summary.failed[run.album.rel] = reason
-        log.info("failed: %s: %s", run.album.rel, reason)     # the summary says it once, as an error
+        self.reporter.album("failed: %s: %s", run.album.rel, reason)
 
     def stop_new_work(self, why):
-        """A write error: start nothing new (the walk included), let running work end."""
+        """A fatal write error, or SmugMug unreachable: start nothing new (the walk included)."""
         if not self.halt:
             log.error("stopping new downloads: %s", why)
             self.summary.write_error = why
         self.halt = True
         self.walk_complete = False          # folders not listed now: nothing can be called gone
-        for future, (kind, _payload) in list(self.futures.items()):
+        for future, _ in list(self.futures.items()):
             if future.cancel():
                 del self.futures[future]
-                if kind == "walk":
-                    self.walk_complete = False
-        self.waiting.clear()
-        self.delayed.clear()
-        self.polls.clear()
-        self.queue.clear()
+        self.scheduler.clear()
 
-    # -- output --
+    # -- the end --
 
-    def progress_text(self):
-        s = self.summary
-        done, failed = s.backed_up + s.unchanged, len(s.failed)
-        preparing = sum(1 for r in self.runs.values() if r.state in ("requesting", "preparing"))
-        ready = sum(1 for t in self.queue if t.part is not None)
-        downloading = sum(1 for r in self.runs.values() if r.state in ("downloading", "fetching"))
-        head = "albums: %d found, %d done, %d failed" % (s.albums_found, done, failed)
-        if preparing and not downloading and not self.busy:
-            return "%s | waiting for %d archive%s to be prepared (window %d)" % (
-                head, preparing, "" if preparing == 1 else "s", self.window.limit)
-        rate = self.recent_rate()
-        text = "%s | %d preparing, %d ready, %d downloading (window %d) | %s of %s" % (
-            head, preparing, ready, downloading, self.window.limit, human_bytes(self.bytes_done),
-            human_bytes(max(self.bytes_known, self.bytes_done)))
-        if rate:
-            text += " at %s/s" % human_bytes(rate)
-            left = self.bytes_known - self.bytes_done
-            if left > 0 and not self.waiting and self.walk_done():
-                text += ", ETA %s" % human_seconds(left / rate)
-        if self.resumed:
-            text += " | %d resumed" % self.resumed
-        return text
+    def count(self, *states):
+        return sum(1 for r in self.runs.values() if r.state in states)
 
-    def walk_done(self):
-        return not any(kind in ("walk", "details") for kind, _ in self.futures.values())
-
-    def show_progress(self):
-        if self.options.dry_run:
-            return
-        if self.status.enabled:
-            self.status.show(self.progress_text())
-        now = time.monotonic()
-        if not self.status.enabled and now - self.last_progress_log >= PROGRESS_LOG_INTERVAL:
-            self.last_progress_log = now
-            waiting = sum(1 for r in self.runs.values() if r.state in ("requesting", "preparing"))
-            if waiting and not self.busy:
-                log.info("waiting for %d archive%s to be prepared by SmugMug", waiting,
-                         "" if waiting == 1 else "s")
+    def bytes_left(self):
+        """Bytes still to download, once it can be told: the walk done, the known sizes and, for
+        albums whose archive is not yet listed, the average album seen so far."""
+        if any(kind in ("root", "walk", "details") for kind, _ in self.futures.values()):
+            return None
+        unknown = self.count("new", "waiting", "requesting", "preparing")
+        prepared, size = self.scheduler.prepared, self.scheduler.prepared_bytes
+        if unknown and prepared < 3:
+            return None
+        return max(0, self.bytes_known - self.reporter.meter.done) + (unknown * size / prepared if unknown else 0)
 
     def finish(self):
-        unfiltered = not self.options.includes and not self.options.excludes
-        if self.walk_complete and unfiltered:
+        """Gone albums, clean-up and retention: only after a run that saw the whole account."""
+        whole = self.walk_complete and not self.halt and not self.client.stop.is_set()
+        if whole and not self.options.includes and not self.options.excludes:
             self.summary.gone = sorted(r.path for k, r in self.state.albums.items() if k not in self.found_keys)
-            if not self.options.dry_run and not self.halt and not self.client.stop.is_set():
-                self.drop_abandoned_partials()
-        self.summary.seconds = time.monotonic() - self.started
-
-    def drop_abandoned_partials(self):
-        """NAME.part files no unfinished album of this run may resume are removed, with their entries."""
-        keep = {k for k, r in self.runs.items() if r.state != "done"}
-        for path, partial in list(self.state.partials.items()):
-            if partial.album not in keep:
-                try:
-                    remove_quietly(os.path.join(self.out, *path.split("/")) + ".part")
-                    self.state.set_partial(path, None)
-                except OSError as exc:
-                    log.warning("could not remove %s.part: %s", path, exc.strerror or exc)
+        if whole and not self.options.dry_run:
+            keep = {k for k, r in self.runs.items() if r.state != "done"}
+            pending = {step[1] for intent in self.state.intents.values() for step in intent.get("steps") or []}
+            self.store.discard_parts([p for p, partial in list(self.state.partials.items())
+                                      if partial.album not in keep and p + ".part" not in pending])
+            self.store.prune_versions(self.config.keep_versions_days)
+        self.summary.versioned = self.store.versioned
+        self.summary.waited = dict(self.reporter.waited)
+        self.summary.seconds = time.monotonic() - self.reporter.started
 
     def shutdown(self, wait):
         for pool in self.pools.values():
             pool.shutdown(wait=wait, cancel_futures=True)
 
 
+@dataclass
+class Outcome:
+    """What committing an album comes to (commit_outcome): keep (why the previous files stay
+    and the album fails), or the files: parts and loose files the backup holds, those placed
+    now, old ones replaced (to versions), the new manifest text (None: unchanged or none)."""
+    keep: str = ""
+    parts: list = field(default_factory=list)       # [(name, size)]
+    loose: list = field(default_factory=list)
+    placed: list = field(default_factory=list)
+    replaced: list = field(default_factory=list)
+    manifest: Optional[str] = None
+    files: bool = False                             # the album holds files (else: no manifest)
+    missing: dict = field(default_factory=dict)     # ImageKey -> why SmugMug did not give it
+    renditions: int = 0
+
+
+def commit_outcome(run, folder):
+    """The rules of the commit point, decided from the run alone (no I/O but reading the old
+    manifest's text): replace only when complete, never what only the previous backup has."""
+    album, plan, old = run.album, run.plan, run.record
+    locations = dict(plan.locations)
+    for key, why in run.missing.items():
+        locations[key] = {"missing": why}
+    for key, where in list(locations.items()):
+        if "missing" in where:              # the server's words may carry a signed URL
+            locations[key] = dict(where, missing=redact_urls(where["missing"]))
+    for key, where in locations.items():    # a rendition of unknown size: the size it came with
+        if where.get("rendition") and where.get("size") is None and where["file"] in run.fetched:
+            where["size"] = run.fetched[where["file"]]
+    old_here = old is not None and old.path == album.rel
+    missing = {k: w["missing"] for k, w in locations.items() if "missing" in w}
+    if run.unfetched:
+        return Outcome(keep="%d file%s could not be fetched (the next run tries again): %s" % (
+            len(run.unfetched), plural(len(run.unfetched)), "; ".join(sorted(set(run.unfetched.values())))))
+    if old_here and old.files:
+        lost = sorted(set(missing) & plan.held_before)
+        if plan.incomplete:
+            return Outcome(keep="%s; the previous backup is kept as it is" % plan.incomplete)
+        if lost:
+            names = {f.key: f.file_name for f in plan.listing}
+            return Outcome(keep="SmugMug no longer gives %s, which the previous backup has: it is kept as it "
+                                "is (%s)" % (", ".join(names.get(k, k) for k in lost[:5]),
+                                             "; ".join(sorted({missing[k] for k in lost}))))
+    elif plan.incomplete:
+        missing["(listing)"] = plan.incomplete
+    if run.from_disk:
+        parts = [(f.name, f.size) for f in old.parts]
+    elif run.by_file:
+        parts = []
+    else:
+        parts = [(name, run.sizes[name]) for name in sorted(run.parts)]
+    loose = sorted({where["file"] for where in locations.values() if "file" in where})
+    placed = [n for n, _ in parts if not run.from_disk] + [n for n in loose if n in run.fetched]
+    holds = bool(parts or loose or plan.listing)
+    kept = {n for n, _ in parts} | set(loose)
+    replaced = [f.name for f in (old.files if old_here else []) if f.name in placed or f.name not in kept]
+    text = None
+    if holds:
+        doc = manifest_document(album, replace(plan, locations=locations), parts)
+        text = json.dumps(doc, ensure_ascii=False, indent=2) + "\n"
+        if old_here and old.manifest is not None:
+            try:
+                with open(os.path.join(folder, MANIFEST_NAME), encoding="utf-8") as f:
+                    same = f.read() == text
+            except OSError:
+                same = False
+            if same:
+                text = None                 # unchanged: neither rewritten nor versioned
+            else:
+                replaced.append(MANIFEST_NAME)
+    renditions = sum(1 for where in locations.values() if where.get("rendition") and where["file"] in placed)
+    return Outcome("", parts, loose, placed, replaced, text, holds, missing, renditions)
+
+
 # CLI ########################################################################
 
 EPILOG = """\
-examples:
-  first time:   python smugmug_download.py --authorize
-  back up:      python smugmug_download.py
-  what's new:   python smugmug_download.py --dry-run
-  check disk:   python smugmug_download.py --verify
-  some albums:  python smugmug_download.py --include 'Family/2019/*' --exclude '*/Private'
-  cron (the virtualenv's Python, absolute paths; prints only on trouble):
-    0 3 * * * cd /home/me/smugmug_download && /home/me/smugmug_download/.venv/bin/python smugmug_download.py --quiet --log-file /home/me/smugmug-backup.log
+examples (the virtualenv's Python, as cron needs it):
+  first time:  .venv/bin/python smugmug_download.py --authorize
+  back up:     .venv/bin/python smugmug_download.py
+  what's new:  .venv/bin/python smugmug_download.py --dry-run
+  check disk:  .venv/bin/python smugmug_download.py --verify
+  some albums: .venv/bin/python smugmug_download.py --include 'Family/2019/*'
+  cron, every night at 03:00 (prints only on trouble):
+    0 3 * * * cd /home/me/smugmug_download && .venv/bin/python \\
+        smugmug_download.py --quiet --log-file /home/me/smugmug.log
 
-exit codes: 0 all backed up (or unchanged; --verify: all intact), 1 some albums
-failed, a write error or SmugMug unreachable (--verify: something damaged), 2 config/
-usage/credentials error, 3 another run holds the lock, 130 interrupted, 141 stdout
-closed by its reader (`--dry-run | head`).
+exit codes: 0 all backed up or unchanged (--verify: all intact); 1 some
+albums failed, a write error, or SmugMug unreachable for unreachable_minutes
+(--verify: something damaged); 2 config, usage or credentials error; 3 another
+run holds the lock; 130 interrupted; 141 stdout closed (`--dry-run | head`).
 """
 
 
@@ -3382,6 +4368,7 @@ class Options:
         self.excludes = args.exclude or []
         self.verbose = args.verbose
         self.quiet = args.quiet
+        self.config_path = os.path.abspath(getattr(args, "config", None) or "config.json")
         self._out = out or sys.stdout
 
     def print_line(self, text):
@@ -3432,6 +4419,13 @@ def build_parser():
     how.add_argument("--max-preparing", type=int, metavar="N",
                      help="at most this many albums with SmugMug's archive preparation at once; the "
                           "window grows to it only while downloads wait (default 256)")
+    how.add_argument("--keep-versions-days", type=float, metavar="DAYS",
+                     help="keep files a backup replaced or no longer has (in "
+                          ".smugmug_download/versions/) this many days; 0 deletes them at the end of the "
+                          "run (default 90)")
+    how.add_argument("--unreachable-minutes", type=float, metavar="MIN",
+                     help="wait this long for SmugMug to answer again before the run stops (exit 1; "
+                          "default 15)")
     out = parser.add_argument_group("output")
     out.add_argument("--quiet", action="store_true",
                      help="print only errors, and a summary line if the run did not succeed (for "
@@ -3449,6 +4443,10 @@ def check_args(parser, args):
         parser.error("--workers must be between 1 and %d" % CONFIG_MAXIMUM["workers"])
     if args.max_preparing is not None and not 1 <= args.max_preparing <= CONFIG_MAXIMUM["max_preparing"]:
         parser.error("--max-preparing must be between 1 and %d" % CONFIG_MAXIMUM["max_preparing"])
+    if args.keep_versions_days is not None and not args.keep_versions_days >= 0:
+        parser.error("--keep-versions-days must be 0 or more")
+    if args.unreachable_minutes is not None and not args.unreachable_minutes > 0:
+        parser.error("--unreachable-minutes must be more than 0")
     if args.authorize and (args.dry_run or args.verify or args.include or args.exclude):
         parser.error("--authorize does not go with --dry-run, --verify, --include or --exclude")
     if args.verify and args.dry_run:
@@ -3456,7 +4454,8 @@ def check_args(parser, args):
 
 
 def read_config_file(path):
-    """The config file as a dict, or UsageError naming the problem."""
+    """The config file as a dict, or UsageError naming the problem (and the absolute path)."""
+    path = os.path.abspath(path)
     try:
         with open(path, encoding="utf-8") as f:
             text = f.read()
@@ -3469,14 +4468,30 @@ def read_config_file(path):
         data = json.loads(text)
     except ValueError as exc:
         where = " at line %d column %d" % (exc.lineno, exc.colno) if hasattr(exc, "lineno") else ""
-        raise UsageError("config file %s is not valid JSON%s: %s" % (path, where, getattr(exc, "msg", exc)))
+        raise UsageError("config file %s is not valid JSON%s (%s)" % (path, where, getattr(exc, "msg", exc)))
     if not isinstance(data, dict):
         raise UsageError("config file %s must hold a JSON object" % path)
     return data
 
 
-def validate_config(data, path, required=CONFIG_REQUIRED):
-    """A Config from the file's dict: each problem is one UsageError line."""
+def closest_key(key, known):
+    """The known key a mistyped one most likely meant, or None."""
+    found = difflib.get_close_matches(key.strip().lower(), known, n=1, cutoff=0.6)
+    return found[0] if found else None
+
+
+def validate_config(data, path, required=CONFIG_REQUIRED, output_base=None):
+    """A Config from the file's dict: each problem is one UsageError line.
+
+    A relative output_dir is relative to the config file's folder (output_base
+    overrides: --output-dir is relative to the working directory)."""
+    path = os.path.abspath(path)
+    known = list(CONFIG_REQUIRED) + list(CONFIG_OPTIONAL)
+    for key in data:
+        if key not in known:
+            near = closest_key(key, known)
+            raise UsageError("config file %s: unknown key %r%s" % (
+                path, key, " (did you mean %r?)" % near if near else " (known keys: %s)" % ", ".join(known)))
     values = {}
     for key in required:
         if key not in data or data[key] in ("", None):
@@ -3497,14 +4512,12 @@ def validate_config(data, path, required=CONFIG_REQUIRED):
         if isinstance(value, bool) or not isinstance(value, kind):
             raise UsageError("config file %s: %s must be %s" % (
                 path, key, "a string" if kind is str else "a number"))
-        if kind is not str and value <= 0:
-            raise UsageError("config file %s: %s must be greater than 0" % (path, key))
+        if kind is not str and (value < 0 if key in CONFIG_ZERO_OK else value <= 0):
+            raise UsageError("config file %s: %s must be %s" % (
+                path, key, "0 or more" if key in CONFIG_ZERO_OK else "greater than 0"))
         if key in CONFIG_MAXIMUM and value > CONFIG_MAXIMUM[key]:
             raise UsageError("config file %s: %s must be at most %d" % (path, key, CONFIG_MAXIMUM[key]))
         values[key] = value.strip() if isinstance(value, str) else value
-    for key in data:
-        if key not in CONFIG_REQUIRED and key not in CONFIG_OPTIONAL:
-            log.warning("config file %s: unknown key %r ignored (a typo?)", path, key)
     values["api_base"] = values["api_base"] or DEFAULT_API_BASE
     parts = urllib.parse.urlsplit(values["api_base"])
     if parts.scheme not in ("http", "https") or not parts.hostname:
@@ -3513,13 +4526,15 @@ def validate_config(data, path, required=CONFIG_REQUIRED):
         raise UsageError("config file %s: api_base uses plain http:// on %s; only https is allowed "
                          "(credentials must not cross a network in clear)" % (path, parts.hostname))
     if values["output_dir"]:
-        values["output_dir"] = os.path.abspath(os.path.expanduser(values["output_dir"]))
+        base = output_base if output_base is not None else os.path.dirname(path)
+        values["output_dir"] = os.path.abspath(os.path.join(base, os.path.expanduser(values["output_dir"])))
         if os.path.exists(values["output_dir"]) and not os.path.isdir(values["output_dir"]):
             raise UsageError("output_dir %s is not a folder" % values["output_dir"])
     return Config(**values)
 
 
 def warn_if_readable(path):
+    """A config readable by other users: a warning a person must see, even with --quiet."""
     if os.name != "posix":
         return
     try:
@@ -3527,8 +4542,9 @@ def warn_if_readable(path):
     except OSError:
         return
     if mode & (stat.S_IRWXG | stat.S_IRWXO):
-        log.warning("%s can be read by other users; it holds your SmugMug secrets "
-                    "(chmod 600 %s)", path, path)
+        path = os.path.abspath(path)
+        log.log(NOTICE, "Warning: %s can be read by other users; it holds your SmugMug secrets "
+                        "(chmod 600 %s)", path, path)
 
 
 class RedactingFilter(logging.Filter):
@@ -3555,48 +4571,80 @@ class RedactingFilter(logging.Filter):
 
 
 class ConsoleHandler(logging.StreamHandler):
-    """Log lines on stderr that clear the status line first."""
+    """Log lines on stderr that clear the status line first. The per-album lines stay off
+    the terminal while the status line shows the progress (they go to the log file)."""
 
-    def __init__(self, status):
+    def __init__(self, status, verbose=False):
         super().__init__(sys.stderr)
         self.status = status
+        self.verbose = verbose
 
     def emit(self, record):
+        if getattr(record, "album", False) and self.status.enabled and not self.verbose:
+            return
         with self.status.lock:
             self.status.clear()
             super().emit(record)
 
 
 class ConsoleFormatter(logging.Formatter):
+    """'Error: ' or 'Warning: ' before the message (after the thread's name with --verbose)."""
+
+    def __init__(self, verbose):
+        super().__init__("%(message)s")
+        self.verbose = verbose
+
     def format(self, record):
         message = super().format(record)
-        if record.levelno >= logging.ERROR:
-            return "Error: " + message
-        if record.levelno >= logging.WARNING:
-            return "Warning: " + message
-        return message
+        if record.levelno == logging.ERROR or record.levelno == logging.CRITICAL:
+            message = "Error: " + message
+        elif record.levelno == logging.WARNING:
+            message = "Warning: " + message
+        return "[%s] %s" % (record.threadName, message) if self.verbose else message
+
+
+class LogFileHandler(logging.FileHandler):
+    """The --log-file: a write that fails (a full disk) is said once on stderr, in one line, and
+    the log file is dropped for the rest of the run: never a traceback per line."""
+
+    def handleError(self, record):
+        error = sys.exc_info()[1]
+        log.removeHandler(self)
+        try:
+            sys.stderr.write("Warning: cannot write to the log file %s (%s); the rest of this run is not "
+                             "logged there\n" % (self.baseFilename, getattr(error, "strerror", None) or error))
+            sys.stderr.flush()
+        except (OSError, ValueError):
+            pass
+        try:
+            self.close()
+        except (OSError, ValueError):
+            pass
 
 
 def setup_logging(args, status, secrets=()):
     """Configure our logger only (called from main); the libraries stay quiet."""
     for handler in list(log.handlers):
         log.removeHandler(handler)
-        handler.close()
+        try:
+            handler.close()
+        except (OSError, ValueError):
+            pass
     log.setLevel(logging.DEBUG)
     log.propagate = False
     redact = RedactingFilter(secrets)
-    console = ConsoleHandler(status)
-    # --quiet (cron): only what needs a person, i.e. errors; warnings go to the log file.
+    console = ConsoleHandler(status, args.verbose)
+    # --quiet (cron): only what needs a person (errors, and NOTICE: a summary of trouble, a
+    # world-readable config); warnings go to the log file.
     console.setLevel(logging.ERROR if args.quiet else logging.DEBUG if args.verbose else logging.INFO)
-    fmt = "[%(threadName)s] %(message)s" if args.verbose else "%(message)s"
-    console.setFormatter(ConsoleFormatter(fmt))
+    console.setFormatter(ConsoleFormatter(args.verbose))
     console.addFilter(redact)
     log.addHandler(console)
     if args.log_file:
         try:
-            handler = logging.FileHandler(os.path.expanduser(args.log_file), encoding="utf-8")
+            handler = LogFileHandler(os.path.expanduser(args.log_file), encoding="utf-8")
         except OSError as exc:
-            raise UsageError("cannot open log file %s: %s" % (args.log_file, exc.strerror or exc))
+            raise UsageError("cannot open log file %s: %s" % (os.path.abspath(args.log_file), exc.strerror or exc))
         handler.setLevel(logging.DEBUG if args.verbose else logging.INFO)
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s [%(threadName)s] %(message)s"))
         handler.addFilter(redact)
@@ -3680,66 +4728,6 @@ def create_config(path):
     return data
 
 
-def print_summary(summary, options, interrupted=False, stopped=""):
-    """The end of a run, in the log (the log file always ends with it); failures as errors.
-
-    Under --quiet only the errors reach the terminal, so cron mails only on trouble."""
-    failed = len(summary.failed)
-    done = summary.backed_up + summary.unchanged
-    not_attempted = max(0, summary.albums_found - done - failed)
-    plural = lambda n: "" if n == 1 else "s"
-    if interrupted or stopped or summary.write_error:
-        log.info("%s after %s: %d album%s done, %d failed, %d not attempted%s.",
-                 "Interrupted" if interrupted else "Stopped", human_seconds(summary.seconds), done, plural(done),
-                 failed, not_attempted, " (%s)" % (stopped or summary.write_error) if not interrupted else "")
-    else:
-        log.info("Done in %s: %d album%s backed up (%d part%s, %s), %d unchanged%s.",
-                 human_seconds(summary.seconds), summary.backed_up, plural(summary.backed_up), summary.parts,
-                 plural(summary.parts), human_bytes(summary.bytes), summary.unchanged,
-                 ", %d moved" % summary.moved if summary.moved else "")
-    if summary.files_checked or summary.files_fetched or summary.by_file:
-        log.info("%d file%s checked against SmugMug's listing, %d fetched on their own, %d album%s saved "
-                 "file by file%s.", summary.files_checked, plural(summary.files_checked), summary.files_fetched,
-                 len(summary.by_file), plural(len(summary.by_file)),
-                 (": " + ", ".join(summary.by_file[:5]) + (" ..." if len(summary.by_file) > 5 else ""))
-                 if summary.by_file else "")
-    for path, files in sorted(summary.missing.items()):
-        log.info("%s: %d file%s not saved:", path, len(files), plural(len(files)))
-        for name, why in files[:20]:
-            log.info("  %s: %s", name, why)
-        if len(files) > 20:
-            log.info("  ... and %d more (see its metadata.json)", len(files) - 20)
-    if summary.emptied:
-        log.info("%d album%s empty on SmugMug now (local files kept): %s", len(summary.emptied),
-                 plural(len(summary.emptied)), ", ".join(summary.emptied))
-    if summary.gone:
-        log.info("%d album%s gone from SmugMug (local files kept):", len(summary.gone), plural(len(summary.gone)))
-        for path in summary.gone:
-            log.info("  %s", path)
-    if summary.failed:
-        log.error("%d album%s failed:", failed, plural(failed))
-        for path, reason in sorted(summary.failed.items()):
-            log.error("  %s: %s", path, reason)
-    if options.quiet and (failed or summary.write_error or interrupted or stopped):
-        what = ("interrupted" if interrupted else "stopped: %s" % (stopped or summary.write_error)
-                if stopped or summary.write_error else "%d album%s failed" % (failed, plural(failed)))
-        log.error("smugmug_download: %s (%d backed up, %d unchanged, %d not attempted)", what,
-                  summary.backed_up, summary.unchanged, not_attempted)
-
-
-def print_dry_run_totals(orchestrator, options):
-    """The size of the job a real run would do: albums (and the images they hold) by status."""
-    counts = orchestrator.dry_counts
-    counts["gone"][0] = len(orchestrator.summary.gone)
-    shown = [s for s in ("new", "changed", "recheck", "unchanged", "moved", "gone", "skipped")
-             if counts[s][0] or s not in ("recheck",)]
-    work = sum(counts[s][1] for s in ("new", "changed", "recheck"))
-    options.print_line("total: %s; %d image%s in the albums to back up" % (
-        ", ".join("%d %s" % (counts[s][0], s) + (" (%d image%s)" % (counts[s][1], "" if counts[s][1] == 1 else "s")
-                                                  if counts[s][1] else "")
-                  for s in shown), work, "" if work == 1 else "s"))
-
-
 def run(config, options, status):
     """A backup (or dry run) of the account: the exit code."""
     stop = threading.Event()
@@ -3752,43 +4740,35 @@ def run(config, options, status):
         except OSError as exc:
             raise UsageError("cannot create output_dir %s: %s" % (config.output_dir, exc.strerror or exc))
         lock = RunLock(config.output_dir).acquire()
-    orchestrator = None
     try:
         state.load()
-        nickname, root = find_root(client, config)
-        log.info("%s account %s into %s", "Checking" if options.dry_run else "Backing up",
-                 nickname, config.output_dir)
-        orchestrator = Orchestrator(client, config, options, state, status)
-        stopped = ""
+        store = Store(config.output_dir, run_stamp(), state)
+        if not options.dry_run:
+            store.recover()
+        reporter = Reporter(options, status, Meter())
+        orchestrator = Orchestrator(client, config, options, state, store, reporter)
         try:
-            summary = orchestrator.run(root)
-        except (KeyboardInterrupt, Interrupted):
+            summary = orchestrator.run()
+        except (KeyboardInterrupt, Interrupted, AuthError) as exc:
+            if isinstance(exc, AuthError) and orchestrator.nickname is None:
+                orchestrator.shutdown(wait=False)
+                raise                           # at the first call: one line, no summary
             stop.set()
             orchestrator.shutdown(wait=False)
             status.clear()
             orchestrator.walk_complete = False
             orchestrator.finish()
-            save_state(state, orchestrator.summary)
-            print_summary(orchestrator.summary, options, interrupted=True)
+            summary = orchestrator.summary
+            save_state(state, summary)
+            if isinstance(exc, AuthError):       # mid-run: the error, then the summary (the log ends with it)
+                log.error("%s", auth_message(exc, options.config_path))
+                summary.write_error = "SmugMug rejected the credentials"
+                print_summary(summary, options)
+                return EXIT_USAGE
+            summary.interrupted = True
+            print_summary(summary, options)
             return EXIT_INTERRUPTED
-        except AuthError as exc:           # mid-run: the error, then the summary (the log ends with it)
-            stop.set()
-            orchestrator.shutdown(wait=False)
-            status.clear()
-            orchestrator.walk_complete = False
-            orchestrator.finish()
-            save_state(state, orchestrator.summary)
-            log.error("%s", auth_message(exc))
-            print_summary(orchestrator.summary, options, stopped="SmugMug rejected the credentials")
-            return EXIT_USAGE
-        except Unreachable as exc:
-            stop.set()
-            orchestrator.shutdown(wait=False)
-            orchestrator.walk_complete = False
-            orchestrator.finish()
-            summary, stopped = orchestrator.summary, str(exc)
-        else:
-            orchestrator.shutdown(wait=True)
+        orchestrator.shutdown(wait=not stop.is_set())
         save_state(state, summary)
         unmatched = [p for p in options.includes if p not in orchestrator.include_hits]
         no_match = unmatched and orchestrator.walk_complete and no_match_message(
@@ -3797,14 +4777,12 @@ def run(config, options, status):
             raise UsageError(no_match)
         status.clear()
         if options.dry_run:
-            for path in summary.gone:
-                options.print_line("%-9s %s" % ("gone", path))
-            print_dry_run_totals(orchestrator, options)
+            print_dry_run(orchestrator, options)
         else:
-            print_summary(summary, options, stopped=stopped)
+            print_summary(summary, options)
         if no_match:                # the other patterns' albums are done: still a usage error
             raise UsageError(no_match)
-        return EXIT_ALBUMS_FAILED if (summary.failed or summary.write_error or stopped) else EXIT_OK
+        return EXIT_ALBUMS_FAILED if (summary.failed or summary.write_error) else EXIT_OK
     except NotFound as exc:
         raise UsageError("SmugMug user %r not found: %s" % (config.smugmug_user, exc))
     except ApiError as exc:
@@ -3926,7 +4904,11 @@ def verify(config, options, status):
     """--verify: prove the backup against its manifests without asking SmugMug; the exit code."""
     if not os.path.isdir(config.output_dir):
         raise UsageError("output_dir %s does not exist: nothing to verify" % config.output_dir)
-    lock = RunLock(config.output_dir).acquire()
+    writable = os.access(config.output_dir, os.W_OK)
+    lock = RunLock(config.output_dir).acquire() if writable else None
+    if not writable:        # read-only media (a USB disk, a snapshot): verify, and write nothing
+        log.warning("%s cannot be written (read-only): verifying without a lock, and damaged albums are "
+                    "not marked for the next run", config.output_dir)
     state = BackupState(config.output_dir, read_only=True)     # a bad state file is named, not set aside
     stop = threading.Event()
     pool = concurrent.futures.ThreadPoolExecutor(max(1, config.workers), "verify")
@@ -3937,7 +4919,7 @@ def verify(config, options, status):
                                % (state.snapshot_path, state.unreadable))
             log.error("smugmug_download --verify: the backup state is %s", state.unreadable)
             return EXIT_ALBUMS_FAILED
-        state.read_only = False
+        state.read_only = not writable
         bad_records = sorted(key for key, raw in state.set_aside.items()
                              if not isinstance(raw, dict) or not isinstance(raw.get("path"), str)
                              or is_selected(raw["path"], options.includes, options.excludes))
@@ -4017,11 +4999,22 @@ def verify(config, options, status):
         stop.set()
         pool.shutdown(wait=True, cancel_futures=True)
         state.close()
-        lock.release()
+        if lock:
+            lock.release()
 
 
-def auth_message(exc):
-    return "SmugMug rejected the credentials: %s. Run --authorize or check config.json" % exc
+def auth_message(exc, config_path):
+    """SmugMug's own words for a 401, and what to do about the common ones."""
+    words = str(exc).strip().rstrip(".") or "HTTP 401"
+    lowered = words.lower()
+    if "v2" in lowered or "terms" in lowered:
+        todo = ("accept the API terms for your key on SmugMug's developer page "
+                "(https://api.smugmug.com/api/developer/accept), then run again")
+    elif any(w in lowered for w in ("token", "expired", "revoked", "invalid", "signature", "permission")):
+        todo = "run --authorize again (config file %s)" % config_path
+    else:
+        todo = "check app_key and app_key_secret in %s, or run --authorize again" % config_path
+    return "SmugMug rejected the credentials: %s. To fix: %s" % (words, todo)
 
 
 def raise_interrupt(signum, frame):
@@ -4034,9 +5027,12 @@ def main(argv=None):
     args = parser.parse_args(argv)
     check_args(parser, args)
     status = StatusLine(sys.stderr, enabled=sys.stderr.isatty() and not args.quiet and not args.dry_run)
-    previous = None
+    previous = {}
     if threading.current_thread() is threading.main_thread():
-        previous = signal.signal(signal.SIGTERM, raise_interrupt)
+        previous[signal.SIGTERM] = signal.signal(signal.SIGTERM, raise_interrupt)
+        if status.enabled and hasattr(signal, "SIGWINCH"):
+            previous[signal.SIGWINCH] = signal.signal(signal.SIGWINCH, status.resize)
+    config_path = os.path.abspath(args.config)
     try:
         redact = setup_logging(args, status)
         if args.authorize:
@@ -4048,13 +5044,13 @@ def main(argv=None):
             authorize(args.config, data)
             return EXIT_OK
         data = read_config_file(args.config)
-        if args.output_dir:
-            data = dict(data, output_dir=args.output_dir)
-        if args.workers:
-            data = dict(data, workers=args.workers)
-        if args.max_preparing:
-            data = dict(data, max_preparing=args.max_preparing)
-        config = validate_config(data, args.config)
+        for key in ("workers", "max_preparing", "keep_versions_days", "unreachable_minutes"):
+            if getattr(args, key) is not None:
+                data = dict(data, **{key: getattr(args, key)})
+        output_base = None
+        if args.output_dir:            # on the command line: relative to the working directory
+            data, output_base = dict(data, output_dir=args.output_dir), os.getcwd()
+        config = validate_config(data, args.config, output_base=output_base)
         update_secrets(redact, config)
         warn_if_readable(args.config)
         if args.verify:
@@ -4066,11 +5062,7 @@ def main(argv=None):
         return EXIT_USAGE
     except AuthError as exc:
         status.clear()
-        log.error("%s", auth_message(exc))
-        return EXIT_USAGE
-    except Unreachable as exc:
-        status.clear()
-        log.error("%s", exc)
+        log.error("%s", auth_message(exc, config_path))
         return EXIT_USAGE
     except LockedError as exc:
         log.error("%s", exc)
@@ -4083,9 +5075,15 @@ def main(argv=None):
         status.clear()
         log.error("interrupted")
         return EXIT_INTERRUPTED
+    except Exception as exc:           # the last resort: one line, never a traceback
+        status.clear()
+        log.debug("internal error", exc_info=True)
+        log.error("internal error: %s: %s (please report it; --verbose shows where)", type(exc).__name__,
+                  redact_urls(exc))
+        return EXIT_ALBUMS_FAILED
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 if __name__ == "__main__":

@@ -532,7 +532,8 @@ class FakeSmugMug:
         self.honor_range = True
         self.wrong_offset_once = False
         self.fail_every = 0             # every k-th API call gets a 5xx (HTML body on odd ones)
-        self.garbage_every = 0          # every k-th API call gets a 200 with a non-JSON body
+        self.garbage_every = 0          # every k-th API call gets a 200 with a non-JSON body (a POST is
+                                        # still carried out: an archive requested is made)
         self.throttle_calls = set()     # API call numbers answered 429 (opens a window)
         self.throttle_status = 429      # or 503: "busy", with the same Retry-After window
         self.retry_after = 1            # seconds, or a string (HTTP date)
@@ -1491,6 +1492,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                                  content_type="text/html")
             return self.send_error_json(status, "Server Error")
         if fake.garbage_every and number % fake.garbage_every == 0:
+            if method == "POST":            # the request was carried out; only its answer is garbled
+                self.route(method, path, query)
             self.record(method, path, query, 200, kind)
             return self.send(200, "<html>SmugMug API browser</html>", content_type="text/html")
         start = int(query.get("start", "1") or 1)

@@ -4,7 +4,7 @@ import datetime
 import os
 
 import smugmug_download as sd
-from conftest import expected_tree, sample_expected, tree
+from conftest import SAMPLE_PATHS, expected_tree, sample_expected, tree
 
 
 def test_full_backup_mirrors_the_account(sample, run):
@@ -135,17 +135,35 @@ def test_new_albums_stop_looking_first_when_it_never_pays(fake, run):
     assert looked_first == sd.LOOK_FIRST_PROBES
 
 
-def test_download_refused_album_fails_alone(sample, run):
-    """403 on POST: that album is reported as 'downloads not allowed', the rest is backed up, exit 1."""
+def test_a_refused_archive_request_saves_the_album_file_by_file(sample, run):
+    """403 on POST !download (a token without Add permission, or an album whose archives SmugMug
+    refuses): reading needs only Read, so the album is saved file by file (its originals),
+    the rest from archives; exit 0, and the request is not retried."""
     key = sample.keys["bbq"]
     sample.albums[key].allow_downloads = False
     code, _, err = run()
-    assert code == sd.EXIT_ALBUMS_FAILED
-    assert "Family/2019/Summer/BBQ: downloads not allowed: Downloads are not allowed for this album" in err
+    assert code == sd.EXIT_OK, err
+    assert "Family/2019/Summer/BBQ: SmugMug would not prepare an archive" in err
+    assert "saving it file by file" in err
     assert len([e for e in sample.calls("post") if key in e["path"]]) == 1     # not retried
     expected = sample_expected(sample)
     del expected["Family/2019/Summer/BBQ/%s.zip" % key]
+    image = sample.albums[key].images[0]
+    expected["Family/2019/Summer/BBQ/" + image.file_name] = sample.original_bytes(image.key)
     assert tree(run.out) == expected
+
+
+def test_a_token_without_add_permission_backs_up_everything_file_by_file(sample, run):
+    """Defect 8: every POST answered 403 (the token lacks Add): every album is saved file by
+    file, byte for byte the originals, exit 0."""
+    sample.post_forbidden = True
+    code, _, err = run()
+    assert code == sd.EXIT_OK, err
+    got = tree(run.out)
+    for name, rel in SAMPLE_PATHS.items():
+        for image in sample.albums[sample.keys[name]].images:
+            assert got[rel + "/" + image.file_name] == sample.original_bytes(image.key)
+    assert "14 albums saved file by file" in err
 
 
 def test_named_user_and_authuser(sample, run):
@@ -162,16 +180,16 @@ def test_bad_credentials_exit_2(sample, run):
     """A wrong secret: the server answers 401, the run stops with one line and exit 2."""
     code, _, err = run(access_key_secret="wrong-secret-value")
     assert code == sd.EXIT_USAGE
-    assert err.strip().splitlines()[-1].startswith(
-        "Error: SmugMug rejected the credentials: oauth_problem=signature_invalid. Run --authorize")
+    assert err.strip() == ("Error: SmugMug rejected the credentials: oauth_problem=signature_invalid. To fix: "
+                           "run --authorize again (config file %s)" % run.config_path)
     assert "Traceback" not in err
 
 
 def test_no_look_at_archives_while_downloads_are_stocked(fake, run, monkeypatch):
-    """While the download queue holds more work than LOOK_HOLD seconds of the link, archives in
+    """While the downloads queued hold more work than LOOK_STOCK seconds of the link, archives in
     preparation are not looked at (each look is an API call); the looks resume, and the album
     is backed up, once the queue runs low."""
-    monkeypatch.setattr(sd, "LOOK_HOLD", 0.2)
+    monkeypatch.setattr(sd, "LOOK_STOCK", 0.2)
     fake.bandwidth = 10_000                                  # each 10 KB archive takes a second
     fake.prep_seconds = 0.01
     stocked = [fake.add_album("A%d" % i, sizes=(10_000,)) for i in range(5)]

@@ -112,8 +112,10 @@ def test_dry_run_writes_nothing_and_posts_nothing(sample, run):
     posts = len(sample.calls("post"))
     code, out, err = run("--dry-run")
     assert code == 0
-    assert "changed   Family/2019/Summer/BBQ" in out.splitlines()
+    assert "changed   Family/2019/Summer/BBQ (2 old files to versions)" in out.splitlines()
     assert "unchanged Family/Big Trip" in out.splitlines()
+    albums = [line[10:].split(" (")[0] for line in out.splitlines()[:-1]]
+    assert albums == sorted(albums)                      # path order: nightly dry runs compare
     assert len(sample.calls("post")) == posts and tree(run.out) == before
     sample.rename(sample.albums[sample.keys["travel1"]].node_id, "Trip One")
     sample.remove_node(sample.albums[sample.keys["travel2"]].node_id)
@@ -123,7 +125,7 @@ def test_dry_run_writes_nothing_and_posts_nothing(sample, run):
     sample.rename(sample.albums[sample.keys["travel3"]].node_id, "Trip Three")
     sample.touch(sample.keys["travel3"])
     code, out, err = run("--dry-run")
-    assert "changed   Travel/Trip Three (moved from Travel/Trip 03)" in out.splitlines()
+    assert "changed   Travel/Trip Three (moved from Travel/Trip 03; 2 old files to versions)" in out.splitlines()
     assert tree(run.out) == before
 
 
@@ -157,7 +159,7 @@ def test_status_line_on_a_terminal_only(sample, tmp_path):
     os.close(slave)
     shown = read_pty(proc, master)
     assert proc.returncode == 0
-    assert "\rablums" not in shown and "\ralbums: " in shown
+    assert re.search(r"\r\d+ of \d+ albums \| ", shown)
     assert "waiting for" in shown and "archives to be prepared" in shown
     assert "backed up Family/Big Trip" not in shown        # per-album lines only off a terminal
     config2 = write_config(tmp_path / "config2.json", sample.config(tmp_path / "out2"))
@@ -170,8 +172,11 @@ def test_help_version_and_flag_checks(capsys):
     """--help groups options with examples; --version; bad combinations are usage errors (exit 2)."""
     proc = subprocess.run([sys.executable, SCRIPT, "--help"], capture_output=True, text=True)
     assert proc.returncode == 0
-    for word in ("set-up", "examples:", "--include 'Family/2019/*'", "exit codes", "0 3 * * *"):
+    for word in ("set-up", "examples", "--include 'Family/2019/*'", "exit codes", "0 3 * * *",
+                 ".venv/bin/python smugmug_download.py --authorize", "--keep-versions-days", "--unreachable-minutes"):
         assert word in proc.stdout
+    epilog = proc.stdout[proc.stdout.index("examples"):]
+    assert max(len(line) for line in epilog.splitlines()) <= 80
     proc = subprocess.run([sys.executable, SCRIPT, "--version"], capture_output=True, text=True)
     assert proc.stdout.strip() == "smugmug_download.py %s" % sd.__version__
     for args, words in ((["--quiet", "--verbose"], "--quiet and --verbose"), (["--bogus"], "--bogus"),
@@ -190,33 +195,29 @@ def test_never_prompts_without_a_terminal(sample, tmp_path):
     assert out == b""
 
 
-def test_status_line_shows_window_rate_eta_and_resumed_parts(fake, tmp_path):
-    """On a terminal the status line shows the preparation window, bytes done of bytes known, the
-    recent rate, an ETA once it means something, and that a .part was resumed."""
+def test_status_line_at_80_columns_shows_rate_and_time_left(fake, tmp_path):
+    """At 80 columns the status line says albums done of found, bytes done of the known total,
+    the recent rate and the time left, and never runs past the terminal's width."""
     import fcntl
     import struct
     import termios
     key = fake.add_album("Large", sizes=(1_500_000,))
-    fake.bandwidth = 400_000
+    fake.add_album("Small", sizes=(2000,))
+    fake.bandwidth = 500_000
     out = tmp_path / "out"
     config = write_config(tmp_path / "config.json", fake.config(out))
-    proc = spawn(config)
-    partial = out / "Large" / ("%s.zip.part" % key)
-    deadline = time.monotonic() + 20
-    while not (partial.exists() and partial.stat().st_size >= 200_000) and time.monotonic() < deadline:
-        time.sleep(0.02)
-    proc.kill()
-    proc.wait()
     master, slave = pty.openpty()
-    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 200, 0, 0))
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 80, 0, 0))
     proc = spawn(config, stderr=slave)
     os.close(slave)
     shown = read_pty(proc, master)
     assert proc.returncode == 0, shown
-    drawn = [piece.split("\x1b[K")[0] for piece in shown.split("\r") if piece.startswith("albums: ")]
-    assert any("window" in d for d in drawn)
-    assert any(re.search(r"[\d.]+ [KM]B of 1\.5 MB at [\d.]+ [KM]B/s, ETA \d+ s", d) for d in drawn), drawn[-5:]
-    assert any("1 resumed" in d for d in drawn)
+    drawn = [piece.split("\x1b[K")[0] for piece in shown.split("\r") if "\x1b[K" in piece]
+    drawn = [d for d in drawn if d]
+    assert drawn and max(len(d) for d in drawn) <= 79, [d for d in drawn if len(d) > 79]
+    pattern = (r"^\d of 2 albums \| [\d.]+ [KM]?B of 1\.5 MB \| [\d.]+ [KM]B/s \| "
+               r"(less than a minute|about \d+ min) left$")
+    assert any(re.match(pattern, d) for d in drawn), drawn[-8:]
     assert tree(out)["Large/%s.zip" % key] == fake.expected_parts(key)["%s.zip" % key]
 
 

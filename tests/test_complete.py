@@ -33,7 +33,7 @@ def test_rich_account_manifests_and_bytes(fake, run):
         for entry, image in zip(doc["files"], listed):
             assert entry["FileName"] == image.file_name
             assert entry["ArchivedUri"] == fake.original_url(image)
-            assert ("Uris" in entry) == image.is_video
+            assert "LargestImage" in entry["Uris"] and ("LargestVideo" in entry["Uris"]) == image.is_video
             assert entry.get("Caption", "") == image.caption and entry.get("Title", "") == image.title
             data = located_bytes(folder, entry)
             assert hashlib.md5(data).hexdigest() == hashlib.md5(fake.expected_files(key)[image.key]).hexdigest()

@@ -26,7 +26,9 @@ def test_every_fault_at_once_still_gives_identical_tree(sample, run):
     sample.removed_once = {keys["xmas"]: "before", keys["big"]: "during"}
     code, _, err = run()
     assert code == sd.EXIT_OK, err
-    assert tree(run.out) == sample_expected(sample)
+    got, expected = tree(run.out), sample_expected(sample)
+    assert got.keys() == expected.keys(), err
+    assert got == expected
     statuses = {e["status"] for e in sample.log}
     assert {429, 500, 502, 503}.issubset(statuses) or {429, 500, 502}.issubset(statuses)
     assert "Traceback" not in err
@@ -124,12 +126,13 @@ def test_revoked_token_stops_the_run(sample, run, tmp_path):
     code, out, err = run("--quiet", "--log-file", str(log_file))
     assert code == sd.EXIT_USAGE
     lines = err.strip().splitlines()
-    assert lines.count("Error: SmugMug rejected the credentials: oauth_problem=token_rejected. "
-                       "Run --authorize or check config.json") == 1
+    assert lines.count("Error: SmugMug rejected the credentials: oauth_problem=token_rejected. To fix: "
+                       "run --authorize again (config file %s)" % run.config_path) == 1
     assert "Traceback" not in err
     logged = log_file.read_text().strip().splitlines()
-    assert "Stopped after" in logged[-2] and "(SmugMug rejected the credentials)" in logged[-2]
-    assert "smugmug_download: stopped: SmugMug rejected the credentials (" in logged[-1]
+    summary = [i for i, line in enumerate(logged) if "Stopped after" in line]
+    assert summary and "(SmugMug rejected the credentials)." in logged[summary[0]]
+    assert all(" INFO " in line or " NOTICE " in line for line in logged[summary[0]:])   # the log ends with it
 
 
 def test_missing_folder_404_warns_and_goes_on(sample, run):
@@ -253,15 +256,20 @@ def test_config_value_errors(fake, tmp_path, capsys, change, expected):
     assert fake.log == []
 
 
-def test_unknown_config_key_warns(sample, run):
-    """An unknown key is probably a typo: warn, go on."""
+def test_unknown_config_key_is_an_error_naming_the_closest(sample, run, capsys):
+    """An unknown key is a mistake, even with --quiet: exit 2, one line naming it and the key it
+    most likely meant; nothing is contacted."""
+    code, _, err = run("--quiet", worker=8)
+    assert code == sd.EXIT_USAGE
+    assert err == "Error: config file %s: unknown key 'worker' (did you mean 'workers'?)\n" % run.config_path
     code, _, err = run(outptu_dir="x")
-    assert code == 0
-    assert "unknown key 'outptu_dir'" in err
+    assert code == sd.EXIT_USAGE and "unknown key 'outptu_dir' (did you mean 'output_dir'?)" in err
+    assert sample.log == []
 
 
-def test_unreachable_api_is_one_line(tmp_path, capsys):
-    """A server that refuses connections: one clear line, exit 2, no traceback."""
+def test_unreachable_api_at_the_start_waits_then_stops(tmp_path, capsys):
+    """A server that refuses connections from the start: the run waits for it (unreachable_minutes),
+    then stops with one stopped summary naming the reason, exit 1 (an outage is no config error)."""
     import socket
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
@@ -269,29 +277,33 @@ def test_unreachable_api_is_one_line(tmp_path, capsys):
     sock.close()
     data = {"app_key": "k1234", "app_key_secret": "s1234", "access_key": "a1234",
             "access_key_secret": "b1234", "output_dir": str(tmp_path / "o"),
-            "api_base": "http://127.0.0.1:%d" % port}
+            "api_base": "http://127.0.0.1:%d" % port, "unreachable_minutes": 0.02}
     path = write_config(tmp_path / "config.json", data)
-    code = sd.main(["--config", path])
+    started = time.monotonic()
+    code = sd.main(["--config", path, "--quiet"])
     err = capsys.readouterr().err
-    assert code == sd.EXIT_USAGE
-    assert err.startswith("Error: could not reach the account: cannot connect") and err.count("\n") == 1
+    assert code == sd.EXIT_ALBUMS_FAILED, err
+    assert 1.0 < time.monotonic() - started < 10
+    assert re.fullmatch(r"Error: stopping new downloads: SmugMug unreachable since \d\d:\d\d:\d\d: connection "
+                        r"refused by 127\.0\.0\.1:\d+\n"
+                        r"Stopped after \d+ s: 0 albums backed up, 0 unchanged, 0 failed, 0 not attempted \(SmugMug "
+                        r"unreachable since \d\d:\d\d:\d\d: connection refused by 127\.0\.0\.1:\d+\)\.\n", err), err
 
 
 def test_server_gone_mid_run_stops_early_and_says_so(sample, run, monkeypatch):
     """SmugMug goes away mid-run: once every call has failed for the window the run stops with
     "SmugMug unreachable since HH:MM:SS", says Stopped with albums done / failed / not attempted,
     and exits 1 with no traceback; a later run completes the backup."""
-    monkeypatch.setattr(sd, "UNREACHABLE_SECONDS", 1.0)
     sample.prep_seconds = 5.0
     vanish = threading.Timer(1.0, sample.vanish)
     vanish.start()
     started = time.monotonic()
-    code, _, err = run()
+    code, _, err = run(unreachable_minutes=0.02)
     vanish.join()
     assert code == sd.EXIT_ALBUMS_FAILED, err
     assert time.monotonic() - started < 30
     assert re.search(r"SmugMug unreachable since \d\d:\d\d:\d\d", err)
-    assert re.search(r"Stopped after .*: \d+ albums? done, \d+ failed, \d+ not attempted", err), err
+    assert re.search(r"Stopped after .*: \d+ albums? backed up, \d+ unchanged, \d+ failed, \d+ not attempted", err), err
     assert "Traceback" not in err and "urllib3" not in err and "HTTPConnectionPool" not in err
     sample.start()
     for archives in sample.archives.values():

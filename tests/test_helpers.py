@@ -295,23 +295,49 @@ def test_prep_window_grows_holds_halves():
     assert small.limit <= 3 and all(small.adjust(4, 0, False, True) <= 3 for _ in range(5))
 
 
-def test_poll_pacer_scouts_then_learns():
-    """Before anything is known a few scouts are looked at after poll_seconds and the others
-    wait; once archives were ready, no look comes before the typical preparation time, and
-    later looks after half the time waited, within the bounds."""
-    pacer = sd.PollPacer(2.0, 30.0)
-    firsts = [pacer.first_delay() for _ in range(sd.PACER_SCOUTS + 3)]
-    assert firsts == [2.0] * sd.PACER_SCOUTS + [None] * 3
-    pacer.observe(11)
-    assert pacer.typical() == 11 and pacer.first_delay() == 11
-    for seconds in (20, 24, 26, 30):
-        pacer.observe(seconds)
-    assert pacer.first_delay() == 24
-    assert pacer.next_delay(10) == 14                   # not before the typical 24 s
-    assert pacer.next_delay(30) == 15
-    assert pacer.next_delay(1000) == 30.0
-    fresh = sd.PollPacer(2.0, 30.0)
-    assert fresh.next_delay(0.5) == 1.0
+def test_look_planner_scouts_then_looks_as_the_link_needs():
+    """Before any archive is ready, scout looks go out at waits growing by SCOUT_GROWTH (never
+    before poll_seconds); once archives are found ready, looks follow the link's need at the
+    recent success rate, albums never looked at first, and an album is not looked at again
+    before its wait has grown by LOOK_GAP (LOOK_GAP_LAST for the last few)."""
+    planner = sd.LookPlanner(1.0, 30.0)
+    runs = ["album %d" % i for i in range(40)]
+    for run in runs:
+        planner.add(run, 0.0)
+    assert planner.plan(0.5, need=4, limit=4) == []                 # before poll_seconds
+    first = planner.plan(1.0, need=4, limit=4)
+    assert len(first) == 1
+    planner.seen(first[0], False, 1.0)
+    assert planner.plan(1.1, need=4, limit=4) == []                 # the next scouts wait for 1.2 s
+    scouts = planner.plan(1.2, need=4, limit=4)
+    assert len(scouts) == 1 and scouts != first                     # a fresh album
+    planner.seen(scouts[0], False, 1.2)
+    many = planner.plan(20.0, need=4, limit=4)                      # long waits: a few scouts at once
+    assert len(many) == int(20.0 * sd.SCOUT_SHARE * 40)
+    planner.seen(many[0], True, 20.0)                               # found: the run has learned something
+    for run in many[1:]:
+        planner.seen(run, False, 20.0)
+    planner.outcomes.clear()
+    planner.outcomes.extend([True, False, False, False])            # one look in four finds its archive
+    chosen = planner.plan(20.1, need=1, limit=4)
+    assert len(chosen) == 4 and all(planner.albums[r].looks == 0 for r in chosen)   # 1 / 0.25: fresh first
+    for run in chosen:
+        planner.seen(run, False, 20.1)
+    planner.outcomes.extend([True] * 20)                            # now every look finds one
+    again = [r for r in planner.plan(20.2, need=40, limit=40) if planner.albums[r].looks]
+    assert again == [first[0], scouts[0]]                           # looked at long ago: due again
+    for run in list(planner.albums):
+        if planner.albums[run].looking:
+            planner.seen(run, False, 20.2)
+    gap = planner.gap(False)                   # LOOK_GAP, wider while few looks find their archive
+    assert sd.LOOK_GAP <= gap <= 3 * sd.LOOK_GAP
+    assert planner.plan(20.2 * (1 + gap) - 0.01, need=40, limit=40) == []
+    assert len(planner.plan(20.2 * (1 + gap) + 0.01, need=40, limit=40)) > 0
+    last = sd.LookPlanner(1.0, 30.0)
+    last.add("slow", 0.0)
+    last.found = 1
+    last.seen("slow", False, 30.0)
+    assert last.plan(30.0 * (1 + sd.LOOK_GAP_LAST) + 0.01, need=1, limit=4, last=True) == ["slow"]
 
 
 def test_scan_zip_checks_every_crc(tmp_path):

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import time
 
 import smugmug_download as sd
@@ -221,8 +222,14 @@ def test_quiet_and_log_file(sample, run, tmp_path):
     assert "INFO" in text and "backed up Family/Big Trip" in text
     assert "WARNING" in text and "unknown node type 'Widget'" in text
     assert text[:4].isdigit()
-    sample.albums[sample.keys["bbq"]].allow_downloads = False
-    sample.touch(sample.keys["bbq"])
+    key = sample.keys["bbq"]
+    sample.post_forbidden = True                        # saved file by file...
+    sample.refuse_originals = {sample.albums[key].images[0].key}   # ... and its one photo refused
+    sample.touch(key)
     code, out, err = run("--quiet", "--log-file", str(log_file))
     assert code == 1
-    assert "1 album failed" in err.strip().splitlines()[-1]
+    lines = err.strip().splitlines()
+    assert re.fullmatch(r"Done after \d+ s: 0 albums backed up, 14 unchanged, 1 failed, 0 not attempted\.",
+                        lines[0]), err
+    assert lines[1].startswith("  failed: Family/2019/Summer/BBQ: SmugMug no longer gives IMG_0002.jpg, which "
+                               "the previous backup has: it is kept as it is") and len(lines) == 2, err

@@ -198,18 +198,20 @@ def test_tracebacks_in_logs_are_redacted(tmp_path):
 
 
 def test_never_two_downloads_on_one_part_file(fake, run, monkeypatch):
-    """Defect 11: when an archive is given up (a part vanished) while another of its parts is
-    still streaming, the new archive's download of that part starts only after the old one has
-    stopped writing: never two writers on one NAME.part."""
+    """Defect 11: when an archive is given up (a part refused: its link is looked up again, then
+    a new archive is asked for) while another of its parts is still streaming, the next
+    download of that part starts only after the earlier one has stopped writing: never two
+    writers on one NAME.part. (The earlier download blocks on a slow link for seconds before it
+    sees that it was cancelled.)"""
     key = fake.add_album("Pair", sizes=(2000, 300_000))
-    fake.bandwidth = 300_000
+    fake.bandwidth = 100_000
     fake.gone_parts = {(key, 1)}
     spans, real = [], sd.fetch_to_file
 
-    def traced(client, url, temp, *args, **kw):
+    def traced(client, store, url, temp, *args, **kw):
         start = time.monotonic()
         try:
-            return real(client, url, temp, *args, **kw)
+            return real(client, store, url, temp, *args, **kw)
         finally:
             spans.append((temp, url, start, time.monotonic()))
 
@@ -218,9 +220,9 @@ def test_never_two_downloads_on_one_part_file(fake, run, monkeypatch):
     assert code == 0, err
     assert tree(run.out) == album_files(fake, key, "Pair")
     second = sorted((s for s in spans if s[0].endswith("-2.zip.part")), key=lambda s: s[2])
-    assert len({s[1] for s in second}) == 2            # the old archive's part 2, then the new one's
+    assert len(second) >= 2
     for earlier, later in zip(second, second[1:]):
-        assert later[2] >= earlier[3]
+        assert later[2] >= earlier[3], (earlier, later)
 
 
 def test_an_error_archive_without_url_is_seen_at_once(fake, run):
@@ -331,10 +333,9 @@ def test_a_stopped_run_calls_no_album_gone(sample, run, monkeypatch):
     """A run stopped before its walk ended (SmugMug unreachable) says nothing is gone: it did not
     see the whole account."""
     assert run()[0] == 0
-    monkeypatch.setattr(sd, "UNREACHABLE_SECONDS", 0.5)
     sample.api_latency = 0.2
     threading.Timer(0.5, sample.vanish).start()
-    code, _, err = run()
+    code, _, err = run(unreachable_minutes=0.01)
     assert code == sd.EXIT_ALBUMS_FAILED, err
     assert "unreachable since" in err and "gone from SmugMug" not in err
 

@@ -43,17 +43,33 @@ def test_children_pages_without_next_page_are_read_to_their_total(fake, run):
     assert tree(run.out) == expected_tree(fake, {k: "Album %d" % i for i, k in enumerate(keys)})
 
 
-def test_a_guessed_page_that_fails_ends_the_list_keeping_what_was_read(fake, run):
+def test_a_guessed_page_that_is_missing_ends_the_list_but_the_walk_is_incomplete(fake, run):
     """Pages says more exist, without NextPage, and the page guessed from it answers 404 (a
-    server that replays recorded first pages): the list ends there, nothing read is dropped,
-    and the folder's albums are backed up."""
+    server that replays recorded first pages): the list ends there and nothing read is dropped
+    (those albums are backed up), but a list shorter than its Total is not whole: the folder
+    fails by name (exit 1), and no album is called gone."""
     keys = [fake.add_album("Album %d" % i) for i in range(5)]
     fake.max_count = 3
     fake.omit_next_page = True
     fake.later_pages_missing = True
     code, _, err = run()
-    assert code == sd.EXIT_OK, err
+    assert code == sd.EXIT_ALBUMS_FAILED, err
     assert tree(run.out) == expected_tree(fake, {k: "Album %d" % i for i, k in enumerate(keys[:3])})
+    assert "failed: the root folder: could not list folder: SmugMug listed 3 of 5 children" in err
+    assert "gone" not in err
+
+
+def test_a_guessed_page_that_fails_fails_the_listing(fake, run):
+    """Defect 3: a 500 on a page guessed from Pages.Total (the normal path for real !images
+    pages, which carry no NextPage) never ends the list in silence: after the retries that
+    folder's walk fails by name, exit 1."""
+    [fake.add_album("Album %d" % i) for i in range(5)]
+    fake.max_count = 3
+    fake.omit_next_page = True
+    fake.fail_pages = {("walk", 4): 500}
+    code, _, err = run()
+    assert code == sd.EXIT_ALBUMS_FAILED, err
+    assert "failed: the root folder: could not list folder: HTTP 500" in err
     assert "gone" not in err
 
 
