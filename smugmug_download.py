@@ -180,7 +180,7 @@ WINDOW_FLOOR = 2
 WINDOW_STEP = 0.25        # seconds between two sizings of the window
 READY_HORIZON = 60.0      # no new request while more than a minute of downloading is prepared or coming
 RATE_SPAN = 5.0           # seconds over which the download rate is measured for pacing
-LOOK_FIRST_PROBES = 4     # new albums that look for an archive SmugMug already has before asking for one
+LOOK_FIRST_PROBES = 16    # new albums that look for an archive SmugMug already has before asking for one
 # Looks at archives in preparation (see LookPlanner).
 SCOUT_GROWTH = 1.2        # before any archive is ready, scout looks at waits growing by this ...
 SCOUT_SHARE = 0.004       # ... this share of the albums waiting per second waited (at least one)
@@ -2330,6 +2330,38 @@ class Store:
             raise self.error(temp, exc) from exc
         return temp
 
+    def commit(self, key, rel, outcome):
+        """An album's new backup takes its place, as one change: the files it replaces or no
+        longer has go to versions, its manifest and finished NAME.part files their final names,
+        and its record (outcome.record) is saved."""
+        steps = [("version", rel + "/" + name) for name in outcome.replaced]
+        if outcome.manifest is not None:
+            steps.append(("place", self.write_temp(rel + "/" + MANIFEST_NAME, outcome.manifest),
+                          rel + "/" + MANIFEST_NAME))
+        steps += [("place", rel + "/" + name + ".part", rel + "/" + name) for name in outcome.placed]
+        self.make_folders(rel)
+        self.apply(key, steps, outcome.record)
+
+    def move_album(self, record, new):
+        """An album renamed or moved on SmugMug: its own files go to folder new (never the folder
+        itself, which may hold other albums' files). A file in the way is left where it is and
+        named; the record after the move marks it damaged, so it is fetched again."""
+        names = [f.name for f in record.files] + ([MANIFEST_NAME] if record.manifest is not None else [])
+        left = [n for n in names if os.path.lexists(self.abs(new + "/" + n))
+                or not self.owners.may_write(new + "/" + n, record.key)]
+        for name in left:
+            log.warning("%s: %s/%s is in the way; %s/%s is left where it is", new, new, name, record.path, name)
+        moved = replace(record, path=new, damaged=sorted(set(record.damaged) | set(left)))
+        self.apply(record.key, [("move", record.path + "/" + n, new + "/" + n) for n in names if n not in left],
+                   moved)
+        try:
+            os.rmdir(self.abs(record.path))     # only when nothing else is left in it
+            fsync_dir(os.path.dirname(self.abs(record.path)))
+        except OSError:
+            pass
+        log.info("moved %s -> %s", record.path, new)
+        return moved
+
     def apply(self, key, steps, record=None):
         """Take steps for album key as one journalled change, then save record (the album's
         record after it). Returns the moves left undone because something was in the way."""
@@ -2436,14 +2468,6 @@ class Store:
                 self.journal({"done": intent})
             except LocalWriteError as exc:
                 log.warning("could not finish a change an earlier run left half done: %s", exc)
-
-    def prune_folder(self, rel):
-        """Remove an album's folder left empty by a move (only when nothing else is in it)."""
-        try:
-            os.rmdir(self.abs(rel))
-            fsync_dir(os.path.dirname(self.abs(rel)))
-        except OSError:
-            pass
 
     def discard_parts(self, rels):
         """Remove NAME.part files no album will resume (rel: the NAME, relative to output_dir)."""
@@ -2859,6 +2883,35 @@ def record_from_manifest(output_dir, album):
             "manifest": size, "complete": False})
     except ValueError:
         return None
+
+
+def alternative_path(album):
+    """The album's path with " (NodeID)": where a new album goes whose folder another owns."""
+    return album.path[:-1] + (with_suffix(album.path[-1], " (%s)" % clean_name(album.node_id)),)
+
+
+def place_album(album, record, owned_at_start, owners, output_dir):
+    """The album with its local path: the walk's, unless another album owned that folder at
+    the start of the run (a kept backup, or one moving away), or a metadata.json there names
+    another album (a backup the state lost): then with " (NodeID)"."""
+    alternative = alternative_path(album)
+    if record and record.path in (album.rel, "/".join(alternative)):
+        return album if record.path == album.rel else replace(album, path=alternative)
+    owner = (owned_at_start.get(PathOwners._key(album.rel)) or owners.owner(album.rel)
+             or manifest_owner(output_dir, album.rel))
+    return replace(album, path=alternative) if owner not in (None, album.album_key) else album
+
+
+def rebuilt_record(album, owners, output_dir):
+    """For an album the state does not know: a record rebuilt from its own metadata.json, at
+    its path or at its " (NodeID)" one (a lost or damaged state), claimed in owners; or None."""
+    for path in (album.path, alternative_path(album)):
+        record = record_from_manifest(output_dir, replace(album, path=path))
+        if record and owners.owner(record.path) in (None, record.key):
+            owners.claim(record)
+            log.info("%s: not in the state; its metadata.json says what is on disk: checking that", record.path)
+            return record
+    return None
 
 
 def recheck_due(record, days, now=None):
@@ -3378,6 +3431,54 @@ class Reporter:
         """One line for an album finished or failed."""
         log.info(text, *args, extra={"album": True})
 
+    def committed(self, summary, run, outcome):
+        """An album's backup took its place: counted, and said in one line. Returns why the
+        album still fails (files SmugMug would not give), or ""."""
+        rel = run.album.rel
+        total = sum(s for _, s in outcome.parts if not run.from_disk) + sum(run.fetched.values())
+        summary.parts += 0 if run.from_disk else len(outcome.parts)
+        summary.bytes += total
+        summary.renditions += outcome.renditions
+        if run.by_file:
+            summary.by_file.append(rel)
+        if outcome.missing:
+            names = {f.key: f.file_name for f in run.plan.listing}
+            summary.missing[rel] = sorted((names.get(k, k), why) for k, why in outcome.missing.items())
+        lacking = [why for why in outcome.missing.values() if why != "still processing on SmugMug"]
+        if lacking:
+            return "%d file%s missing: %s" % (len(lacking), plural(len(lacking)), "; ".join(sorted(set(lacking))))
+        summary.backed_up += 1
+        self.album("backed up %s (%s%s, %d part%s, %d file%s on their own, %s%s)", rel, run.reason,
+                   ", file by file" if run.by_file else "", len(outcome.parts), plural(len(outcome.parts)),
+                   len(outcome.loose), plural(len(outcome.loose)), human_bytes(total),
+                   ", %d to versions" % len(outcome.replaced) if outcome.replaced else "")
+        return ""
+
+    def dry_run(self, run, status, lines, counts):
+        """A dry run's line for an album (into the heap lines, printed in path order) and its count."""
+        album, record = run.album, run.record
+        moved = record is not None and record.path != album.rel
+        if status == "unchanged" and moved:
+            status = "moved"
+        shown = "recheck" if status == "due" else status
+        notes = ["moved from %s" % record.path] if moved and status != "moved" else []
+        if status == "due":
+            notes.append("its rolling recheck is due")
+        if status == "changed" and record and record.files:
+            count = len(record.files) + (record.manifest is not None)
+            notes.append("%d old file%s to versions" % (count, plural(count)))
+        counts[shown][0] += 1
+        counts[shown][1] += album.image_count or 0
+        heapq.heappush(lines, (album.path, "%-9s %s%s" % (shown, album.rel, " (%s)" % "; ".join(notes)
+                                                           if notes else "")))
+
+    def dry_lines_ready(self, lines, pending):
+        """Print the dry run's lines in path order as soon as no folder still being listed (pending:
+        their paths) can hold a path that sorts before them, so that `| head` ends the walk early."""
+        bound = min(pending) if pending else None
+        while lines and (bound is None or lines[0][0] < bound):
+            self.options.print_line(heapq.heappop(lines)[1])
+
     def tick(self, orchestrator):
         """Once per turn of the orchestrator's loop: the rate, the waits, the status line."""
         now = self._clock()
@@ -3427,7 +3528,7 @@ class Reporter:
             parts.append((1, wait[1] if wait else ""))
         else:
             parts.append((1, "%s/s" % human_bytes(rate)))
-            left = orchestrator.bytes_left()
+            left = self.bytes_left(orchestrator)
             if left is not None:
                 parts.append((1, human_eta(left / rate)))
         if s.failed:
@@ -3437,6 +3538,18 @@ class Reporter:
                 orchestrator.count("requesting", "preparing"), len(scheduler.queue), len(scheduler.running),
                 scheduler.window.limit)))
         return parts
+
+
+    def bytes_left(self, orchestrator):
+        """Bytes still to download, once it can be told: the walk done, the known sizes and, for
+        albums whose archive is not yet listed, the average album seen so far."""
+        if any(kind in ("root", "walk", "details") for kind, _ in orchestrator.futures.values()):
+            return None
+        unknown = orchestrator.count("new", "waiting", "requesting", "preparing")
+        prepared, size = orchestrator.scheduler.prepared, orchestrator.scheduler.prepared_bytes
+        if unknown and prepared < 3:
+            return None
+        return max(0, orchestrator.bytes_known - self.meter.done) + (unknown * size / prepared if unknown else 0)
 
 
 def plural(n):
@@ -3577,6 +3690,55 @@ class AlbumRun:
         self.cancel = threading.Event()
         self.outstanding = 0
         self.parts, self.sizes = {}, {}
+
+    # What the album does next: (action, why) for Orchestrator.act(). The actions: download,
+    # wait (for its archive), again (a new archive), refresh (fresh links for the same one),
+    # by_file, recheck (the parts on disk are bad: a new archive), redownload (bad parts),
+    # vanished, fail. The retry counters are counted here, and only here.
+
+    def after_archive(self, state, timeout, now):
+        """SmugMug said `state` of the archive the album waits for."""
+        if state == "complete":
+            return "download", ""
+        if state in ("error", "removed"):
+            return self.archive_failed(state, "SmugMug could not prepare the archive (Error)" if state == "error"
+                                       else "archive expired (Removed)")
+        if now - self.first_asked_at > timeout:
+            return "by_file", "archive not ready after %s" % human_seconds(now - self.first_asked_at)
+        if state == "none" and self.looks >= REQUEST_AGAIN_AFTER_POLLS:
+            self.tries["lost"] += 1
+            if self.tries["lost"] > LOST_REQUEST_RETRIES:
+                return "by_file", "SmugMug never listed the archive (%d requests)" % self.tries["lost"]
+            return "again", ""
+        return "wait", ""
+
+    def archive_failed(self, kind, why):
+        """Error or Removed: a new archive a bounded number of times, then file by file."""
+        self.tries[kind] += 1
+        if self.tries[kind] > (ARCHIVE_ERROR_RETRIES if kind == "error" else ARCHIVE_REMOVED_RETRIES):
+            return "by_file", "%s, %d tries" % (why, self.tries[kind])
+        return "again", why
+
+    def after_error(self, kind, exc):
+        """A stage of kind raised exc for this album."""
+        if isinstance(exc, ArchiveGone):        # a link refused: expired (the machine slept?) or gone
+            self.tries["refresh"] += 1
+            if self.tries["refresh"] > LINK_REFRESHES:
+                return self.archive_failed("removed", str(exc))
+            return "refresh", str(exc)
+        if isinstance(exc, Forbidden) and kind == "request":
+            return "by_file", "SmugMug would not prepare an archive (%s)" % exc
+        if isinstance(exc, NotFound) and kind in ("request", "details"):
+            return "vanished", ""
+        return "fail", str(exc)
+
+    def after_check(self, plan):
+        """The check found parts that are not sound zips (plan.bad_parts)."""
+        why = "; ".join(sorted(plan.bad_parts.values()))
+        self.tries["part_check"] += 1
+        if self.tries["part_check"] > PART_CHECK_RETRIES:
+            return "fail", "archive is not a sound zip after %d downloads: %s" % (self.tries["part_check"], why)
+        return ("recheck" if self.from_disk else "redownload"), why
 
 
 @dataclass(eq=False)
@@ -3744,14 +3906,8 @@ class Orchestrator:
             self.start_work()           # a download of an archive given up on has stopped
         elif kind == "fetch":
             self.file_done(payload, exc)
-        elif isinstance(exc, ArchiveGone):
-            self.refresh_links(run, str(exc))
-        elif isinstance(exc, Forbidden) and kind == "request":
-            self.save_by_file(run, "SmugMug would not prepare an archive (%s)" % exc)
-        elif isinstance(exc, NotFound) and kind in ("request", "details"):
-            self.vanished(run)
         else:
-            self.fail(run, str(exc))
+            self.act(run, *run.after_error(kind, exc))
 
     # -- walk --
 
@@ -3797,7 +3953,7 @@ class Orchestrator:
                 self.seen_nodes.add(album.node_id)
                 self.found(album)
         if self.options.dry_run:
-            self.print_dry_lines()
+            self.dry_lines_ready()
 
     def found(self, album):
         """An album the walk found: where it goes, whether it moved, what it needs."""
@@ -3806,13 +3962,14 @@ class Orchestrator:
         self.include_hits.update(p for p in self.options.includes if path_matches([p], album.rel))
         self.summary.albums_found += 1
         self.found_keys.add(album.album_key)
-        record = self.state.albums.get(album.album_key) or self.rebuilt_record(album)
-        album = self.place(album, record)
+        record = self.state.albums.get(album.album_key) or rebuilt_record(album, self.store.owners, self.out)
+        album = place_album(album, record, self.owned_at_start, self.store.owners, self.out)
         run = AlbumRun(album, record, "new")
         if record and record.path != album.rel and not self.options.dry_run and not self.halt:
             self.runs[album.album_key] = run
             try:
-                self.move_album(run)
+                run.record = self.store.move_album(record, album.rel)
+                self.summary.moved += 1
             except (LocalWriteError, PathTaken) as exc:
                 if getattr(exc, "fatal", False):
                     self.stop_new_work(str(exc))
@@ -3822,37 +3979,11 @@ class Orchestrator:
         else:
             self.submit("request", "details", (run, run.generation), fetch_details, self.client, album)
 
-    def place(self, album, record):
-        """The album's local path: the walk's, unless another album owned that folder at the
-        start of the run (a kept backup, or one moving away): then with " (NodeID)"."""
-        alternative = self.alternative_path(album)
-        if record and record.path in (album.rel, "/".join(alternative)):
-            return album if record.path == album.rel else replace(album, path=alternative)
-        owner = (self.owned_at_start.get(PathOwners._key(album.rel)) or self.store.owners.owner(album.rel)
-                 or manifest_owner(self.out, album.rel))     # a backup the state lost still has its manifest
-        return replace(album, path=alternative) if owner not in (None, album.album_key) else album
-
-    @staticmethod
-    def alternative_path(album):
-        return album.path[:-1] + (with_suffix(album.path[-1], " (%s)" % clean_name(album.node_id)),)
-
-    def rebuilt_record(self, album):
-        """For an album the state does not know: a record rebuilt from its own metadata.json,
-        at its path or at its " (NodeID)" one (a lost or damaged state), or None."""
-        for path in (album.path, self.alternative_path(album)):
-            record = record_from_manifest(self.out, replace(album, path=path))
-            if record and self.store.owners.owner(record.path) in (None, record.key):
-                self.store.owners.claim(record)
-                log.info("%s: not in the state; its metadata.json says what is on disk: checking that",
-                         record.path)
-                return record
-        return None
-
     def on_details(self, payload, album):
         payload[0].album = album
         self.route(payload[0])
         if self.options.dry_run:
-            self.print_dry_lines()
+            self.dry_lines_ready()
 
     def route(self, run):
         """Decide what an album needs once its timestamps are known (or it is new)."""
@@ -3860,7 +3991,7 @@ class Orchestrator:
         status = (classify(album, record, self.out, self.config.recheck_days)
                   if album.has_details or record else "new")
         if self.options.dry_run:
-            return self.dry_run_line(run, status)
+            return self.reporter.dry_run(run, status, self.dry_lines, self.dry_counts)
         if status == "unchanged":
             self.summary.unchanged += 1
             return
@@ -3877,50 +4008,12 @@ class Orchestrator:
             run.to("waiting")
             self.scheduler.want_archive(run)
 
-    def dry_run_line(self, run, status):
-        album, record = run.album, run.record
-        moved = record is not None and record.path != album.rel
-        if status == "unchanged" and moved:
-            status = "moved"
-        shown = "recheck" if status == "due" else status
-        notes = ["moved from %s" % record.path] if moved and status != "moved" else []
-        if status == "due":
-            notes.append("its rolling recheck is due")
-        if status == "changed" and record and record.files:
-            count = len(record.files) + (record.manifest is not None)
-            notes.append("%d old file%s to versions" % (count, plural(count)))
-        self.dry_counts[shown][0] += 1
-        self.dry_counts[shown][1] += album.image_count or 0
-        heapq.heappush(self.dry_lines, (album.path, "%-9s %s%s" % (shown, album.rel,
-                                                                    " (%s)" % "; ".join(notes) if notes else "")))
-
-    def print_dry_lines(self):
-        """Print the dry run's lines in path order as soon as no folder still being listed can
-        hold a path that sorts before them (so `| head` ends the walk early)."""
-        pending = [tuple(payload.path) if kind == "walk" else payload[0].album.path
-                   for kind, payload in self.futures.values() if kind in ("walk", "details")]
-        if any(kind == "root" for kind, _ in self.futures.values()):
-            return
-        bound = min(pending) if pending else None
-        while self.dry_lines and (bound is None or self.dry_lines[0][0] < bound):
-            self.options.print_line(heapq.heappop(self.dry_lines)[1])
-
-    def move_album(self, run):
-        """The album was renamed or moved on SmugMug: its own files go along (never the folder,
-        which may hold other albums' files); one in the way is left, named, and fetched again."""
-        record, new = run.record, run.album.rel
-        names = [f.name for f in record.files] + ([MANIFEST_NAME] if record.manifest is not None else [])
-        left = [n for n in names if os.path.lexists(self.store.abs(new + "/" + n))
-                or not self.store.owners.may_write(new + "/" + n, record.key)]
-        for name in left:
-            log.warning("%s: %s/%s is in the way; %s/%s is left where it is", new, new, name, record.path, name)
-        moved = replace(record, path=new, damaged=sorted(set(record.damaged) | set(left)))
-        self.store.apply(record.key, [("move", record.path + "/" + n, new + "/" + n) for n in names
-                                      if n not in left], moved)
-        self.store.prune_folder(record.path)
-        run.record = moved
-        log.info("moved %s -> %s", record.path, new)
-        self.summary.moved += 1
+    def dry_lines_ready(self):
+        """Lines of a dry run that no folder still being listed can precede: printed now."""
+        if not any(kind == "root" for kind, _ in self.futures.values()):
+            self.reporter.dry_lines_ready(self.dry_lines, [
+                tuple(payload.path) if kind == "walk" else payload[0].album.path
+                for kind, payload in self.futures.values() if kind in ("walk", "details")])
 
     def emptied(self, run):
         """An album with no images: its folder; the files kept from before stay (and the summary says so)."""
@@ -3935,15 +4028,6 @@ class Orchestrator:
             return
         run.plan = AlbumPlan((), {})
         self.commit(run)
-
-    def vanished(self, run):
-        """An album deleted on SmugMug since the walk listed it (404): nothing to back up; its
-        files from before are kept, as for any album gone from SmugMug. Not a failure."""
-        run.to("done")
-        self.scheduler.leave(run)
-        run.abandon_archive()
-        log.warning("%s is gone from SmugMug since the walk listed it (404): skipped%s", run.album.rel,
-                    "; its files from before are kept" if run.record else "")
 
     # -- request and look --
 
@@ -3989,62 +4073,54 @@ class Orchestrator:
 
     def archive_state(self, run, state, parts):
         """What SmugMug said of the archive the album waits for."""
-        now = time.monotonic()
-        if state == "complete":
+        self.act(run, *run.after_archive(state, self.config.archive_timeout_hours * 3600, time.monotonic()),
+                 parts=parts)
+
+    def act(self, run, action, why, parts=(), plan=None):
+        """Do what the album decided (AlbumRun.after_*)."""
+        if action == "download":
             self.scheduler.prepared_archive(run, sum(p.size or 0 for p in parts))
             self.download(run, parts)
-        elif state in ("error", "removed"):
-            self.archive_failed(run, state, "SmugMug could not prepare the archive (Error)"
-                                if state == "error" else "archive expired (Removed)")
-        elif now - run.first_asked_at > self.config.archive_timeout_hours * 3600:
-            self.save_by_file(run, "archive not ready after %s" % human_seconds(now - run.first_asked_at))
-        elif state == "none" and run.looks >= REQUEST_AGAIN_AFTER_POLLS:
-            run.tries["lost"] += 1
-            if run.tries["lost"] > LOST_REQUEST_RETRIES:
-                self.save_by_file(run, "SmugMug never listed the archive (%d requests)" % run.tries["lost"])
-            else:
-                self.request_again(run)
-        else:
+        elif action == "wait":
             if run.state == "requesting":
                 run.to("preparing")
             self.scheduler.preparing(run, run.asked_at)
-
-    def archive_failed(self, run, kind, why):
-        """Error or Removed: ask again a bounded number of times, then save the album file by file."""
-        run.tries[kind] += 1
-        limit = ARCHIVE_ERROR_RETRIES if kind == "error" else ARCHIVE_REMOVED_RETRIES
-        if run.tries[kind] > limit:
-            return self.save_by_file(run, "%s, %d tries" % (why, run.tries[kind]))
-        log.warning("%s: %s; requesting a new one", run.album.rel, why)
-        self.request_again(run)
-
-    def refresh_links(self, run, why):
-        """A download link was refused (expired: the machine slept, or the archive waited long):
-        the same archive is looked up again for fresh links before a failure is counted."""
-        run.tries["refresh"] += 1
-        if run.tries["refresh"] > LINK_REFRESHES:
-            return self.archive_failed(run, "removed", why)
-        log.debug("%s: %s; looking up the archive again for fresh links", run.album.rel, why)
-        run.abandon_archive()
-        run.to("preparing")
-        self.submit("look", "look", (run, run.generation), look_at_archive, self.client, run.album, run.ticket)
-
-    def request_again(self, run):
-        """Give up on the current archive (its downloads stop and are ignored) and ask again, a
-        little later: DateAdded has whole seconds, so the new archive is told apart by its second."""
-        self.scheduler.leave(run)
-        run.abandon_archive()
-        run.ticket = run.ticket.given_up()
-        run.to("waiting")
-        self.scheduler.want_archive(run, REQUEST_AGAIN_DELAY)
-
-    def save_by_file(self, run, why):
-        """SmugMug will not prepare the archive: list the album and fetch every file on its own."""
-        self.scheduler.leave(run)
-        run.abandon_archive()
-        run.by_file = why
-        log.warning("%s: %s; saving it file by file", run.album.rel, why)
-        self.check(run)
+        elif action in ("again", "recheck"):     # a new archive, a little later (DateAdded has whole
+            if why:                               # seconds: the new one is told apart by its second)
+                log.warning("%s: %s; requesting a new %s", run.album.rel, why,
+                            "one" if action == "again" else "archive")
+            self.scheduler.leave(run)
+            run.abandon_archive()
+            if action == "again":
+                run.ticket = run.ticket.given_up()
+            run.from_disk, run.reason = False, "changed" if action == "recheck" else run.reason
+            run.to("waiting")
+            self.scheduler.want_archive(run, REQUEST_AGAIN_DELAY if action == "again" else 0.0)
+        elif action == "refresh":
+            log.debug("%s: %s; looking up the archive again for fresh links", run.album.rel, why)
+            run.abandon_archive()
+            run.to("preparing")
+            self.submit("look", "look", (run, run.generation), look_at_archive, self.client, run.album, run.ticket)
+        elif action == "by_file":                 # SmugMug will not prepare it: every file on its own
+            self.scheduler.leave(run)
+            run.abandon_archive()
+            run.by_file = why
+            log.warning("%s: %s; saving it file by file", run.album.rel, why)
+            self.check(run)
+        elif action == "redownload":
+            log.warning("%s: %s; downloading it again", run.album.rel, why)
+            run.to("downloading")
+            run.outstanding = len(plan.bad_parts)
+            for name in plan.bad_parts:
+                self.queue_download(run, name, part=run.parts[name], resume=False)
+        elif action == "vanished":                # deleted since the walk listed it (404): not a failure
+            run.to("done")
+            self.scheduler.leave(run)
+            run.abandon_archive()
+            log.warning("%s is gone from SmugMug since the walk listed it (404): skipped%s", run.album.rel,
+                        "; its files from before are kept" if run.record else "")
+        else:
+            self.fail(run, why)
 
     # -- download, check, fetch --
 
@@ -4100,22 +4176,7 @@ class Orchestrator:
             return
         self.summary.files_checked += plan.files_checked
         if plan.bad_parts:
-            why = "; ".join(sorted(plan.bad_parts.values()))
-            run.tries["part_check"] += 1
-            if run.tries["part_check"] > PART_CHECK_RETRIES:
-                return self.fail(run, "archive is not a sound zip after %d downloads: %s" % (
-                    run.tries["part_check"], why))
-            if run.from_disk:
-                log.warning("%s: %s; requesting a new archive", run.album.rel, why)
-                run.from_disk, run.reason = False, "changed"
-                run.to("waiting")
-                return self.scheduler.want_archive(run)
-            log.warning("%s: %s; downloading it again", run.album.rel, why)
-            run.to("downloading")
-            run.outstanding = len(plan.bad_parts)
-            for name in plan.bad_parts:
-                self.queue_download(run, name, part=run.parts[name], resume=False)
-            return
+            return self.act(run, *run.after_check(plan), plan=plan)
         run.plan = plan
         if not plan.fetch:
             return self.commit(run)
@@ -4147,57 +4208,23 @@ class Orchestrator:
 
     def commit(self, run):
         """Every listed file is accounted for (in a part, saved on its own, or refused by
-        SmugMug): the new files take their final names with the manifest, what they replace or
-        no longer hold goes to versions, the record is saved (Store.apply, one change). When a
-        file could not be fetched, or SmugMug no longer gives a file the previous backup has,
-        or its listing was cut short, the previous files stay where they are and the album
-        fails by name: the next run tries again."""
-        album, plan, old = run.album, run.plan, run.record
+        SmugMug): the album's new backup takes its place (Store.commit: one journalled change;
+        what it replaces goes to versions). When a file could not be fetched, or SmugMug no
+        longer gives a file the previous backup has, or its listing was cut short, the previous
+        files stay where they are and the album fails by name: the next run tries again."""
         if "done" not in AlbumRun.MOVES[run.state]:
-            raise RuntimeError("album %s: commit from %s" % (album.rel, run.state))
-        outcome = commit_outcome(run, self.store.abs(album.rel))
+            raise RuntimeError("album %s: commit from %s" % (run.album.rel, run.state))
+        outcome = commit_outcome(run, self.store.abs(run.album.rel))
         if outcome.keep:
             return self.fail(run, outcome.keep)
-        steps = [("version", album.rel + "/" + name) for name in outcome.replaced]
-        manifest_size = old.manifest if outcome.files and old and old.path == album.rel else None
-        if outcome.manifest is not None:
-            manifest_size = len(outcome.manifest.encode("utf-8"))
-            temp = self.store.write_temp(album.rel + "/" + MANIFEST_NAME, outcome.manifest)
-            steps.append(("place", temp, album.rel + "/" + MANIFEST_NAME))
-        steps += [("place", album.rel + "/" + name + ".part", album.rel + "/" + name) for name in outcome.placed]
-        files = [SavedFile(n, s, "archive") for n, s in outcome.parts]
-        files += [SavedFile(n, run.fetched.get(n) or self.store.part_size(self.store.abs(album.rel + "/" + n)), "file")
-                  for n in outcome.loose]
-        record = AlbumRecord(album.album_key, album.node_id, album.rel, album.last_updated,
-                             album.images_last_updated, files, manifest_size, complete=not outcome.missing,
-                             listed=iso_now())
-        self.store.make_folders(album.rel)
-        self.store.apply(album.album_key, steps, record)
-        self.state.set_requested(album.album_key, False)
+        self.store.commit(run.album.album_key, run.album.rel, outcome)
+        self.state.set_requested(run.album.album_key, False)
         self.store.discard_parts([p for p, partial in list(self.state.partials.items())
-                                  if partial.album == album.album_key])
+                                  if partial.album == run.album.album_key])
         run.to("done")
-        total = sum(s for _, s in outcome.parts if not run.from_disk) + sum(run.fetched.values())
-        self.summary.backed_up += 1
-        self.summary.parts += 0 if run.from_disk else len(outcome.parts)
-        self.summary.bytes += total
-        self.summary.renditions += outcome.renditions
-        if run.by_file:
-            self.summary.by_file.append(album.rel)
-        if outcome.missing:
-            names = {f.key: f.file_name for f in plan.listing}
-            self.summary.missing[album.rel] = sorted((names.get(k, k), why) for k, why in outcome.missing.items())
-        lacking = {why for why in outcome.missing.values() if why != "still processing on SmugMug"}
+        lacking = self.reporter.committed(self.summary, run, outcome)
         if lacking:
-            self.summary.backed_up -= 1
-            count = sum(1 for why in outcome.missing.values() if why in lacking)
-            self.fail(run, "%d file%s missing: %s" % (count, plural(count), "; ".join(sorted(lacking))), done=True)
-        else:
-            self.reporter.album("backed up %s (%s%s, %d part%s, %d file%s on their own, %s%s)", album.rel,
-                                run.reason, ", file by file" if run.by_file else "", len(outcome.parts),
-                                plural(len(outcome.parts)), len(outcome.loose), plural(len(outcome.loose)),
-                                human_bytes(total), ", %d to versions" % len(outcome.replaced)
-                                if outcome.replaced else "")
+            self.fail(run, lacking, done=True)
 
     def fail(self, run, reason, where=None, folder=True, done=False):
         """An album fails by name (or, run None, the folder or node at where)."""
@@ -4233,17 +4260,6 @@ class Orchestrator:
     def count(self, *states):
         return sum(1 for r in self.runs.values() if r.state in states)
 
-    def bytes_left(self):
-        """Bytes still to download, once it can be told: the walk done, the known sizes and, for
-        albums whose archive is not yet listed, the average album seen so far."""
-        if any(kind in ("root", "walk", "details") for kind, _ in self.futures.values()):
-            return None
-        unknown = self.count("new", "waiting", "requesting", "preparing")
-        prepared, size = self.scheduler.prepared, self.scheduler.prepared_bytes
-        if unknown and prepared < 3:
-            return None
-        return max(0, self.bytes_known - self.reporter.meter.done) + (unknown * size / prepared if unknown else 0)
-
     def finish(self):
         """Gone albums, clean-up and retention: only after a run that saw the whole account."""
         whole = self.walk_complete and not self.halt and not self.client.stop.is_set()
@@ -4278,6 +4294,7 @@ class Outcome:
     files: bool = False                             # the album holds files (else: no manifest)
     missing: dict = field(default_factory=dict)     # ImageKey -> why SmugMug did not give it
     renditions: int = 0
+    record: Optional["AlbumRecord"] = None           # the album's record once committed
 
 
 def commit_outcome(run, folder):
@@ -4335,7 +4352,21 @@ def commit_outcome(run, folder):
             else:
                 replaced.append(MANIFEST_NAME)
     renditions = sum(1 for where in locations.values() if where.get("rendition") and where["file"] in placed)
-    return Outcome("", parts, loose, placed, replaced, text, holds, missing, renditions)
+    manifest_size = old.manifest if holds and old_here else None
+    if text is not None:
+        manifest_size = len(text.encode("utf-8"))
+    files = [SavedFile(n, s, "archive") for n, s in parts]
+    for name in loose:
+        size = run.fetched.get(name)
+        if size is None:
+            try:
+                size = os.path.getsize(os.path.join(folder, name))
+            except OSError:
+                size = 0
+        files.append(SavedFile(name, size, "file"))
+    record = AlbumRecord(album.album_key, album.node_id, album.rel, album.last_updated, album.images_last_updated,
+                         files, manifest_size, complete=not missing, listed=iso_now())
+    return Outcome("", parts, loose, placed, replaced, text, holds, missing, renditions, record)
 
 
 # CLI ########################################################################

@@ -331,8 +331,11 @@ def test_look_planner_scouts_then_looks_as_the_link_needs():
             planner.seen(run, False, 20.2)
     gap = planner.gap(False)                   # LOOK_GAP, wider while few looks find their archive
     assert sd.LOOK_GAP <= gap <= 3 * sd.LOOK_GAP
-    assert planner.plan(20.2 * (1 + gap) - 0.01, need=40, limit=40) == []
-    assert len(planner.plan(20.2 * (1 + gap) + 0.01, need=40, limit=40)) > 0
+    moment = 20.2 * (1 + gap) - 0.01
+    due = planner.plan(moment, need=40, limit=40)
+    assert due and all(moment >= planner.albums[r].seen * (1 + gap) for r in due)
+    assert not [r for r in due if planner.albums[r].seen > 20.1]       # looked at too lately to be due
+    assert [r for r in planner.plan(20.2 * (1 + gap) + 0.01, need=40, limit=40) if planner.albums[r].seen > 20.1]
     last = sd.LookPlanner(1.0, 30.0)
     last.add("slow", 0.0)
     last.found = 1
