@@ -820,9 +820,11 @@ def parse_retry_after(value, now=None):
     return max(0.0, min(seconds, RETRY_AFTER_CAP))
 
 
-def backoff_delay(attempt, rng=random, base=BACKOFF_BASE, cap=BACKOFF_CAP):
-    """Exponential backoff with full jitter: uniform in [d/2, d], d = base * 2**attempt, capped."""
-    delay = min(cap, base * (2 ** attempt))
+def backoff_delay(attempt, rng=random, base=None, cap=None):
+    """Exponential backoff with full jitter: uniform in [d/2, d], d = base * 2**attempt, capped
+    (BACKOFF_BASE and BACKOFF_CAP unless given)."""
+    base = BACKOFF_BASE if base is None else base
+    delay = min(BACKOFF_CAP if cap is None else cap, base * (2 ** attempt))
     return delay * (0.5 + 0.5 * rng.random())
 
 
@@ -3144,10 +3146,13 @@ class LookPlanner:
                  if not item.looking and now - item.asked >= self.first}
         if not self.found:                  # nothing seen ready yet: scouts, at growing waits
             oldest = max(waits.values(), default=0.0)
+            if oldest < self.scout_wait:        # the albums scouted are gone (asked again, saved): start over
+                self.scout_wait = 0.0
             if oldest and oldest >= self.scout_wait * SCOUT_GROWTH:
                 self.scout_wait = oldest
                 count = max(1, int(oldest * SCOUT_SHARE * len(self.albums)))
-                chosen = sorted(waits, key=lambda run: (self.albums[run].looks, -waits[run]))[:min(limit, count)]
+                due = [run for run, wait in waits.items() if wait >= self.albums[run].seen * SCOUT_GROWTH]
+                chosen = sorted(due, key=lambda run: (self.albums[run].looks, -waits[run]))[:min(limit, count)]
         else:
             share = self.gap(last)
             due = [run for run, wait in waits.items() if wait >= self.albums[run].seen * (1.0 + share)]
@@ -3160,9 +3165,16 @@ class LookPlanner:
             self.albums[run].looking = True
         return chosen
 
-    def next_due(self, now):
+    def next_due(self, now, last=False):
         """Seconds until a look may be due (for the orchestrator's wait), or None."""
-        return STATUS_INTERVAL if self.albums else None
+        idle = [item for item in self.albums.values() if not item.looking]
+        if not idle:
+            return None
+        if not self.found:
+            growth, oldest = SCOUT_GROWTH, max(now - item.asked for item in idle)
+            return max(0.0, max(self.first, self.scout_wait * growth) - oldest)
+        share = self.gap(last)
+        return max(0.0, min(item.asked + max(self.first, item.seen * (1.0 + share)) for item in idle) - now)
 
 
 class Scheduler:
@@ -3323,7 +3335,7 @@ class Scheduler:
         timeout = STATUS_INTERVAL
         if self.delayed:
             timeout = min(timeout, max(0.0, self.delayed[0][0] - now))
-        due = self.looks.next_due(now)
+        due = self.looks.next_due(now, self.last_few())
         if due is not None:
             timeout = min(timeout, due)
         return timeout

@@ -124,8 +124,9 @@ def test_a_corrupt_part_is_fetched_again(fake, run):
 def test_a_loose_file_with_wrong_bytes_is_fetched_again(fake, run):
     """A file the zip lacks, served once with wrong bytes, is fetched again after its MD5 check."""
     fake.zip_omit_videos = True
-    key = fake.add_album("V", images=[{"file_name": "v.mp4", "size": 7000, "is_video": True}])
-    video = fake.albums[key].images[0]
+    key = fake.add_album("V", images=[{"file_name": "a.jpg", "size": 1000},
+                                      {"file_name": "v.mp4", "size": 7000, "is_video": True}])
+    video = fake.albums[key].images[1]
     fake.wrong_file_once = {video.key}
     code, _, err = run()
     assert code == 0, err

@@ -93,8 +93,10 @@ def test_archive_error_always_saves_that_album_file_by_file(sample, run):
     assert {k: v for k, v in got.items() if not k.startswith("Travel/Trip 02/")} == expected
 
 
-def test_downloads_always_cut_fail_the_album_not_the_run(fake, run):
-    """A part that never arrives whole fails its album after bounded retries; no final file."""
+def test_downloads_always_cut_fail_the_album_not_the_run(fake, run, monkeypatch):
+    """A part that never arrives whole (while SmugMug answers everything else: the link works)
+    fails its album after bounded retries; no final file."""
+    monkeypatch.setattr(sd, "BACKOFF_BASE", 0.01)        # the backoff between tries, in milliseconds
     good = fake.add_album("Good", sizes=(2000,))
     bad = fake.add_album("Bad", sizes=(50_000,))
     fake.cut_after, fake.cut_times = 10_000, 10 ** 6

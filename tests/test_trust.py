@@ -203,8 +203,8 @@ def test_never_two_downloads_on_one_part_file(fake, run, monkeypatch):
     download of that part starts only after the earlier one has stopped writing: never two
     writers on one NAME.part. (The earlier download blocks on a slow link for seconds before it
     sees that it was cancelled.)"""
-    key = fake.add_album("Pair", sizes=(2000, 300_000))
-    fake.bandwidth = 100_000
+    key = fake.add_album("Pair", sizes=(2000, 270_000))     # 256 KiB at once, the rest 1.3 s later
+    fake.bandwidth = 200_000
     fake.gone_parts = {(key, 1)}
     spans, real = [], sd.fetch_to_file
 
@@ -253,9 +253,10 @@ def test_a_part_still_in_progress_keeps_the_archive_preparing(fake, run):
     assert tree(run.out) == album_files(fake, key, "Staggered")
 
 
-def test_an_archive_never_listed_is_asked_for_a_bounded_number_of_times(fake, run):
+def test_an_archive_never_listed_is_asked_for_a_bounded_number_of_times(fake, run, monkeypatch):
     """Defect 13: SmugMug accepts the request but never lists an archive: asked again a bounded
     number of times, then the album is saved file by file."""
+    monkeypatch.setattr(sd, "REQUEST_AGAIN_DELAY", 0.05)   # no archive at all: no second to tell apart
     key = fake.add_album("Lost", sizes=(3000,))
     fake.never_list = {key}
     code, _, err = run()

@@ -59,10 +59,11 @@ def test_a_guessed_page_that_is_missing_ends_the_list_but_the_walk_is_incomplete
     assert "gone" not in err
 
 
-def test_a_guessed_page_that_fails_fails_the_listing(fake, run):
+def test_a_guessed_page_that_fails_fails_the_listing(fake, run, monkeypatch):
     """Defect 3: a 500 on a page guessed from Pages.Total (the normal path for real !images
     pages, which carry no NextPage) never ends the list in silence: after the retries that
     folder's walk fails by name, exit 1."""
+    monkeypatch.setattr(sd, "BACKOFF_BASE", 0.01)
     [fake.add_album("Album %d" % i) for i in range(5)]
     fake.max_count = 3
     fake.omit_next_page = True
