@@ -164,7 +164,7 @@ MAX_PAGES = 100000        # pages of one list before its paging is taken as endl
 IMAGE_FIELDS = ("FileName", "ImageKey", "IsVideo", "Processing", "Hidden", "ArchivedUri", "ArchivedSize",
                 "ArchivedMD5", "Title", "Caption", "Keywords", "KeywordArray", "DateTimeOriginal", "Date",
                 "Latitude", "Longitude", "Altitude", "LastUpdated", "Origin", "CollectedFrom", "Serial",
-                "Format", "OriginalSize", "OriginalWidth", "OriginalHeight")
+                "Format", "OriginalSize", "OriginalWidth", "OriginalHeight", "ComponentFileTypes")
 IMAGE_URIS = ("LargestImage", "LargestVideo")      # the renditions, asked for with _filteruri
 # What the manifest keeps of an album (from the walk's expanded Album object).
 ALBUM_FIELDS = ("AlbumKey", "NodeID", "Name", "Title", "Description", "Keywords", "WebUri",
@@ -2110,7 +2110,15 @@ def check_album(client, album, parts, folder, old):
             if f.is_video:
                 locations[f.key]["transcode"] = True
         path = os.path.join(folder, name)
-        if old and name in old.loose and file_is(path, size, md5, client.stop):
+        known = size
+        if rendition and size is None and old:
+            # made on the fly (no Size): the copy saved before is judged by, and keeps, the size
+            # it came with, which the old manifest records
+            known = next((int_or_none(p.get("size")) for p in previous
+                          if p.get("ImageKey") == f.key and p.get("file") == name), None)
+        if old and name in old.loose and file_is(path, known, md5, client.stop):
+            if rendition:
+                locations[f.key]["size"] = known
             continue
         tasks.append(FileTask(f.key, name, url, size, md5, rendition))
     return AlbumPlan(tuple(listing), locations, tuple(tasks), {}, files_checked=len(listing),
@@ -5051,8 +5059,8 @@ def auth_message(exc, config_path):
     words = str(exc).strip().rstrip(".") or "HTTP 401"
     lowered = words.lower()
     if "v2" in lowered or "terms" in lowered:
-        todo = ("accept the API terms for your key on SmugMug's developer page "
-                "(https://api.smugmug.com/api/developer/accept), then run again")
+        todo = ("accept the API terms for your key (app_key in %s) on SmugMug's developer page "
+                "(https://api.smugmug.com/api/developer/accept), then run again" % config_path)
     elif any(w in lowered for w in ("token", "expired", "revoked", "invalid", "signature", "permission")):
         todo = "run --authorize again (config file %s)" % config_path
     else:

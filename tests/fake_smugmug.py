@@ -587,6 +587,11 @@ class FakeSmugMug:
         self.component_file_types_object = False   # ComponentFileTypes {"Image": ["jpg"]} (videos
                                         # {"Video": ["mov"]}) instead of []
         self.sizes_as_strings = False   # ArchivedSize and OriginalSize as digit strings
+        self.image_fields_absent = set()    # AlbumImage fields left out of every !images object, e.g.
+                                        # {"Serial"} (as the recorded listing) or {"Uris"}
+        self.short_files_once = set()   # image keys: the first fetch of each of its files (original,
+                                        # transcode, rendition) sends the whole Content-Length, half
+                                        # the body, then closes the connection
         # an honest quota ------------------------------------------------
         self.quota = None               # (calls, window seconds): fixed windows from the first API
                                         # call; every API answer carries X-RateLimit-Limit,
@@ -1224,6 +1229,8 @@ class FakeSmugMug:
             for name in ("ArchivedSize", "OriginalSize"):
                 if name in obj:
                     obj[name] = str(obj[name])
+        for name in self.image_fields_absent:
+            obj.pop(name, None)
         return obj
 
     def largest_image_json(self, image):
@@ -1658,7 +1665,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             obj = fake.image_json(album, image)
             if keep:
                 obj = {k: v for k, v in obj.items() if k in keep or k in ("Uri", "Uris")}
-            if keep_uris:
+            if keep_uris and "Uris" in obj:
                 obj["Uris"] = {k: v for k, v in obj["Uris"].items() if k in keep_uris}
             objects.append(obj)
         extra = "".join("&%s=%s" % (name, urllib.parse.quote(query[name], safe=","))
@@ -1797,16 +1804,17 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         flip = None
         if image.key in fake.wrong_file_once and content.size:
             flip = ("wrong", route, image.key, content.size // 2)
-        self.stream(method, path, content, "file", flip=flip,
+        short = image.key in fake.short_files_once and fake.once(("short", route, image.key))
+        self.stream(method, path, content, "file", flip=flip, short=short,
                     content_type={"video": "video/mp4", "rendition": "image/jpeg"}.get(
                         route, "application/octet-stream"))
 
     def stream(self, method, path, content, kind, attempt=0, archive_faults=False, flip=None,
-               served_key=None, content_type="application/octet-stream"):
+               served_key=None, content_type="application/octet-stream", short=False):
         """Sends content (Content-Length, Range, the bandwidth cap). archive_faults: the archive
         knobs apply (wrong_offset_once, cut_after/cut_times, short_times, no_content_length).
         flip: (one-time fault id..., offset): the first body covering that offset has that byte
-        flipped. served_key: counts the bytes sent in fake.served."""
+        flipped. served_key: counts the bytes sent in fake.served. short: half the body is sent."""
         fake = self.fake
         size, start = content.size, 0
         status = 200
@@ -1826,14 +1834,16 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         entry = self.record(method, path, {"range": rng}, status, kind)
         try:
             self.send_body(content, kind, status, start, size, headers, attempt, archive_faults, flip, served_key,
-                           content_type)
+                           content_type, short)
         finally:
             entry["t_end"] = time.monotonic()
 
     def send_body(self, content, kind, status, start, size, headers, attempt, archive_faults, flip, served_key,
-                  content_type):
+                  content_type, short=False):
         fake = self.fake
         end = size
+        if short:
+            end = start + (size - start) // 2
         if archive_faults:
             if attempt < fake.cut_times and fake.cut_after is not None:
                 end = min(size, start + fake.cut_after)

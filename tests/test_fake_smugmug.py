@@ -733,6 +733,34 @@ def test_field_type_variants(fake):
     assert changed == {"Latitude", "Longitude", "ComponentFileTypes", "ArchivedSize", "OriginalSize"}
 
 
+def test_image_fields_absent_leaves_fields_out_of_listings(fake):
+    """image_fields_absent: those AlbumImage fields are left out of !images (Serial, as the
+    recorded listing; Uris); the renditions still answer at their KEY-SERIAL URIs."""
+    keys = fake_smugmug.rendition_account(fake)
+    fake.image_fields_absent = {"Serial", "Uris"}
+    edited = payload(get(fake, "/api/v2/album/%s!images?_filteruri=LargestImage" % keys["edited"]))[0]
+    assert "Serial" not in edited and "Uris" not in edited and edited["FileName"] == "Edited.jpg"
+    assert get(fake, "/api/v2/image/%s-1!largestimage" % edited["ImageKey"]).status_code == 200
+
+
+def test_short_files_once_cuts_the_first_fetch_of_each_file(fake):
+    """short_files_once: the first fetch of each file of that image (original, transcode,
+    rendition) announces its whole length, sends half and closes; the next fetch is whole."""
+    keys = fake_smugmug.rendition_account(fake)
+    clip = fake.albums[keys["video"]].images[1]
+    fake.short_files_once = {clip.key}
+    url = fake.transcode_url(clip)
+    with pytest.raises(requests.exceptions.RequestException):
+        get(fake, url).content
+    assert get(fake, url).content == fake.transcode_bytes(clip.key)
+    rendition = fake.rendition_url(clip)
+    with pytest.raises(requests.exceptions.RequestException):
+        get(fake, rendition).content
+    assert get(fake, rendition).content == fake.rendition_bytes(clip.key)
+    still = fake.albums[keys["video"]].images[0]
+    assert get(fake, fake.original_url(still)).content == fake.original_bytes(still.key)   # others whole
+
+
 # -- the demo ---------------------------------------------------------------------------------
 
 def test_demo_serves_generated_albums_and_writes_the_config(tmp_path):
