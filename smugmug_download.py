@@ -2270,7 +2270,10 @@ class Store:
 
     def __init__(self, root, stamp, state=None):
         self.root = root
-        self.stamp = stamp               # the run's start, UTC: this run's versions folder
+        folder, n = os.path.join(root, STATE_DIR, VERSIONS_DIR), 1
+        while os.path.lexists(os.path.join(folder, stamp if n == 1 else "%s-%d" % (stamp, n))):
+            n += 1                       # a run that started in the same second
+        self.stamp = stamp if n == 1 else "%s-%d" % (stamp, n)   # the run's start, UTC: its versions folder
         self.state = state               # the BackupState that journals each change
         self.owners = PathOwners(state.albums.values() if state else ())
         self.versioned = 0               # files moved to versions by this run
@@ -2364,11 +2367,7 @@ class Store:
         moved = replace(record, path=new, damaged=sorted(set(record.damaged) | set(left)))
         self.apply(record.key, [("move", record.path + "/" + n, new + "/" + n) for n in names if n not in left],
                    moved)
-        try:
-            os.rmdir(self.abs(record.path))     # only when nothing else is left in it
-            fsync_dir(os.path.dirname(self.abs(record.path)))
-        except OSError:
-            pass
+        self.prune_folder(self.abs(record.path))
         log.info("moved %s -> %s", record.path, new)
         return moved
 
@@ -2387,8 +2386,9 @@ class Store:
         self.finish(intent, record, versioned)
         return left
 
-    def take(self, steps):
-        """Do the steps of an intent, each at most once; fsync what they touched.
+    def take(self, steps, replay=False):
+        """Do the steps of an intent, each at most once; fsync what they touched. replay: the
+        intent of a run that crashed (a version whose copy is there was taken then).
         (moves left in the way, [(rel, versions rel)] moved to versions)."""
         left, versioned, touched = [], [], set()
         for kind, src, dst in steps:
@@ -2396,8 +2396,11 @@ class Store:
             try:
                 source, target = self.abs(src), self.abs(dst)
                 if kind == "version" and os.path.lexists(target):
-                    versioned.append((src, dst))            # taken before a crash
-                    continue
+                    if replay:
+                        versioned.append((src, dst))        # taken before the crash
+                        continue
+                    dst = self.free_versions_rel(src)       # never over an older copy
+                    target = self.abs(dst)
                 if not os.path.lexists(source):
                     continue
                 path = dst
@@ -2469,7 +2472,10 @@ class Store:
                            and safe_rel(step[1]) and safe_rel(step[2]) for step in steps):
                     raise ValueError("a damaged entry")
                 record = AlbumRecord.from_json(data["key"], data["album"]) if data.get("album") else None
-                _left, versioned = self.take(steps)
+                _left, versioned = self.take(steps, replay=True)
+                for kind, src, _dst in steps:
+                    if kind == "move":
+                        self.prune_folder(os.path.dirname(self.abs(src)))
                 self.finish(intent, record, versioned)
                 log.info("finished a change an earlier run left half done (%s)",
                          record.path if record else data.get("key"))
@@ -2478,6 +2484,15 @@ class Store:
                 self.journal({"done": intent})
             except LocalWriteError as exc:
                 log.warning("could not finish a change an earlier run left half done: %s", exc)
+
+    @staticmethod
+    def prune_folder(folder):
+        """Remove a folder a move left empty (only when nothing at all is left in it)."""
+        try:
+            os.rmdir(folder)
+            fsync_dir(os.path.dirname(folder))
+        except OSError:
+            pass
 
     def discard_parts(self, rels):
         """Remove NAME.part files no album will resume (rel: the NAME, relative to output_dir)."""
@@ -2499,8 +2514,10 @@ class Store:
             return 0
         removed = 0
         for stamp in stamps:
-            try:
-                made = datetime.datetime.strptime(stamp, STAMP_FORMAT).replace(tzinfo=datetime.timezone.utc)
+            try:                          # 2026-12-01T031500Z, or -2, -3... for runs of one second
+                if not re.fullmatch(r"(-\d+)?", stamp[18:]):
+                    raise ValueError(stamp)
+                made = datetime.datetime.strptime(stamp[:18], STAMP_FORMAT).replace(tzinfo=datetime.timezone.utc)
             except ValueError:
                 continue                  # not ours: left alone
             if keep_days > 0 and now - made.timestamp() < keep_days * 86400:
