@@ -3951,8 +3951,11 @@ class Orchestrator:
     def on_root(self, _payload, result):
         nickname, root = result
         self.nickname = nickname
-        log.info("%s account %s into %s", "Dry run: looking at" if self.options.dry_run else "Backing up",
-                 nickname, self.out)
+        if self.options.dry_run:
+            log.info("Dry run of account %s against the backup in %s (nothing is downloaded or written)",
+                     nickname, self.out)
+        else:
+            log.info("Backing up account %s into %s", nickname, self.out)
         self.seen_nodes.add(root.node_id)
         self.submit("walk", "walk", root, walk_folder, self.client, root)
 
@@ -3965,7 +3968,8 @@ class Orchestrator:
             if not is_selected(where, self.options.includes, self.options.excludes):
                 continue
             self.dry_counts["skipped"][0] += 1
-            if why.startswith("album without"):
+            if why.startswith("album without"):      # an album the run cannot back up: found, and failed
+                self.summary.albums_found += 1
                 self.fail(None, why, where=where.split("/"), folder=False)
             else:
                 log.warning("skipping %s: %s", where, why)

@@ -116,12 +116,12 @@ def test_cron_line_under_an_empty_environment(sample, tmp_path):
 def test_dry_run_into_a_closed_pipe_stops_quietly(sample, tmp_path, capsys):
     """`--dry-run | head -3`: once the reader has gone the run stops without a traceback or
     any message, with exit 141 (128 + SIGPIPE, what git gives), and lists no more folders."""
-    for i in range(12):                 # folders sorted last, long to list: listed after head has ended
-        sub = sample.add_folder("More %d" % i, sample.add_folder("Zeta %d" % i))
+    for i in range(12):                 # folders sorted last, ever longer to list: their albums'
+        sub = sample.add_folder("More %d" % i, sample.add_folder("Zeta %d" % i))   # lines come one by one
         sample.add_album("Album %d" % i, sub)
-        for j in range(100):
+        for j in range(40 * (i + 1)):
             sample.add_node("Page", "page %d" % j, sub)
-    config = write_config(tmp_path / "config.json", sample.config(tmp_path / "out", workers=1))
+    config = write_config(tmp_path / "config.json", sample.config(tmp_path / "out", workers=8))
     assert sd.main(["--config", config, "--dry-run"]) == 0
     capsys.readouterr()
     whole_walk = len(sample.log)
