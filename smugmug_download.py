@@ -3226,6 +3226,8 @@ class Scheduler:
         self.in_window = set()                  # AlbumRuns requested and not yet prepared
         self.link_rate = 0.0                    # the best download rate seen: what the link takes
         self.prepared = self.prepared_bytes = 0 # archives prepared so far, and their listed sizes
+        self.probes = LOOK_FIRST_PROBES         # new albums left that look first while none has paid
+        self.reused = False                     # an archive SmugMug already had was reused this run
         self._seq = itertools.count()
         self._last_adjust = 0.0
         self._pressure_seen = 0
@@ -3238,6 +3240,16 @@ class Scheduler:
             heapq.heappush(self.delayed, (self._clock() + delay, next(self._seq), run))
         else:
             self.waiting.append(run)
+
+    def look_first(self, run, asked_before):
+        """Should the album look for an archive SmugMug already has before asking for one? A
+        changed album, or one a stopped run had asked for, does; of new albums (an archive asked
+        for on the web, or by a run whose state was lost), the first LOOK_FIRST_PROBES do, and
+        all once such a look has paid (reused)."""
+        if run.record is not None or asked_before or self.reused:
+            return True
+        self.probes -= 1
+        return self.probes >= 0
 
     def preparing(self, run, asked):
         """run's archive is being prepared: the looks at it are planned (once)."""
@@ -3728,6 +3740,49 @@ class AlbumRun:
         self.outstanding = 0
         self.parts, self.sizes = {}, {}
 
+    def new_archive(self, given_up):
+        """Back to waiting for a new archive (given_up: the current one failed; it and every
+        archive listed with it are stale from now on)."""
+        self.abandon_archive()
+        if given_up:
+            self.ticket = self.ticket.given_up()
+        else:                                   # the parts on disk are bad: an archive, not a recheck
+            self.from_disk, self.reason = False, "changed"
+        self.to("waiting")
+
+    def part_done(self, name, size):
+        """A part is downloaded: True when it was the last one."""
+        self.sizes[name] = size
+        self.outstanding -= 1
+        return self.outstanding == 0
+
+    def file_done(self, task, exc, size):
+        """A file the zips lack is fetched, or not (refused: SmugMug will not give it; else the
+        next run tries again): True when it was the last one."""
+        if exc is None:
+            self.fetched[task.name] = size
+        elif isinstance(exc, Refused):
+            self.missing[task.file.key] = "refused by SmugMug (%s)" % exc
+        else:
+            self.unfetched[task.file.key] = str(exc)
+        self.outstanding -= 1
+        return self.outstanding == 0
+
+    def check_inputs(self, folder):
+        """(parts, old) for the check stage: the parts just downloaded (NAME.part), those on disk
+        (a recheck) or none (file by file); what it needs of the previous backup, if any."""
+        if self.by_file:
+            parts = []
+        elif self.from_disk:
+            parts = [(f.name, os.path.join(folder, f.name)) for f in self.record.parts]
+        else:
+            parts = [(name, os.path.join(folder, name) + ".part") for name in sorted(self.parts)]
+        old = None
+        if self.record and self.record.path == self.album.rel:
+            old = OldBackup(folder, frozenset(f.name for f in self.record.files if f.kind == "file"),
+                            light=self.reason == "due")
+        return parts, folder, old
+
     # What the album does next: (action, why) for Orchestrator.act(). The actions: download,
     # wait (for its archive), again (a new archive), refresh (fresh links for the same one),
     # by_file, recheck (the parts on disk are bad: a new archive), redownload (bad parts),
@@ -3790,6 +3845,11 @@ class DownloadTask:
     file: Optional[FileTask] = None
     done: int = 0                 # bytes written so far (by its worker)
 
+    def advance(self, meter, n):
+        """Called from the download thread: n more bytes written."""
+        self.done += n
+        meter.add(n)
+
     @property
     def size(self):
         return (self.part.size if self.part else self.file.size) or 0
@@ -3802,8 +3862,8 @@ def partial_key(album, name):
 
 class Orchestrator:
     """Routes albums between the pools and holds no policy of its own: the Scheduler says
-    what may start, the Store changes the disk, the Reporter says what happened, and each
-    stage's result goes to its handler (self.handlers: one per kind of work).
+    what may start, the AlbumRun what an album does next, the Store changes the disk, the
+    Reporter says what happened; each stage's result goes to its handler (self.handlers).
 
     One error policy: a LocalWriteError fails its album, and stops new work when it is
     fatal (a full disk, output_dir, the state); anything else a worker raises is its
@@ -3826,17 +3886,14 @@ class Orchestrator:
         self.runs = {}                          # AlbumKey -> AlbumRun of this run
         self.owned_at_start = {PathOwners._key(r.path): k for k, r in state.albums.items()}
         self.seen_nodes, self.seen_paths, self.include_hits, self.found_keys = set(), set(), set(), set()
-        self.probes = LOOK_FIRST_PROBES         # new albums left that look first while none has paid
-        self.reused = False                     # an archive SmugMug already had was reused this run
-        self.walk_complete = True
-        self.halt = False                       # stop new work (a fatal write error, SmugMug unreachable)
+        self.walk_complete, self.halt = True, False     # halt: start nothing new (a fatal write error...)
         self.dry_counts = collections.defaultdict(lambda: [0, 0])   # status -> [albums, images]
         self.dry_lines = []                     # (path, line) of a dry run, printed in path order
         self.bytes_known = 0
         self.nickname = None                    # the account's, once found (the walk has begun)
-        self.handlers = {"root": self.on_root, "walk": self.on_walk, "details": self.on_details,
-                         "request": self.on_request, "look": self.on_look, "download": self.on_download,
-                         "check": self.on_check, "fetch": self.on_fetch, "wait": lambda payload, result: None}
+        self.handlers = {"walk": self.on_walk, "details": self.on_details, "request": self.on_request,
+                         "look": self.on_look, "download": self.on_download, "check": self.on_check,
+                         "fetch": self.on_fetch, "wait": lambda run, result: None}
 
     # -- the loop --
 
@@ -3864,51 +3921,56 @@ class Orchestrator:
         if self.halt:
             return
         for run in self.scheduler.requests():
-            self.request(run)
+            run.to("requesting")
+            run.asked_at = time.monotonic()
+            run.first_asked_at, run.looks = run.first_asked_at or run.asked_at, 0   # the timeout spans re-requests
+            self.submit("request", "request", (run, run.generation), request_archive, self.client, run.album,
+                        run.ticket, self.scheduler.look_first(run, run.album.album_key in self.state.requested))
         for run in self.scheduler.looks_now():
             self.submit("look", "look", (run, run.generation), look_at_archive, self.client, run.album, run.ticket)
         for task in self.scheduler.downloads():
             task.run.running[task.generation] += 1
-            progress = functools.partial(self.progress, task)
-            if task.part is not None:
-                self.submit("download", "download", task, download_part, self.client, self.store, task.part,
-                            task.temp, task.resume_ok, progress, task.run.cancel)
-            else:
-                self.submit("download", "fetch", task, fetch_file, self.client, self.store, task.file, task.temp,
-                            task.resume_ok, progress, task.run.cancel)
+            stage, what = (download_part, task.part) if task.part is not None else (fetch_file, task.file)
+            self.submit("download", "download" if task.part is not None else "fetch", task, stage, self.client,
+                        self.store, what, task.temp, task.resume_ok,
+                        functools.partial(task.advance, self.reporter.meter), task.run.cancel)
         if self.scheduler.paused() and "wait" not in (kind for kind, _ in self.futures.values()):
             self.submit("walk", "wait", None, self.client.link.wait_up)   # someone probes the link
         if not self.futures:
             self.client.stop.wait(self.scheduler.timeout())
 
-    def progress(self, task, n):
-        """Called from download threads: bytes written."""
-        task.done += n
-        self.reporter.meter.add(n)
-
     def finished(self, future):
-        """A finished piece of work: its result goes to its handler; errors by the one policy."""
+        """A finished piece of work: its result goes to its handler, unless it is stale (its album
+        gave up the archive it was for); errors go by the one policy."""
         kind, payload = self.futures.pop(future)
         if kind == "root":              # no account to back up: its errors end the run, the caller says why
-            return self.on_root(payload, future.result())
+            return self.on_root(future.result())
+        run, generation = (payload.run, payload.generation) if isinstance(payload, DownloadTask) else \
+            payload if isinstance(payload, tuple) else (None, None)
         if isinstance(payload, DownloadTask):
             self.scheduler.download_done(payload)
-            payload.run.running[payload.generation] -= 1
-            run = payload.run
-        else:
-            run = payload[0] if isinstance(payload, tuple) else None
+            run.running[generation] -= 1
+        live = run is None or (generation == run.generation and run.state not in ("done", "failed"))
         try:
             try:
                 result = future.result()
             except (AuthError, Interrupted, Unreachable, OutputClosed, LocalWriteError, PathTaken):
                 raise
-            except BackupError as exc:
-                return self.work_failed(kind, payload, exc)
-            except Exception as exc:       # a bug or an unforeseen answer: fail this piece, go on
-                log.debug("unexpected error in %s", kind, exc_info=True)
-                return self.work_failed(kind, payload, BackupError("%s: %s" % (type(exc).__name__,
-                                                                                 redact_urls(exc))))
-            self.handlers[kind](payload, result)
+            except Exception as exc:
+                if not isinstance(exc, BackupError):     # a bug or an unforeseen answer: this piece fails
+                    log.debug("unexpected error in %s", kind, exc_info=True)
+                    exc = BackupError("%s: %s" % (type(exc).__name__, redact_urls(exc)))
+                if kind == "look":
+                    self.scheduler.looked(run, False)
+                if kind == "walk":
+                    return self.walk_failed(payload, exc)
+                if not live or isinstance(exc, Abandoned):
+                    return                      # a download of an archive given up on has stopped
+                return self.file_done(payload, exc) if kind == "fetch" else self.act(run, *run.after_error(kind, exc))
+            if kind == "look":
+                self.scheduler.looked(run, result[0] == "complete")
+            if live:
+                self.handlers[kind](payload if kind in ("walk", "download", "fetch") else run, result)
         except LocalWriteError as exc:
             if exc.fatal:
                 self.stop_new_work(str(exc))
@@ -3925,62 +3987,44 @@ class Orchestrator:
             self.fail(run, "internal error: %s: %s" % (type(exc).__name__, redact_urls(exc)),
                       where=getattr(payload, "path", None))
 
-    def work_failed(self, kind, payload, exc):
-        """A stage raised: what that means for its album (or folder)."""
-        if kind == "walk":
-            where = "/".join(payload.path) or "the root folder"
-            self.walk_complete = False
-            if isinstance(exc, NotFound):
-                log.warning("folder %s is gone (404): skipped", where)
-            else:
-                self.fail(None, "could not list folder: %s" % exc, where=payload.path)
-            return
-        run = payload.run if isinstance(payload, DownloadTask) else payload[0]
-        if kind == "look":
-            self.scheduler.looked(run, False)
-        stale = (payload.generation if isinstance(payload, DownloadTask) else payload[1]) != run.generation
-        if stale or run.state in ("done", "failed") or isinstance(exc, Abandoned):
-            self.start_work()           # a download of an archive given up on has stopped
-        elif kind == "fetch":
-            self.file_done(payload, exc)
-        else:
-            self.act(run, *run.after_error(kind, exc))
-
     # -- walk --
 
-    def on_root(self, _payload, result):
-        nickname, root = result
-        self.nickname = nickname
+    def on_root(self, result):
+        self.nickname, root = result
         if self.options.dry_run:
             log.info("Dry run of account %s against the backup in %s (nothing is downloaded or written)",
-                     nickname, self.out)
+                     self.nickname, self.out)
         else:
-            log.info("Backing up account %s into %s", nickname, self.out)
+            log.info("Backing up account %s into %s", self.nickname, self.out)
         self.seen_nodes.add(root.node_id)
         self.submit("walk", "walk", root, walk_folder, self.client, root)
+
+    def walk_failed(self, folder, exc):
+        self.walk_complete = False
+        if isinstance(exc, NotFound):
+            log.warning("folder %s is gone (404): skipped", "/".join(folder.path) or "the root folder")
+        else:
+            self.fail(None, "could not list folder: %s" % exc, where=folder.path)
 
     def on_walk(self, folder, result):
         folders, albums, skipped, short = result
         if short:
-            self.walk_complete = False
-            self.fail(None, "could not list folder: %s children" % short, where=folder.path)
+            self.walk_failed(folder, "%s children" % short)
         for where, why in skipped:
-            if not is_selected(where, self.options.includes, self.options.excludes):
-                continue
-            self.dry_counts["skipped"][0] += 1
-            if why.startswith("album without"):      # an album the run cannot back up: found, and failed
-                self.summary.albums_found += 1
-                self.fail(None, why, where=where.split("/"), folder=False)
-            else:
-                log.warning("skipping %s: %s", where, why)
+            if is_selected(where, self.options.includes, self.options.excludes):
+                self.dry_counts["skipped"][0] += 1
+                if not why.startswith("album without"):
+                    log.warning("skipping %s: %s", where, why)
+                else:                               # an album the run cannot back up: found, and failed
+                    self.summary.albums_found += 1
+                    self.fail(None, why, where=where.split("/"), folder=False)
         self.seen_paths.update("/".join(item.path) for item in folders + albums)
         for sub in folders:
-            if sub.node_id in self.seen_nodes or self.halt:
+            rel = "/".join(sub.path)
+            if sub.node_id in self.seen_nodes or self.halt or not folder_may_match(rel, self.options.includes,
+                                                                                    self.options.excludes):
                 continue
             self.seen_nodes.add(sub.node_id)
-            rel = "/".join(sub.path)
-            if not folder_may_match(rel, self.options.includes, self.options.excludes):
-                continue
             if not self.options.dry_run and is_selected(rel, self.options.includes, self.options.excludes):
                 try:
                     self.store.make_folders(rel)
@@ -3993,8 +4037,7 @@ class Orchestrator:
             if album.node_id not in self.seen_nodes:
                 self.seen_nodes.add(album.node_id)
                 self.found(album)
-        if self.options.dry_run:
-            self.dry_lines_ready()
+        self.dry_lines_ready()
 
     def found(self, album):
         """An album the walk found: where it goes, whether it moved, what it needs."""
@@ -4020,38 +4063,34 @@ class Orchestrator:
         else:
             self.submit("request", "details", (run, run.generation), fetch_details, self.client, album)
 
-    def on_details(self, payload, album):
-        payload[0].album = album
-        self.route(payload[0])
-        if self.options.dry_run:
-            self.dry_lines_ready()
+    def on_details(self, run, album):
+        run.album = album
+        self.route(run)
+        self.dry_lines_ready()
 
     def route(self, run):
         """Decide what an album needs once its timestamps are known (or it is new)."""
         album, record = run.album, run.record
-        status = (classify(album, record, self.out, self.config.recheck_days)
-                  if album.has_details or record else "new")
+        status = classify(album, record, self.out, self.config.recheck_days) if album.has_details or record else "new"
         if self.options.dry_run:
             return self.reporter.dry_run(run, status, self.dry_lines, self.dry_counts)
         if status == "unchanged":
             self.summary.unchanged += 1
-            return
-        if self.halt:
-            return
-        run.reason = status
-        self.runs[album.album_key] = run
-        if album.image_count == 0:
-            self.emptied(run)
-        elif status in ("recheck", "due"):
-            run.from_disk = True
-            self.check(run)
-        else:
-            run.to("waiting")
-            self.scheduler.want_archive(run)
+        elif not self.halt:
+            run.reason = status
+            self.runs[album.album_key] = run
+            if album.image_count == 0:
+                self.emptied(run)
+            elif status in ("recheck", "due"):
+                run.from_disk = True
+                self.check(run)
+            else:
+                run.to("waiting")
+                self.scheduler.want_archive(run)
 
     def dry_lines_ready(self):
         """Lines of a dry run that no folder still being listed can precede: printed now."""
-        if not any(kind == "root" for kind, _ in self.futures.values()):
+        if self.options.dry_run and not any(kind == "root" for kind, _ in self.futures.values()):
             self.reporter.dry_lines_ready(self.dry_lines, [
                 tuple(payload.path) if kind == "walk" else payload[0].album.path
                 for kind, payload in self.futures.values() if kind in ("walk", "details")])
@@ -4059,42 +4098,24 @@ class Orchestrator:
     def emptied(self, run):
         """An album with no images: its folder; the files kept from before stay (and the summary says so)."""
         record = run.record
-        if record and record.files:
-            self.store.save_record(replace(record, last_updated=run.album.last_updated,
-                                           images_last_updated=run.album.images_last_updated))
-            self.summary.emptied.append(run.album.rel)
-            log.warning("%s is empty on SmugMug now: its %d file%s from before are kept", run.album.rel,
-                        len(record.files), plural(len(record.files)))
-            run.to("done")
-            return
-        run.plan = AlbumPlan((), {})
-        self.commit(run)
+        if not (record and record.files):
+            run.plan = AlbumPlan((), {})
+            return self.commit(run)
+        self.store.save_record(replace(record, last_updated=run.album.last_updated,
+                                       images_last_updated=run.album.images_last_updated))
+        self.summary.emptied.append(run.album.rel)
+        log.warning("%s is empty on SmugMug now: its %d file%s from before are kept", run.album.rel,
+                    len(record.files), plural(len(record.files)))
+        run.to("done")
 
     # -- request and look --
 
-    def request(self, run):
-        run.to("requesting")
-        run.asked_at = time.monotonic()
-        run.first_asked_at = run.first_asked_at or run.asked_at   # the timeout spans re-requests
-        run.looks = 0
-        look_first = run.record is not None or run.album.album_key in self.state.requested or self.probe()
-        self.submit("request", "request", (run, run.generation), request_archive, self.client, run.album,
-                    run.ticket, look_first)
-
-    def probe(self):
-        """Should a new album look for an archive SmugMug already has (one asked for on the
-        web, or by a run whose state was lost) before asking for one? The first
-        LOOK_FIRST_PROBES do; the others only once such a look has paid."""
-        self.probes -= 1
-        return self.reused or self.probes >= 0
-
-    def on_request(self, payload, result):
-        run, generation = payload
+    def on_request(self, run, result):
         album, state, parts, ticket = result
-        if generation != run.generation or run.state != "requesting":
+        if run.state != "requesting":
             return
         run.album, run.ticket = album, ticket
-        self.reused = self.reused or (not ticket.posted and state in ("complete", "preparing"))
+        self.scheduler.reused = self.scheduler.reused or (not ticket.posted and state in ("complete", "preparing"))
         if ticket.posted:
             self.state.set_requested(album.album_key, True)
         if state == "empty":
@@ -4102,15 +4123,12 @@ class Orchestrator:
             return self.emptied(run)
         self.archive_state(run, state, parts)
 
-    def on_look(self, payload, result):
-        run, generation = payload
+    def on_look(self, run, result):
         state, parts, ticket = result
-        self.scheduler.looked(run, state == "complete")
-        if generation != run.generation or run.state != "preparing":
-            return
-        run.ticket = ticket
-        run.looks += 1
-        self.archive_state(run, state, parts)
+        if run.state == "preparing":
+            run.ticket = ticket
+            run.looks += 1
+            self.archive_state(run, state, parts)
 
     def archive_state(self, run, state, parts):
         """What SmugMug said of the archive the album waits for."""
@@ -4121,21 +4139,21 @@ class Orchestrator:
         """Do what the album decided (AlbumRun.after_*)."""
         if action == "download":
             self.scheduler.prepared_archive(run, sum(p.size or 0 for p in parts))
-            self.download(run, parts)
+            run.to("downloading")
+            names = part_file_names(parts)
+            self.store.make_folders(run.album.rel)
+            run.parts, run.sizes, run.outstanding = {names[p.part]: p for p in parts}, {}, len(parts)
+            for p in parts:
+                self.queue_download(run, names[p.part], part=p)
         elif action == "wait":
             if run.state == "requesting":
                 run.to("preparing")
             self.scheduler.preparing(run, run.asked_at)
         elif action in ("again", "recheck"):     # a new archive, a little later (DateAdded has whole
             if why:                               # seconds: the new one is told apart by its second)
-                log.warning("%s: %s; requesting a new %s", run.album.rel, why,
-                            "one" if action == "again" else "archive")
+                log.warning("%s: %s; requesting a new %s", run.album.rel, why, "one" if action == "again" else "archive")
             self.scheduler.leave(run)
-            run.abandon_archive()
-            if action == "again":
-                run.ticket = run.ticket.given_up()
-            run.from_disk, run.reason = False, "changed" if action == "recheck" else run.reason
-            run.to("waiting")
+            run.new_archive(given_up=action == "again")
             self.scheduler.want_archive(run, REQUEST_AGAIN_DELAY if action == "again" else 0.0)
         elif action == "refresh":
             log.debug("%s: %s; looking up the archive again for fresh links", run.album.rel, why)
@@ -4167,53 +4185,29 @@ class Orchestrator:
 
     def queue_download(self, run, name, part=None, file=None, resume=True):
         """Queue a part or a file; a NAME.part is resumed only if the state says it holds the same."""
-        temp = self.store.abs(partial_key(run.album, name)) + ".part"
         key = partial_key(run.album, name)
-        identity = part.identity if part else "file|%s|%s|%s" % (file.key, file.size, file.md5)
-        partial = Partial(run.album.album_key, identity)
+        partial = Partial(run.album.album_key, part.identity if part else "file|%s|%s|%s" % (
+            file.key, file.size, file.md5))
         resume_ok = resume and self.state.partials.get(key) == partial
         if not resume_ok:
             self.state.set_partial(key, partial)
         self.bytes_known += (part.size if part else file.size) or 0
-        self.scheduler.queue_download(DownloadTask(run, run.generation, name, temp, resume_ok, part, file))
-
-    def download(self, run, parts):
-        run.to("downloading")
-        names = part_file_names(parts)
-        self.store.make_folders(run.album.rel)
-        run.parts, run.sizes, run.outstanding = {names[p.part]: p for p in parts}, {}, len(parts)
-        for p in parts:
-            self.queue_download(run, names[p.part], part=p)
+        self.scheduler.queue_download(DownloadTask(run, run.generation, name, self.store.abs(key) + ".part",
+                                                   resume_ok, part, file))
 
     def on_download(self, task, size):
-        run = task.run
-        if task.generation != run.generation or run.state != "downloading":
-            return
-        run.sizes[task.name] = size
-        run.outstanding -= 1
-        if run.outstanding == 0:
-            self.check(run)
+        if task.run.state == "downloading" and task.run.part_done(task.name, size):
+            self.check(task.run)
 
     def check(self, run):
         """List the album's files and test its zips (the parts just downloaded, or those on disk)."""
         run.to("checking")
         folder = self.store.abs(run.album.rel)
-        if run.by_file:
-            parts = []
-        elif run.from_disk:
-            parts = [(f.name, os.path.join(folder, f.name)) for f in run.record.parts]
-        else:
-            parts = [(name, os.path.join(folder, name) + ".part") for name in sorted(run.parts)]
-        old = None
-        if run.record and run.record.path == run.album.rel:
-            old = OldBackup(folder, frozenset(f.name for f in run.record.files if f.kind == "file"),
-                            light=run.reason == "due")
-        self.submit("check", "check", (run, run.generation), check_album, self.client, run.album, parts,
-                    folder, old)
+        self.submit("check", "check", (run, run.generation), check_album, self.client, run.album,
+                    *run.check_inputs(folder))
 
-    def on_check(self, payload, plan):
-        run, generation = payload
-        if generation != run.generation or run.state != "checking":
+    def on_check(self, run, plan):
+        if run.state != "checking":
             return
         self.summary.files_checked += plan.files_checked
         if plan.bad_parts:
@@ -4231,19 +4225,9 @@ class Orchestrator:
         self.file_done(task, None, size)
 
     def file_done(self, task, exc, size=0):
-        run = task.run
-        if task.generation != run.generation or run.state != "fetching":
-            return
-        if exc is None:
-            run.fetched[task.name] = size
-            self.summary.files_fetched += 1
-        elif isinstance(exc, Refused):
-            run.missing[task.file.key] = "refused by SmugMug (%s)" % exc
-        else:
-            run.unfetched[task.file.key] = str(exc)
-        run.outstanding -= 1
-        if run.outstanding == 0:
-            self.commit(run)
+        self.summary.files_fetched += exc is None
+        if task.run.state == "fetching" and task.run.file_done(task, exc, size):
+            self.commit(task.run)
 
     # -- the commit point --
 
@@ -4272,9 +4256,7 @@ class Orchestrator:
         if run is None:
             path = "/".join(where or ())
             self.summary.failed[path + "/" if path and folder else path or "the root folder"] = reason
-            path = path or "the root folder"
-            self.reporter.album("failed: %s: %s", path, reason)
-            return
+            return self.reporter.album("failed: %s: %s", path or "the root folder", reason)
         if run.state in ("done", "failed") and not done:
             return
         if not done:
