@@ -3860,6 +3860,43 @@ def partial_key(album, name):
     return "/".join(album.path + (name,))
 
 
+class Walk:
+    """What the folder walk has seen, and what of it --include/--exclude select: the folders to
+    list, the albums found (each once), the patterns that matched, and whether it saw the whole
+    account (only then can an album be called gone)."""
+
+    def __init__(self, options):
+        self.includes, self.excludes = options.includes, options.excludes
+        self.nodes, self.paths, self.include_hits, self.keys = set(), set(), set(), set()
+        self.complete = True
+
+    def selected(self, rel):
+        return is_selected(rel, self.includes, self.excludes)
+
+    def folders(self, folders):
+        """The subfolders to list: each once, only where a selected album may be."""
+        self.paths.update("/".join(f.path) for f in folders)
+        fresh = [f for f in folders if f.node_id not in self.nodes
+                 and folder_may_match("/".join(f.path), self.includes, self.excludes)]
+        self.nodes.update(f.node_id for f in fresh)
+        return fresh
+
+    def albums(self, albums):
+        """The albums to back up: each once, selected (not counted otherwise)."""
+        self.paths.update(a.rel for a in albums)
+        fresh = [a for a in albums if a.node_id not in self.nodes]
+        self.nodes.update(a.node_id for a in fresh)
+        fresh = [a for a in fresh if self.selected(a.rel)]
+        for album in fresh:
+            self.include_hits.update(p for p in self.includes if path_matches([p], album.rel))
+            self.keys.add(album.album_key)
+        return fresh
+
+    def unmatched(self):
+        """The --include patterns no album matched."""
+        return [p for p in self.includes if p not in self.include_hits]
+
+
 class Orchestrator:
     """Routes albums between the pools and holds no policy of its own: the Scheduler says
     what may start, the AlbumRun what an album does next, the Store changes the disk, the
@@ -3885,8 +3922,8 @@ class Orchestrator:
         self.futures = {}                       # future -> (kind, payload)
         self.runs = {}                          # AlbumKey -> AlbumRun of this run
         self.owned_at_start = {PathOwners._key(r.path): k for k, r in state.albums.items()}
-        self.seen_nodes, self.seen_paths, self.include_hits, self.found_keys = set(), set(), set(), set()
-        self.walk_complete, self.halt = True, False     # halt: start nothing new (a fatal write error...)
+        self.walk = Walk(options)
+        self.halt = False                       # start nothing new (a fatal write error, SmugMug unreachable)
         self.dry_counts = collections.defaultdict(lambda: [0, 0])   # status -> [albums, images]
         self.dry_lines = []                     # (path, line) of a dry run, printed in path order
         self.bytes_known = 0
@@ -3996,11 +4033,11 @@ class Orchestrator:
                      self.nickname, self.out)
         else:
             log.info("Backing up account %s into %s", self.nickname, self.out)
-        self.seen_nodes.add(root.node_id)
+        self.walk.nodes.add(root.node_id)
         self.submit("walk", "walk", root, walk_folder, self.client, root)
 
     def walk_failed(self, folder, exc):
-        self.walk_complete = False
+        self.walk.complete = False
         if isinstance(exc, NotFound):
             log.warning("folder %s is gone (404): skipped", "/".join(folder.path) or "the root folder")
         else:
@@ -4011,41 +4048,30 @@ class Orchestrator:
         if short:
             self.walk_failed(folder, "%s children" % short)
         for where, why in skipped:
-            if is_selected(where, self.options.includes, self.options.excludes):
+            if self.walk.selected(where):
                 self.dry_counts["skipped"][0] += 1
                 if not why.startswith("album without"):
                     log.warning("skipping %s: %s", where, why)
                 else:                               # an album the run cannot back up: found, and failed
                     self.summary.albums_found += 1
                     self.fail(None, why, where=where.split("/"), folder=False)
-        self.seen_paths.update("/".join(item.path) for item in folders + albums)
-        for sub in folders:
-            rel = "/".join(sub.path)
-            if sub.node_id in self.seen_nodes or self.halt or not folder_may_match(rel, self.options.includes,
-                                                                                    self.options.excludes):
-                continue
-            self.seen_nodes.add(sub.node_id)
-            if not self.options.dry_run and is_selected(rel, self.options.includes, self.options.excludes):
+        for sub in self.walk.folders(folders) if not self.halt else ():
+            if not self.options.dry_run and self.walk.selected("/".join(sub.path)):
                 try:
-                    self.store.make_folders(rel)
+                    self.store.make_folders("/".join(sub.path))
                 except LocalWriteError as exc:
                     if exc.fatal:
                         raise
                     log.error("could not make folder %s", exc)      # its albums fail as they come
             self.submit("walk", "walk", sub, walk_folder, self.client, sub)
-        for album in albums:
-            if album.node_id not in self.seen_nodes:
-                self.seen_nodes.add(album.node_id)
-                self.found(album)
+        for album in self.walk.albums(albums):
+            self.found(album)
         self.dry_lines_ready()
 
     def found(self, album):
-        """An album the walk found: where it goes, whether it moved, what it needs."""
-        if not is_selected(album.rel, self.options.includes, self.options.excludes):
-            return              # outside --include/--exclude: not counted (pruned folders are not even seen)
-        self.include_hits.update(p for p in self.options.includes if path_matches([p], album.rel))
+        """An album the walk found (and --include/--exclude select): where it goes, whether it
+        moved, what it needs."""
         self.summary.albums_found += 1
-        self.found_keys.add(album.album_key)
         record = self.state.albums.get(album.album_key) or rebuilt_record(album, self.store.owners, self.out)
         album = place_album(album, record, self.owned_at_start, self.store.owners, self.out)
         run = AlbumRun(album, record, "new")
@@ -4272,7 +4298,7 @@ class Orchestrator:
             log.error("stopping new downloads: %s", why)
             self.summary.write_error = why
         self.halt = True
-        self.walk_complete = False          # folders not listed now: nothing can be called gone
+        self.walk.complete = False          # folders not listed now: nothing can be called gone
         for future, _ in list(self.futures.items()):
             if future.cancel():
                 del self.futures[future]
@@ -4285,9 +4311,9 @@ class Orchestrator:
 
     def finish(self):
         """Gone albums, clean-up and retention: only after a run that saw the whole account."""
-        whole = self.walk_complete and not self.halt and not self.client.stop.is_set()
+        whole = self.walk.complete and not self.halt and not self.client.stop.is_set()
         if whole and not self.options.includes and not self.options.excludes:
-            self.summary.gone = sorted(r.path for k, r in self.state.albums.items() if k not in self.found_keys)
+            self.summary.gone = sorted(r.path for k, r in self.state.albums.items() if k not in self.walk.keys)
         if whole and not self.options.dry_run:
             keep = {k for k, r in self.runs.items() if r.state != "done"}
             pending = {step[1] for intent in self.state.intents.values() for step in intent.get("steps") or []}
@@ -4810,7 +4836,7 @@ def run(config, options, status):
             stop.set()
             orchestrator.shutdown(wait=False)
             status.clear()
-            orchestrator.walk_complete = False
+            orchestrator.walk.complete = False
             orchestrator.finish()
             summary = orchestrator.summary
             save_state(state, summary)
@@ -4824,9 +4850,9 @@ def run(config, options, status):
             return EXIT_INTERRUPTED
         orchestrator.shutdown(wait=not stop.is_set())
         save_state(state, summary)
-        unmatched = [p for p in options.includes if p not in orchestrator.include_hits]
-        no_match = unmatched and orchestrator.walk_complete and no_match_message(
-            unmatched, orchestrator.seen_paths, options.excludes)
+        unmatched = orchestrator.walk.unmatched()
+        no_match = unmatched and orchestrator.walk.complete and no_match_message(
+            unmatched, orchestrator.walk.paths, options.excludes)
         if no_match and not summary.albums_found:
             raise UsageError(no_match)
         status.clear()
