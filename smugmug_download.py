@@ -1149,12 +1149,12 @@ class RateGate:
 
     def resumes(self):
         """When calls flow again (time.time()), while the gate holds them back for more than a
-        few seconds: closed by a Retry-After, or spread thin by a quota; else None."""
+        second: closed by a Retry-After, or spread thin by a quota; else None."""
         with self._cond:
             now = time.monotonic()
-            if self._not_before - now > 2.0:
+            if self._not_before - now > 1.0:
                 return time.time() + self._not_before - now
-            if now < self._spacing_until and self._spacing > 2.0:
+            if now < self._spacing_until and self._spacing > 1.0:
                 return time.time() + self._spacing_until - now
             return None
 
@@ -1907,13 +1907,13 @@ def body_chunks(resp):
         try:
             yield from resp.iter_content(CHUNK_SIZE)
         except requests.RequestException as exc:
-            raise LinkBroken("connection broken: %s" % short_network_error(exc)) from exc
+            raise LinkBroken(short_network_error(exc)) from exc
         return
     while True:
         try:
             chunk = raw.read1(CHUNK_SIZE, decode_content=False)   # we ask for identity
         except (urllib3.exceptions.HTTPError, requests.RequestException, HTTPException, OSError) as exc:
-            raise LinkBroken("connection broken: %s" % short_network_error(exc)) from exc
+            raise LinkBroken(short_network_error(exc)) from exc
         if not chunk:
             return
         yield chunk
