@@ -1093,6 +1093,13 @@ class RateGate:
         self._spacing = 0.0             # while calls are scarce, seconds between two calls ...
         self._spacing_until = 0.0       # ... until the window resets
         self.pressure = 0               # 429s and low-water warnings so far (read by the scheduler)
+        self.closed_seconds = 0.0       # how long the gate was closed in all (for the summary)
+
+    def _close_until(self, moment):
+        """No call before moment (monotonic); the closed time counted once."""
+        now = time.monotonic()
+        self.closed_seconds += max(0.0, moment - max(self._not_before, now))
+        self._not_before = max(self._not_before, moment)
 
     def wait(self, priority=PRIORITY["walk"]):
         """Block until the gate is open and this call's turn has come; Interrupted if the run stops."""
@@ -1121,7 +1128,7 @@ class RateGate:
     def close_for(self, seconds):
         with self._cond:
             self.pressure += 1
-            self._not_before = max(self._not_before, time.monotonic() + seconds)
+            self._close_until(time.monotonic() + seconds)
 
     def observe(self, headers):
         """Spread the calls left when the server says few are (X-RateLimit-*)."""
@@ -1145,7 +1152,7 @@ class RateGate:
             self._spacing = reset_in / (remaining + 1)
             self._spacing_until = now + reset_in
             if remaining == 0:
-                self._not_before = max(self._not_before, now + reset_in)
+                self._close_until(now + reset_in)
 
     def resumes(self):
         """When calls flow again (time.time()), while the gate holds them back for more than a
@@ -3473,8 +3480,7 @@ class Reporter:
         self.wait = None             # (kind, text) of what the run waits for now
         self.wait_since = 0.0
         self.wait_logged = None      # when the current wait was last logged (None: not yet)
-        self.waited = collections.Counter()     # kind -> seconds waited (unreachable, rate limit)
-        self.started = self._last_tick = clock()
+        self.started = clock()
 
     def album(self, text, *args):
         """One line for an album finished or failed."""
@@ -3533,9 +3539,6 @@ class Reporter:
         now = self._clock()
         self.meter.sample()
         wait = self.current_wait(orchestrator)
-        if self.wait and self.wait[0] in ("unreachable", "rate limit"):
-            self.waited[self.wait[0]] += now - self._last_tick
-        self._last_tick = now
         if (wait and wait[0]) != (self.wait and self.wait[0]):
             if self.wait and self.wait[0] == "unreachable" and self.wait_logged is not None:
                 log.info("SmugMug answers again after %s", human_seconds(now - self.wait_since))
@@ -4321,7 +4324,8 @@ class Orchestrator:
                                       if partial.album not in keep and p + ".part" not in pending])
             self.store.prune_versions(self.config.keep_versions_days)
         self.summary.versioned = self.store.versioned
-        self.summary.waited = dict(self.reporter.waited)
+        self.summary.waited = {"unreachable": self.client.link.down_seconds,
+                               "rate limit": self.client.gate.closed_seconds}
         self.summary.seconds = time.monotonic() - self.reporter.started
 
     def shutdown(self, wait):
