@@ -183,8 +183,9 @@ RATE_SPAN = 5.0           # seconds over which the download rate is measured for
 LOOK_FIRST_PROBES = 16    # new albums that look for an archive SmugMug already has before asking for one
 # Looks at archives in preparation (see LookPlanner).
 SCOUT_GROWTH = 1.2        # before any archive is ready, scout looks at waits growing by this ...
-SCOUT_SHARE = 0.004       # ... this share of the albums waiting per second waited (at least one)
-LOOK_STOCK = 3.0          # seconds of downloading queued below which more ready archives are looked for
+SCOUT_SHARE = 0.006       # ... this share of the albums waiting per second waited (at least one)
+LOOK_STOCK = 1.5          # seconds of downloading queued below which more ready archives are looked for
+LOOK_PAUSE = 0.25         # after a round of looks that found nothing, the next one this much later
 LOOK_MEMORY = 20          # looks whose outcome sets the expected success of the next ones ...
 LOOK_FLOOR = 0.15         # ... never taken as below this
 LOOK_GAP = 0.25           # an album is looked at again once its wait has grown by this share (up to
@@ -3139,6 +3140,7 @@ class LookPlanner:
         self.outcomes = collections.deque(maxlen=LOOK_MEMORY)   # the recent looks: ready or not
         self.found = 0               # archives seen ready so far
         self.scout_wait = 0.0        # the wait of the last scout looks
+        self.quiet_until = 0.0       # no round of looks before this (the last found nothing)
 
     def add(self, run, asked):
         self.albums[run] = Preparing(asked)
@@ -3152,6 +3154,8 @@ class LookPlanner:
         if item is None:
             return
         item.looking = False
+        if ready and not self.found:
+            self.outcomes.clear()           # the scouts' misses say nothing of the looks to come
         self.outcomes.append(ready)
         if ready:
             self.found += 1
@@ -3185,7 +3189,7 @@ class LookPlanner:
                 count = max(1, int(oldest * SCOUT_SHARE * len(self.albums)))
                 due = [run for run, wait in waits.items() if wait >= self.albums[run].seen * SCOUT_GROWTH]
                 chosen = sorted(due, key=lambda run: (self.albums[run].looks, -waits[run]))[:min(limit, count)]
-        else:
+        elif now >= self.quiet_until:
             share = self.gap(last)
             due = [run for run, wait in waits.items() if wait >= self.albums[run].seen * (1.0 + share)]
             due.sort(key=lambda run: (self.albums[run].looks > 0,
@@ -3193,6 +3197,8 @@ class LookPlanner:
             in_flight = sum(1 for i in self.albums.values() if i.looking)
             count = math.ceil(need / self.success()) - in_flight
             chosen = due[:max(0, min(limit, count))]
+            if chosen and not any(list(self.outcomes)[-len(chosen):]):   # the last looks found nothing:
+                self.quiet_until = now + LOOK_PAUSE                    # the next round a moment later
         for run in chosen:
             self.albums[run].looking = True
         return chosen
@@ -3313,9 +3319,9 @@ class Scheduler:
         if busy >= self.workers and stock is not None and stock >= LOOK_STOCK:
             return []
         album_bytes = self.prepared_bytes / self.prepared if self.prepared and self.prepared_bytes else 0
-        if self.link_rate and album_bytes and stock is not None:
-            need = max(1.0, (LOOK_STOCK - stock) * self.link_rate / album_bytes)
-        else:
+        if self.link_rate and album_bytes and stock is not None:        # what fills the stock, a worker's
+            need = min(float(self.workers), max(1.0, (LOOK_STOCK - stock) * self.link_rate / album_bytes))
+        else:                                                            # worth at a time at most
             need = float(max(1, self.workers - busy))
         looking = sum(1 for i in self.looks.albums.values() if i.looking)
         return self.looks.plan(self._clock(), need, self.workers - looking, self.last_few())

@@ -22,6 +22,7 @@ These report a failing tool (MISSED) rather than stop on it.
 """
 
 import argparse
+import datetime
 import contextlib
 import json
 import os
@@ -102,14 +103,15 @@ def images_of(rng, total, count):
     return [{"file_name": "IMG_%04d.JPG" % i, "size": max(1, int(s * scale))} for i, s in enumerate(sizes)]
 
 
-def build_account(fake, albums=120, seed=7, size=(2 * MB, 6 * MB), prep=(1.0, 3.0), prep_of=None):
-    """Albums in 3 folder levels, 5-15 images each; {key: (preparation seconds, archive bytes)}.
+def build_account(fake, albums=120, seed=7, size=(2 * MB, 6 * MB), prep=(1.0, 3.0), prep_of=None, levels=(4, 3, 2)):
+    """Albums in folder levels (4 tops, 3 folders in each, 2 in each of those: 24 leaf folders
+    by default), 5-15 images each; {key: (preparation seconds, archive bytes)}.
     prep_of(rng): an album's preparation seconds, instead of uniform over prep."""
     rng = random.Random(seed)
     info = {}
-    tops = [fake.add_folder("Top %d" % i) for i in range(4)]
-    mids = [fake.add_folder("Mid %d" % j, top) for top in tops for j in range(3)]
-    leaves = [fake.add_folder("Leaf %d" % k, mid) for mid in mids for k in range(2)]
+    leaves = [None]
+    for depth, count in enumerate(levels):
+        leaves = [fake.add_folder("Folder %d-%d" % (depth, i), parent) for parent in leaves for i in range(count)]
     for i in range(albums):
         total = rng.randint(*size)
         key = fake.add_album("Album %03d" % i, leaves[i % len(leaves)],
@@ -338,13 +340,15 @@ def backup_run(fake, config, folder, timeout=900, dry_run_first=True):
         code, wall, _, _ = run_measured(tool(config), stderr=err, env=env)
     with open(err_path) as f:
         lines = f.read().splitlines()
-    failed = [int(m.group(1)) for m in (re.match(r"Error: (\d+) albums? failed:", line) for line in lines) if m]
-    not_attempted = [int(m.group(1)) for m in (re.search(r"(\d+) not attempted\)", line) for line in lines) if m]
+    summary = [m for m in (re.match(r"(Done|Stopped|Interrupted) after .*, (\d+) failed, (\d+) not attempted",
+                                     line) for line in lines) if m]
     calls = api_calls_by_kind(fake)
     n = max(1, len([a for a in fake.albums.values() if a.images]))
     return {"code": code, "wall": wall, "walk": walk, "calls": calls,
             "per_album": sum(v for k, v in calls.items() if k != "walk") / n,
-            "failed": failed[-1] if failed else 0, "not_attempted": not_attempted[-1] if not_attempted else 0,
+            "per_album_walk": sum(calls.values()) / n,
+            "failed": int(summary[-1].group(2)) if summary else 0,
+            "not_attempted": int(summary[-1].group(3)) if summary else 0,
             "last": lines[-1][:90] if lines else ""}
 
 
@@ -355,23 +359,24 @@ def long_tail(rng):
 
 def scenario_prep_spread(rows, keep):
     """Five accounts of 80 albums (seeds 21-25) with preparation uniform over 8-20 s, and one
-    (seed 26) with a long tail (5-60 s); 60 MB/s, 30 ms per API call, 5-20 MB per album. One
-    row per account, then the worst account for each measure."""
+    (seed 26) with a long tail (5-60 s); 60 MB/s, 30 ms per API call, 5-20 MB per album, in 8
+    folders of 4 (two levels). One row per account, then the worst account for each measure.
+    API calls per album: everything (walk, requests, looks, listings) over the 80 albums."""
     accounts = [(seed, "prep 8-20 s", {"prep": (8.0, 20.0)}) for seed in range(21, 26)]
     accounts.append((26, "prep 5-60 s, long tail", {"prep_of": long_tail}))
     results = []
     for seed, label, build in accounts:
         with account(keep, "prepspread%d" % seed, 60 * MB, albums=80, seed=seed, size=(5 * MB, 20 * MB),
-                     **build) as (fake, info, config):
+                     levels=(4, 2), **build) as (fake, info, config):
             got = backup_run(fake, config, os.path.dirname(config))
             bound = bound_of(info, fake.bandwidth, got["walk"])
             ratio = got["wall"] / bound
             total = sum(size for _, size in info.values())
-            results.append((seed, ratio, got["per_album"], got["code"]))
-            detail = ", ".join("%s %.2f" % (k, v / len(info)) for k, v in got["calls"].items() if k != "walk")
+            results.append((seed, ratio, got["per_album_walk"], got["code"]))
+            detail = ", ".join("%s %.2f" % (k, v / len(info)) for k, v in got["calls"].items())
             rows.append(("prep-spread", "seed %d: %s, %.0f MB" % (seed, label, total / MB),
                          "wall/bound %.2f (%.1f s / %.1f s); %.2f calls/album (%s); exit %d" % (
-                             ratio, got["wall"], bound, got["per_album"], detail, got["code"]),
+                             ratio, got["wall"], bound, got["per_album_walk"], detail, got["code"]),
                          "" if got["code"] == 0 else "exit 0: MISSED"))
     worst_ratio = max(results, key=lambda r: r[1])
     worst_calls = max(results, key=lambda r: r[2])
@@ -433,16 +438,51 @@ def scenario_quota(rows, keep):
         rows.append(("quota", "API calls inside a closed window", "%d" % len(inside), "0: %s" % ok(not inside)))
 
 
+def scenario_recheck(rows, keep):
+    """2,000 albums of one small photo in 100 folders: a first backup, a rerun the same day, and
+    a rerun as the next night (every album's last listing moved a day back in the state): the
+    per-album calls of each rerun (the rolling recheck lists about 1/30 of the albums a night)."""
+    fake = fake_smugmug.FakeSmugMug().start()
+    fake.prep_seconds = 0.01
+    folders = [fake.add_folder("Year %d" % i) for i in range(100)]
+    for i in range(2000):
+        fake.add_album("Album %04d" % i, folders[i % 100], sizes=(500,))
+    folder = tempfile.mkdtemp(prefix="bench-recheck-")
+    config = write_config(folder, fake)
+    code, wall, _, _ = run_measured(tool(config, "--workers", "16", "--max-preparing", "500"))
+    rows.append(("recheck", "first backup of 2,000 albums", "%.1f s, exit %d" % (wall, code), ""))
+    for label, days in (("rerun the same day", 0), ("rerun the next night", 1)):
+        if days:
+            path = os.path.join(folder, "backup", ".smugmug_download", "state.json")
+            with open(path) as f:
+                state = json.load(f)
+            for record in state["albums"].values():
+                moment = datetime.datetime.fromisoformat(record["Listed"]) - datetime.timedelta(days=days)
+                record["Listed"] = moment.isoformat()
+            with open(path, "w") as f:
+                json.dump(state, f)
+        fake.log.clear()
+        code, wall, _, _ = run_measured(tool(config))
+        calls = api_calls_by_kind(fake)
+        per_album = calls["archive GET"] + calls["POST"] + calls["images"] + calls["other"]
+        rows.append(("recheck", label, "%.1f s, exit %d; %d walk calls, %d per-album calls (%d listings, %d POST)"
+                     % (wall, code, calls["walk"], per_album, calls["images"], calls["POST"]),
+                     "about 2000/30 = 67 on the night, 0 the same day"))
+    fake.stop()
+    if not keep:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 SCENARIOS = {"account": scenario_account, "slow-prep": scenario_slow_prep, "slow-link": scenario_slow_link,
              "walk": scenario_walk, "prep-spread": scenario_prep_spread, "outage": scenario_outage,
-             "quota": scenario_quota}
+             "quota": scenario_quota, "recheck": scenario_recheck}
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--scenarios", default="account,slow-prep,slow-link,big,walk",
                         help="comma-separated: account (with rerun and verify), slow-prep, slow-link, big, walk; "
-                             "not by default: prep-spread, outage, quota")
+                             "not by default: prep-spread, outage, quota, recheck")
     parser.add_argument("--big-mib", type=int, default=1024, help="size of the big archive")
     parser.add_argument("--keep", action="store_true", help="keep the temporary backups")
     args = parser.parse_args(argv)
