@@ -188,7 +188,7 @@ LOOK_STOCK = 1.5          # seconds of downloading queued below which more ready
 LOOK_PAUSE = 0.25         # after a round of looks that found nothing, the next one this much later
 LOOK_MEMORY = 20          # looks whose outcome sets the expected success of the next ones ...
 LOOK_FLOOR = 0.15         # ... never taken as below this
-LOOK_GAP = 0.25           # an album is looked at again once its wait has grown by this share (up to
+LOOK_GAP = 0.35           # an album is looked at again once its wait has grown by this share (up to
                           # three times more while fewer than half the looks find their archive ready) ...
 LOOK_GAP_LAST = 0.08      # ... or by this share for the last few, the slowest of which sets the run's end
 
