@@ -173,6 +173,7 @@ CHUNK_SIZE = 1024 * 1024  # measured: 1 MiB reads cost a fifth of the CPU of 256
 MAX_NAME_BYTES = 200
 STATUS_INTERVAL = 0.1     # the progress line is redrawn at most ten times a second
 STATUS_RATE_SPAN = 10.0   # seconds over which the status line's rate is measured
+ETA_ARCHIVES = 5          # archives listed before the time left is told (the rest counted at their average)
 WAIT_LOG_INTERVAL = 60.0  # a wait is logged when it starts, when it changes, and once a minute
 # The preparation window (albums requested and not yet downloading), sized as the run goes.
 WINDOW_START = 32         # albums asked for at once before anything is known
@@ -3580,15 +3581,17 @@ class Reporter:
         done = s.backed_up + s.unchanged
         known = max(orchestrator.bytes_known, self.meter.done)
         parts = [(1, "%d of %d album%s" % (done, s.albums_found, plural(s.albums_found))),
-                 (2, "%s of %s" % (human_bytes(self.meter.done), human_bytes(known)))]
+                 (2, "%s of %s" % (human_bytes(self.meter.done), human_bytes(known)) if known else "")]
         rate = self.meter.rate(STATUS_RATE_SPAN)
+        left = self.bytes_left(orchestrator)
+        if left is not None and left[1]:           # a total extrapolated from the archives seen
+            parts[1] = (2, "%s of about %s" % (human_bytes(self.meter.done), human_bytes(self.meter.done + left[0])))
         if wait and wait[0] != "preparation" or not rate:
             parts.append((1, wait[1] if wait else ""))
         else:
             parts.append((1, "%s/s" % human_bytes(rate)))
-            left = self.bytes_left(orchestrator)
             if left is not None:
-                parts.append((1, human_eta(left / rate)))
+                parts.append((1, human_eta(left[0] / rate)))
         if s.failed:
             parts.append((2, "%d failed" % len(s.failed)))
         if self.options.verbose:
@@ -3599,15 +3602,17 @@ class Reporter:
 
 
     def bytes_left(self, orchestrator):
-        """Bytes still to download, once it can be told: the walk done, the known sizes and, for
-        albums whose archive is not yet listed, the average album seen so far."""
+        """(bytes still to download, extrapolated?) once it can be told: the walk done, and a few
+        archives listed (the albums whose archive is not yet listed counted at the average
+        archive seen so far); else None."""
         if any(kind in ("root", "walk", "details") for kind, _ in orchestrator.futures.values()):
             return None
         unknown = orchestrator.count("new", "waiting", "requesting", "preparing")
         prepared, size = orchestrator.scheduler.prepared, orchestrator.scheduler.prepared_bytes
-        if unknown and prepared < 3:
+        if unknown and prepared < ETA_ARCHIVES:
             return None
-        return max(0, orchestrator.bytes_known - self.meter.done) + (unknown * size / prepared if unknown else 0)
+        known = max(0, orchestrator.bytes_known - self.meter.done)
+        return (known + unknown * size / prepared, True) if unknown else (known, False)
 
 
 def plural(n):

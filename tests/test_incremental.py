@@ -62,8 +62,10 @@ def test_changes_touch_add_delete_rename(sample, run):
     assert len(sample.calls("post")) == posts_before
 
 
-def test_changed_album_drops_obsolete_parts(fake, run):
-    """When a changed album's new archive has fewer parts, the old extra parts are removed."""
+def test_changed_album_moves_obsolete_parts_to_versions(fake, run):
+    """When a changed album's new archive has fewer parts, the old parts leave the album's folder
+    for versions/<run start>/ (byte for byte: nothing a run saved is deleted); a file of the
+    user's own in the folder stays."""
     key = fake.add_album("Shrinks", sizes=(1000, 1000, 1000))
     assert run()[0] == 0
     assert len(os.listdir(run.out / "Shrinks")) == 3 + 1        # and its metadata.json
@@ -74,6 +76,10 @@ def test_changed_album_drops_obsolete_parts(fake, run):
     assert run()[0] == 0
     assert sorted(os.listdir(run.out / "Shrinks")) == sorted(["%s.zip" % key, "keep-me.txt", sd.MANIFEST_NAME])
     assert tree(run.out)["Shrinks/%s.zip" % key] == fake.expected_parts(key)["%s.zip" % key]
+    versions = run.out / sd.STATE_DIR / sd.VERSIONS_DIR
+    (stamp,) = os.listdir(versions)
+    assert sorted(os.listdir(versions / stamp / "Shrinks")) == sorted(["%s-%d.zip" % (key, i) for i in (1, 2, 3)]
+                                                                    + [sd.MANIFEST_NAME])
 
 
 def test_killed_download_resumes_with_range(fake, tmp_path):
