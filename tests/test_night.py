@@ -119,6 +119,7 @@ def test_expired_archive_links_are_looked_up_again_after_a_sleep(fake, run):
         while not fake.calls("archive"):
             time.sleep(0.01)
         fake.expire_links()
+        fake.cut_connections()         # waking up: the downloads in flight lost their connections
         slept.set()
     threading.Thread(target=sleep_once, daemon=True).start()
     code, _, err = run()
