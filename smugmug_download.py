@@ -802,6 +802,11 @@ def run_stamp(now=None):
     return time.strftime(STAMP_FORMAT, time.gmtime(time.time() if now is None else now))
 
 
+def stamp_time(stamp):
+    """The epoch seconds a run stamp names; ValueError for a name that is not one."""
+    return datetime.datetime.strptime(stamp, STAMP_FORMAT).replace(tzinfo=datetime.timezone.utc).timestamp()
+
+
 def parse_retry_after(value, now=None):
     """Seconds to wait from a Retry-After header (seconds or an HTTP date), capped; None if unusable."""
     if value is None:
@@ -1143,8 +1148,9 @@ class RateGate:
             if remaining >= low:
                 self._spacing_until = 0.0
                 return
-            try:
-                reset_in = float(headers.get("X-RateLimit-Reset", "")) - time.time()
+            try:                          # epoch seconds, or (a value no epoch has) seconds from now
+                reset_in = float(headers.get("X-RateLimit-Reset", ""))
+                reset_in -= time.time() if reset_in > 1e9 else 0.0
             except (TypeError, ValueError):
                 reset_in = 10.0
             reset_in = max(0.0, min(reset_in, RETRY_AFTER_CAP))
@@ -1731,14 +1737,14 @@ def fetch_details(client, album):
     return with_details(album, details)
 
 
-def request_archive(client, album, ticket, look_first):
+def request_archive(client, album, ticket, look_first, reuse=True):
     """Stage of the request pool: (album, state, parts, ticket).
 
     look_first (a changed album, or one the state remembers asking an archive
     for): list what SmugMug has first; an archive dated after the album's last
-    change is reused, complete or in preparation, and every other one listed is
-    stale from then on. Otherwise, or with a ticket given up on, a new archive
-    is asked for.
+    change is reused (unless not reuse: a change its timestamps do not show),
+    complete or in preparation, and every other one listed is stale from then
+    on. Otherwise, or with a ticket given up on, a new archive is asked for.
     """
     album = fetch_details(client, album)
     if album.image_count == 0:
@@ -1746,7 +1752,7 @@ def request_archive(client, album, ticket, look_first):
     if not ticket.posted:
         existing = list_archives(client, album) if look_first else []
         state, parts, chosen = read_archive(existing, album, ticket)
-        if state in ("complete", "preparing") and chosen.seen:
+        if reuse and state in ("complete", "preparing") and chosen.seen:
             others = [p for p in existing if part_key(p) not in chosen.seen]
             return album, state, parts, replace(chosen, stale=chosen.stale | {part_key(p) for p in others})
         ticket = ticket.after_listing(existing)
@@ -2279,10 +2285,10 @@ class Store:
 
     def __init__(self, root, stamp, state=None):
         self.root = root
-        folder, n = os.path.join(root, STATE_DIR, VERSIONS_DIR), 1
-        while os.path.lexists(os.path.join(folder, stamp if n == 1 else "%s-%d" % (stamp, n))):
-            n += 1                       # a run that started in the same second
-        self.stamp = stamp if n == 1 else "%s-%d" % (stamp, n)   # the run's start, UTC: its versions folder
+        folder = os.path.join(root, STATE_DIR, VERSIONS_DIR)
+        while os.path.lexists(os.path.join(folder, stamp)):    # a run that started in the same second
+            stamp = run_stamp(stamp_time(stamp) + 1)   # takes the next second's name
+        self.stamp = stamp               # the run's start, UTC: its versions folder
         self.state = state               # the BackupState that journals each change
         self.owners = PathOwners(state.albums.values() if state else ())
         self.versioned = 0               # files moved to versions by this run
@@ -2523,13 +2529,11 @@ class Store:
             return 0
         removed = 0
         for stamp in stamps:
-            try:                          # 2026-12-01T031500Z, or -2, -3... for runs of one second
-                if not re.fullmatch(r"(-\d+)?", stamp[18:]):
-                    raise ValueError(stamp)
-                made = datetime.datetime.strptime(stamp[:18], STAMP_FORMAT).replace(tzinfo=datetime.timezone.utc)
+            try:                          # 2026-12-01T031500Z
+                made = stamp_time(stamp)
             except ValueError:
                 continue                  # not ours: left alone
-            if keep_days > 0 and now - made.timestamp() < keep_days * 86400:
+            if keep_days > 0 and now - made < keep_days * 86400:
                 continue
             try:
                 shutil.rmtree(os.path.join(folder, stamp))
@@ -2565,6 +2569,8 @@ class AlbumRecord:
     complete: bool = True        # False: files were missing or still processing: look again next run
     damaged: List[str] = field(default_factory=list)   # what --verify found wrong
     listed: str = ""             # when its files were last listed (UTC, ISO 8601): the rolling recheck
+    image_count: Optional[int] = None   # ImageCount when backed up: the timestamps have whole seconds,
+                                        # so a count that moved is a change they may not show
 
     @property
     def parts(self):
@@ -2614,8 +2620,11 @@ class AlbumRecord:
         listed = data.get("Listed") or ""
         if not isinstance(listed, str) or (listed and parse_time(listed) is None):
             raise ValueError("Listed")
+        count = data.get("ImageCount")
+        if count is not None and (not isinstance(count, int) or isinstance(count, bool) or count < 0):
+            raise ValueError("ImageCount")
         return cls(key, strings["NodeID"], strings["path"], strings["LastUpdated"],
-                   strings["ImagesLastUpdated"], files, manifest, complete, list(damaged), listed)
+                   strings["ImagesLastUpdated"], files, manifest, complete, list(damaged), listed, count)
 
     def to_json(self):
         return {"AlbumKey": self.key, "NodeID": self.node_id, "path": self.path,
@@ -2624,7 +2633,7 @@ class AlbumRecord:
                 # the archive parts, as version 1 wrote them (and scripts may read them)
                 "parts": [{"FileName": f.name, "size": f.size} for f in self.parts],
                 "manifest": self.manifest, "complete": self.complete, "damaged": self.damaged,
-                "Listed": self.listed}
+                "Listed": self.listed, "ImageCount": self.image_count}
 
     def owned_paths(self):
         """Every path under output_dir this album owns: its folder, its files, its manifest."""
@@ -2967,6 +2976,12 @@ def recheck_due(record, days, now=None):
     return listed.timestamp() < latest
 
 
+def count_moved(album, record):
+    """The album's ImageCount is not the one backed up: a change its timestamps (whole seconds)
+    may not show, and one no archive SmugMug already has can be trusted with."""
+    return None not in (record.image_count, album.image_count) and record.image_count != album.image_count
+
+
 def classify(album, record, output_dir, recheck_days=0, now=None):
     """What an album needs against its state record (timestamps known):
 
@@ -2978,6 +2993,8 @@ def classify(album, record, output_dir, recheck_days=0, now=None):
     if not record:
         return "new"
     if record.last_updated != album.last_updated or record.images_last_updated != album.images_last_updated:
+        return "changed"
+    if count_moved(album, record):
         return "changed"
     folder = os.path.join(output_dir, *record.path.split("/"))
     damaged_parts = {f.name for f in record.parts} & set(record.damaged)
@@ -3975,8 +3992,10 @@ class Orchestrator:
             run.to("requesting")
             run.asked_at = time.monotonic()
             run.first_asked_at, run.looks = run.first_asked_at or run.asked_at, 0   # the timeout spans re-requests
+            moved = bool(run.record) and count_moved(run.album, run.record)
             self.submit("request", "request", (run, run.generation), request_archive, self.client, run.album,
-                        run.ticket, self.scheduler.look_first(run, run.album.album_key in self.state.requested))
+                        run.ticket, moved or self.scheduler.look_first(run, run.album.album_key in self.state.requested),
+                        not moved)
         for run in self.scheduler.looks_now():
             self.submit("look", "look", (run, run.generation), look_at_archive, self.client, run.album, run.ticket)
         for task in self.scheduler.downloads():
@@ -3994,8 +4013,13 @@ class Orchestrator:
         """A finished piece of work: its result goes to its handler, unless it is stale (its album
         gave up the archive it was for); errors go by the one policy."""
         kind, payload = self.futures.pop(future)
-        if kind == "root":              # no account to back up: its errors end the run, the caller says why
-            return self.on_root(future.result())
+        if kind == "root":              # no account to back up: a user not found is a config error (the
+            try:                        # caller says so); any other answer SmugMug gives stops the run
+                return self.on_root(future.result())
+            except ApiError as exc:
+                if isinstance(exc, NotFound) and self.config.smugmug_user:
+                    raise
+                return self.stop_new_work("could not reach the account: %s" % exc)
         run, generation = (payload.run, payload.generation) if isinstance(payload, DownloadTask) else \
             payload if isinstance(payload, tuple) else (None, None)
         if isinstance(payload, DownloadTask):
@@ -4142,7 +4166,7 @@ class Orchestrator:
             run.plan = AlbumPlan((), {})
             return self.commit(run)
         self.store.save_record(replace(record, last_updated=run.album.last_updated,
-                                       images_last_updated=run.album.images_last_updated))
+                                       images_last_updated=run.album.images_last_updated, image_count=0))
         self.summary.emptied.append(run.album.rel)
         log.warning("%s is empty on SmugMug now: its %d file%s from before are kept", run.album.rel,
                     len(record.files), plural(len(record.files)))
@@ -4429,7 +4453,7 @@ def commit_outcome(run, folder):
                 size = 0
         files.append(SavedFile(name, size, "file"))
     record = AlbumRecord(album.album_key, album.node_id, album.rel, album.last_updated, album.images_last_updated,
-                         files, manifest_size, complete=not missing, listed=iso_now())
+                         files, manifest_size, complete=not missing, listed=iso_now(), image_count=album.image_count)
     return Outcome("", parts, loose, placed, replaced, text, holds, missing, renditions, record)
 
 
@@ -4880,8 +4904,6 @@ def run(config, options, status):
         return EXIT_ALBUMS_FAILED if (summary.failed or summary.write_error) else EXIT_OK
     except NotFound as exc:
         raise UsageError("SmugMug user %r not found: %s" % (config.smugmug_user, exc))
-    except ApiError as exc:
-        raise UsageError("could not reach the account: %s" % exc)
     finally:
         stop.set()
         client.close()

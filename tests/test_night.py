@@ -79,6 +79,19 @@ def test_an_outage_past_unreachable_minutes_stops_the_run_keeping_everything(fak
     assert {k: v for k, v in tree(run.out).items() if not k.endswith(".part")} == expected_tree(fake, paths)
 
 
+def test_a_server_failing_the_first_calls_stops_the_run_it_is_no_config_error(fake, run, monkeypatch):
+    """SmugMug answers, but with errors (5xx) to every call, from the first: after the tries the
+    run stops with exit 1 and the one stopped summary naming why, not exit 2; nothing is lost."""
+    monkeypatch.setattr(sd, "BACKOFF_BASE", 0.001)
+    albums_of(fake, count=2, size=3000)
+    fake.fail_every = 1
+    code, _, err = run()
+    assert code == sd.EXIT_ALBUMS_FAILED, err
+    assert re.search(r"^Stopped after \d+ s: 0 albums backed up, 0 unchanged, 0 failed, 0 not attempted "
+                     r"\(could not reach the account: [^)]+\)\.$", err, re.MULTILINE), err
+    assert "Traceback" not in err
+
+
 def test_a_quota_that_runs_out_is_waited_for_with_no_call_inside_the_closed_window(fake, run, tmp_path):
     """SmugMug allows 10 calls per 3 s window and says so honestly in X-RateLimit-*: the run
     spreads its last calls, waits for the window to reset, sends no call inside a closed
@@ -174,6 +187,19 @@ def test_a_failure_counts_a_try_only_while_the_link_works():
     assert str(info.value).endswith(": connection refused by 127.0.0.1:9")
     with pytest.raises(sd.Unreachable):
         link.wait_up()                                                  # every later call too
+
+
+@pytest.mark.parametrize("reset", ["epoch", "seconds"])
+def test_a_quota_at_zero_closes_the_gate_until_its_reset(reset):
+    """RateGate: X-RateLimit-Remaining 0 closes the gate until X-RateLimit-Reset, read as epoch
+    seconds (as SmugMug sends it) or, for a value no epoch has, as seconds from now."""
+    gate = sd.RateGate(threading.Event())
+    when = 1.5 + (time.time() if reset == "epoch" else 0.0)
+    gate.observe({"X-RateLimit-Remaining": "0", "X-RateLimit-Limit": "100", "X-RateLimit-Reset": str(when)})
+    assert gate.resumes() is not None and 0.5 <= gate.resumes() - time.time() <= 1.6
+    started = time.monotonic()
+    gate.wait()
+    assert 1.0 <= time.monotonic() - started < 2.5
 
 
 def test_scarce_calls_go_to_what_moves_bytes_first():

@@ -84,6 +84,24 @@ def test_photos_deleted_on_smugmug_stay_in_versions(fake, run):
     assert all(v[1].startswith("%s/%s/" % (sd.STATE_DIR, sd.VERSIONS_DIR)) for v in recorded)
 
 
+def test_a_change_in_the_same_second_as_the_last_is_seen_by_its_image_count(fake, run):
+    """SmugMug's timestamps have whole seconds: a photo deleted in the second the album last
+    changed leaves them as they were. The album's ImageCount moved, so the next run backs the
+    album up again (the old zip to versions) instead of calling it unchanged."""
+    key = fake.add_album("Quick", images=[{"file_name": n, "size": 3000 + i} for i, n in
+                                          enumerate(("a.jpg", "b.jpg", "c.jpg"))])
+    assert run()[0] == 0
+    first = tree(run.out)
+    fake.albums[key].images = fake.albums[key].images[:2]          # the timestamps stay
+    code, _, err = run()
+    assert code == 0, err
+    zip_name = "Quick/%s.zip" % key
+    assert tree(run.out)[zip_name] == fake.expected_parts(key)["%s.zip" % key] != first[zip_name]
+    assert versions(run.out)[zip_name] == first[zip_name]
+    calls = len(fake.log)
+    assert run()[0] == 0 and all(e["kind"] == "walk" for e in fake.log[calls:])   # then unchanged again
+
+
 def test_an_emptied_album_that_gets_a_photo_again_keeps_the_old_zip_in_versions(fake, run):
     """Defect 1: an album emptied on SmugMug keeps its files; when it later gets one new photo,
     the new backup replaces them, and the old zip goes to versions, not away."""
@@ -455,6 +473,24 @@ def test_store_versions_what_a_change_replaces_and_never_overwrites(tmp_path):
     assert (kept / "a.zip").read_bytes() == b"old a" and (kept / "b.zip").read_bytes() == b"old b"
     assert store.versioned == 2 and state.albums["K"].path == "A" and not state.intents
     assert sorted(v[0] for v in state.versions) == ["A/a.zip", "A/b.zip"]
+
+
+def test_a_run_started_in_the_same_second_as_the_last_names_its_versions_by_the_next(tmp_path):
+    """Two runs that start in one second never share a versions folder, and every name keeps the
+    run-start form (2026-12-01T031500Z): the later run takes the next free second."""
+    store, _ = store_at(tmp_path)
+    (tmp_path / "A").mkdir()
+    (tmp_path / "A" / "a.zip").write_bytes(b"first")
+    store.apply("K", [("version", "A/a.zip")])
+    again, _ = store_at(tmp_path)
+    assert again.stamp == "2026-12-01T031501Z"
+    (tmp_path / "A" / "a.zip").write_bytes(b"second")
+    again.apply("K", [("version", "A/a.zip")])
+    versions = tmp_path / sd.STATE_DIR / sd.VERSIONS_DIR
+    assert sorted(os.listdir(versions)) == ["2026-12-01T031500Z", "2026-12-01T031501Z"]
+    assert (versions / "2026-12-01T031500Z" / "A" / "a.zip").read_bytes() == b"first"
+    assert (versions / "2026-12-01T031501Z" / "A" / "a.zip").read_bytes() == b"second"
+    assert again.prune_versions(0) == 2 and not os.listdir(versions)
 
 
 def test_store_refuses_a_path_another_album_owns(tmp_path):
