@@ -2338,11 +2338,16 @@ class Store:
 
     # -- the orchestrator's changes --
 
-    def make_folders(self, rel):
+    def make_folders(self, rel, quiet=False):
+        """output_dir/rel and the folders above it. quiet (a SmugMug folder's, whose albums fail
+        one by one as they come): an error is logged, and raised only when the run must stop."""
         try:
             os.makedirs(self.abs(rel), exist_ok=True)
         except OSError as exc:
-            raise self.error(rel, exc) from exc
+            error = self.error(rel, exc)
+            if error.fatal or not quiet:
+                raise error from exc
+            log.error("could not make folder %s", error)
 
     def write_temp(self, rel, text):
         """text into .NAME.part beside rel (flushed to disk), to be placed by a step: its rel."""
@@ -2509,9 +2514,14 @@ class Store:
         except OSError:
             pass
 
-    def discard_parts(self, rels):
-        """Remove NAME.part files no album will resume (rel: the NAME, relative to output_dir)."""
-        for rel in rels:
+    def discard_parts(self, albums=None, keep=()):
+        """Remove the NAME.part files no album will resume: those of albums (None: of every album
+        but keep's) that no journalled change still needs."""
+        pending = {step[1] for intent in self.state.intents.values() for step in intent.get("steps") or []}
+        for rel, partial in list(self.state.partials.items()):
+            if (partial.album not in albums if albums is not None else partial.album in keep) \
+                    or rel + ".part" in pending:
+                continue
             try:
                 self.discard(self.abs(rel) + ".part")
             except LocalWriteError as exc:
@@ -2832,6 +2842,14 @@ class BackupState:
     def set_partial(self, path, partial):
         if self.partials.get(path) != partial:
             self.record({"partial": [path, partial.to_json() if partial else None]})
+
+    def claim_partial(self, path, partial, resume=True):
+        """path + ".part" is to hold partial: True if what it holds may be resumed (the state says
+        it holds the same file), else it is recorded as partial's from now on."""
+        if resume and self.partials.get(path) == partial:
+            return True
+        self.set_partial(path, partial)
+        return False
 
     def set_requested(self, key, on):
         if (key in self.requested) != on:
@@ -3505,10 +3523,16 @@ class Reporter:
         self.wait_since = 0.0
         self.wait_logged = None      # when the current wait was last logged (None: not yet)
         self.started = clock()
+        self.dry_counts = collections.defaultdict(lambda: [0, 0])   # a dry run's status -> [albums, images]
+        self.dry_lines = []          # heap of (path, line) of a dry run, printed in path order
 
     def album(self, text, *args):
         """One line for an album finished or failed."""
         log.info(text, *args, extra={"album": True})
+
+    def emptied(self, summary, rel, kept):
+        summary.emptied.append(rel)
+        log.warning("%s is empty on SmugMug now: its %d file%s from before are kept", rel, kept, plural(kept))
 
     def committed(self, summary, run, outcome):
         """An album's backup took its place: counted, and said in one line. Returns why the
@@ -3533,8 +3557,8 @@ class Reporter:
                    ", %d to versions" % len(outcome.replaced) if outcome.replaced else "")
         return ""
 
-    def dry_run(self, run, status, lines, counts):
-        """A dry run's line for an album (into the heap lines, printed in path order) and its count."""
+    def dry_run(self, run, status):
+        """A dry run's line for an album (into the heap of lines, printed in path order) and its count."""
         album, record = run.album, run.record
         moved = record is not None and record.path != album.rel
         if status == "unchanged" and moved:
@@ -3546,17 +3570,17 @@ class Reporter:
         if status == "changed" and record and record.files:
             count = len(record.files) + (record.manifest is not None)
             notes.append("%d old file%s to versions" % (count, plural(count)))
-        counts[shown][0] += 1
-        counts[shown][1] += album.image_count or 0
-        heapq.heappush(lines, (album.path, "%-9s %s%s" % (shown, album.rel, " (%s)" % "; ".join(notes)
+        self.dry_counts[shown][0] += 1
+        self.dry_counts[shown][1] += album.image_count or 0
+        heapq.heappush(self.dry_lines, (album.path, "%-9s %s%s" % (shown, album.rel, " (%s)" % "; ".join(notes)
                                                            if notes else "")))
 
-    def dry_lines_ready(self, lines, pending):
+    def dry_lines_ready(self, pending):
         """Print the dry run's lines in path order as soon as no folder still being listed (pending:
         their paths) can hold a path that sorts before them, so that `| head` ends the walk early."""
         bound = min(pending) if pending else None
-        while lines and (bound is None or lines[0][0] < bound):
-            self.options.print_line(heapq.heappop(lines)[1])
+        while self.dry_lines and (bound is None or self.dry_lines[0][0] < bound):
+            self.options.print_line(heapq.heappop(self.dry_lines)[1])
 
     def tick(self, orchestrator):
         """Once per turn of the orchestrator's loop: the rate, the waits, the status line."""
@@ -3690,14 +3714,14 @@ def print_summary(summary, options):
                                       human_seconds(s)) for kind, s in waits))
 
 
-def print_dry_run(orchestrator, options):
+def print_dry_run(reporter, summary, options):
     """A dry run's findings, in path order (so that nightly dry runs compare), and the totals:
     albums (and the images they hold) by status."""
-    for _path, line in sorted(orchestrator.dry_lines + [(tuple(p.split("/")), "%-9s %s" % ("gone", p))
-                                                         for p in orchestrator.summary.gone]):
+    for _path, line in sorted(reporter.dry_lines + [(tuple(p.split("/")), "%-9s %s" % ("gone", p))
+                                                     for p in summary.gone]):
         options.print_line(line)
-    counts = orchestrator.dry_counts
-    counts["gone"][0] = len(orchestrator.summary.gone)
+    counts = reporter.dry_counts
+    counts["gone"][0] = len(summary.gone)
     shown = [s for s in ("new", "changed", "recheck", "unchanged", "moved", "gone", "skipped")
              if counts[s][0] or s not in ("recheck",)]
     work = sum(counts[s][1] for s in ("new", "changed", "recheck"))
@@ -3780,6 +3804,13 @@ class AlbumRun:
         else:                                   # the parts on disk are bad: an archive, not a recheck
             self.from_disk, self.reason = False, "changed"
         self.to("waiting")
+
+    def take_archive(self, parts):
+        """Downloading the archive's parts: {file name: ArchivePart}, all outstanding."""
+        self.to("downloading")
+        names = part_file_names(parts)
+        self.parts, self.sizes, self.outstanding = {names[p.part]: p for p in parts}, {}, len(parts)
+        return self.parts
 
     def part_done(self, name, size):
         """A part is downloaded: True when it was the last one."""
@@ -3923,9 +3954,25 @@ class Walk:
             self.keys.add(album.album_key)
         return fresh
 
+    def gone(self, recorded):
+        """The paths of the albums recorded (AlbumKey -> AlbumRecord) that a whole walk did not
+        find: none when --include/--exclude chose what to walk."""
+        if self.includes or self.excludes:
+            return []
+        return sorted(r.path for k, r in recorded.items() if k not in self.keys)
+
     def unmatched(self):
         """The --include patterns no album matched."""
         return [p for p in self.includes if p not in self.include_hits]
+
+
+def stage_pools(client, workers):
+    """The stages' thread pools, by name; each thread's API calls go with its stage's priority."""
+    sizes = {"walk": max(4, 2 * workers), "request": workers, "look": workers, "check": workers,
+             "download": workers}
+    return {name: concurrent.futures.ThreadPoolExecutor(size, name, initializer=client.set_priority,
+                                                        initargs=(PRIORITY.get(name, PRIORITY["walk"]),))
+            for name, size in sizes.items()}
 
 
 class Orchestrator:
@@ -3944,19 +3991,13 @@ class Orchestrator:
         self.out = config.output_dir
         self.summary = Summary()
         workers = max(1, config.workers)
-        sizes = {"walk": max(4, 2 * workers), "request": workers, "look": workers, "check": workers,
-                 "download": workers}
-        self.pools = {name: concurrent.futures.ThreadPoolExecutor(
-            size, name, initializer=client.set_priority, initargs=(PRIORITY.get(name, PRIORITY["walk"]),))
-            for name, size in sizes.items()}
+        self.pools = stage_pools(client, workers)
         self.scheduler = Scheduler(config, workers, client.link, client.gate, reporter.meter)
         self.futures = {}                       # future -> (kind, payload)
         self.runs = {}                          # AlbumKey -> AlbumRun of this run
         self.owned_at_start = {PathOwners._key(r.path): k for k, r in state.albums.items()}
         self.walk = Walk(options)
         self.halt = False                       # start nothing new (a fatal write error, SmugMug unreachable)
-        self.dry_counts = collections.defaultdict(lambda: [0, 0])   # status -> [albums, images]
-        self.dry_lines = []                     # (path, line) of a dry run, printed in path order
         self.bytes_known = 0
         self.nickname = None                    # the account's, once found (the walk has begun)
         self.handlers = {"walk": self.on_walk, "details": self.on_details, "request": self.on_request,
@@ -4013,39 +4054,31 @@ class Orchestrator:
         """A finished piece of work: its result goes to its handler, unless it is stale (its album
         gave up the archive it was for); errors go by the one policy."""
         kind, payload = self.futures.pop(future)
-        if kind == "root":              # no account to back up: a user not found is a config error (the
-            try:                        # caller says so); any other answer SmugMug gives stops the run
-                return self.on_root(future.result())
-            except ApiError as exc:
-                if isinstance(exc, NotFound) and self.config.smugmug_user:
-                    raise
-                return self.stop_new_work("could not reach the account: %s" % exc)
-        run, generation = (payload.run, payload.generation) if isinstance(payload, DownloadTask) else \
-            payload if isinstance(payload, tuple) else (None, None)
-        if isinstance(payload, DownloadTask):
-            self.scheduler.download_done(payload)
+        if kind == "root":
+            return self.on_root(future)
+        task = payload if isinstance(payload, DownloadTask) else None
+        run, generation = (task.run, task.generation) if task else payload if isinstance(payload, tuple) else \
+            (None, None)
+        if task:
+            self.scheduler.download_done(task)
             run.running[generation] -= 1
         live = run is None or (generation == run.generation and run.state not in ("done", "failed"))
+        exc = future.exception()
         try:
-            try:
-                result = future.result()
-            except (AuthError, Interrupted, Unreachable, OutputClosed, LocalWriteError, PathTaken):
-                raise
-            except Exception as exc:
-                if not isinstance(exc, BackupError):     # a bug or an unforeseen answer: this piece fails
-                    log.debug("unexpected error in %s", kind, exc_info=True)
-                    exc = BackupError("%s: %s" % (type(exc).__name__, redact_urls(exc)))
-                if kind == "look":
-                    self.scheduler.looked(run, False)
-                if kind == "walk":
-                    return self.walk_failed(payload, exc)
-                if not live or isinstance(exc, Abandoned):
-                    return                      # a download of an archive given up on has stopped
-                return self.file_done(payload, exc) if kind == "fetch" else self.act(run, *run.after_error(kind, exc))
             if kind == "look":
-                self.scheduler.looked(run, result[0] == "complete")
-            if live:
-                self.handlers[kind](payload if kind in ("walk", "download", "fetch") else run, result)
+                self.scheduler.looked(run, exc is None and future.result()[0] == "complete")
+            if exc is None:
+                return live and self.handlers[kind](payload if kind in ("walk", "download", "fetch") else run,
+                                                    future.result())
+            if isinstance(exc, (AuthError, Interrupted, Unreachable, OutputClosed, LocalWriteError, PathTaken)):
+                raise exc
+            if not isinstance(exc, BackupError):     # a bug or an unforeseen answer: this piece fails
+                log.debug("unexpected error in %s", kind, exc_info=exc)
+                exc = BackupError("%s: %s" % (type(exc).__name__, redact_urls(exc)))
+            if kind == "walk":
+                self.walk_failed(payload, exc)
+            elif live and not isinstance(exc, Abandoned):   # (a download of an archive given up on stops)
+                self.file_done(payload, exc) if kind == "fetch" else self.act(run, *run.after_error(kind, exc))
         except LocalWriteError as exc:
             if exc.fatal:
                 self.stop_new_work(str(exc))
@@ -4064,8 +4097,15 @@ class Orchestrator:
 
     # -- walk --
 
-    def on_root(self, result):
-        self.nickname, root = result
+    def on_root(self, future):
+        """The account to back up, or none: a user not found is a config error (the caller says
+        so); any other answer SmugMug gives stops the run."""
+        try:
+            self.nickname, root = future.result()
+        except ApiError as exc:
+            if isinstance(exc, NotFound) and self.config.smugmug_user:
+                raise
+            return self.stop_new_work("could not reach the account: %s" % exc)
         if self.options.dry_run:
             log.info("Dry run of account %s against the backup in %s (nothing is downloaded or written)",
                      self.nickname, self.out)
@@ -4087,7 +4127,7 @@ class Orchestrator:
             self.walk_failed(folder, "%s children" % short)
         for where, why in skipped:
             if self.walk.selected(where):
-                self.dry_counts["skipped"][0] += 1
+                self.reporter.dry_counts["skipped"][0] += 1
                 if not why.startswith("album without"):
                     log.warning("skipping %s: %s", where, why)
                 else:                               # an album the run cannot back up: found, and failed
@@ -4095,12 +4135,7 @@ class Orchestrator:
                     self.fail(None, why, where=where.split("/"), folder=False)
         for sub in self.walk.folders(folders) if not self.halt else ():
             if not self.options.dry_run and self.walk.selected("/".join(sub.path)):
-                try:
-                    self.store.make_folders("/".join(sub.path))
-                except LocalWriteError as exc:
-                    if exc.fatal:
-                        raise
-                    log.error("could not make folder %s", exc)      # its albums fail as they come
+                self.store.make_folders("/".join(sub.path), quiet=True)
             self.submit("walk", "walk", sub, walk_folder, self.client, sub)
         for album in self.walk.albums(albums):
             self.found(album)
@@ -4137,7 +4172,7 @@ class Orchestrator:
         album, record = run.album, run.record
         status = classify(album, record, self.out, self.config.recheck_days) if album.has_details or record else "new"
         if self.options.dry_run:
-            return self.reporter.dry_run(run, status, self.dry_lines, self.dry_counts)
+            return self.reporter.dry_run(run, status)
         if status == "unchanged":
             self.summary.unchanged += 1
         elif not self.halt:
@@ -4155,7 +4190,7 @@ class Orchestrator:
     def dry_lines_ready(self):
         """Lines of a dry run that no folder still being listed can precede: printed now."""
         if self.options.dry_run and not any(kind == "root" for kind, _ in self.futures.values()):
-            self.reporter.dry_lines_ready(self.dry_lines, [
+            self.reporter.dry_lines_ready([
                 tuple(payload.path) if kind == "walk" else payload[0].album.path
                 for kind, payload in self.futures.values() if kind in ("walk", "details")])
 
@@ -4167,9 +4202,7 @@ class Orchestrator:
             return self.commit(run)
         self.store.save_record(replace(record, last_updated=run.album.last_updated,
                                        images_last_updated=run.album.images_last_updated, image_count=0))
-        self.summary.emptied.append(run.album.rel)
-        log.warning("%s is empty on SmugMug now: its %d file%s from before are kept", run.album.rel,
-                    len(record.files), plural(len(record.files)))
+        self.reporter.emptied(self.summary, run.album.rel, len(record.files))
         run.to("done")
 
     # -- request and look --
@@ -4199,24 +4232,24 @@ class Orchestrator:
         self.act(run, *run.after_archive(state, self.config.archive_timeout_hours * 3600, time.monotonic()),
                  parts=parts)
 
+    NEXT = {"again": "requesting a new one", "recheck": "requesting a new archive",
+            "by_file": "saving it file by file", "redownload": "downloading it again"}
+
     def act(self, run, action, why, parts=(), plan=None):
         """Do what the album decided (AlbumRun.after_*)."""
+        if why and action in self.NEXT:
+            log.warning("%s: %s; %s", run.album.rel, why, self.NEXT[action])
         if action == "download":
             self.scheduler.prepared_archive(run, sum(p.size or 0 for p in parts))
-            run.to("downloading")
-            names = part_file_names(parts)
             self.store.make_folders(run.album.rel)
-            run.parts, run.sizes, run.outstanding = {names[p.part]: p for p in parts}, {}, len(parts)
-            for p in parts:
-                self.queue_download(run, names[p.part], part=p)
+            for name, part in run.take_archive(parts).items():
+                self.queue_download(run, name, part=part)
         elif action == "wait":
             if run.state == "requesting":
                 run.to("preparing")
             self.scheduler.preparing(run, run.asked_at)
         elif action in ("again", "recheck"):     # a new archive, a little later (DateAdded has whole
-            if why:                               # seconds: the new one is told apart by its second)
-                log.warning("%s: %s; requesting a new %s", run.album.rel, why, "one" if action == "again" else "archive")
-            self.scheduler.leave(run)
+            self.scheduler.leave(run)             # seconds: the new one is told apart by its second)
             run.new_archive(given_up=action == "again")
             self.scheduler.want_archive(run, REQUEST_AGAIN_DELAY if action == "again" else 0.0)
         elif action == "refresh":
@@ -4228,10 +4261,8 @@ class Orchestrator:
             self.scheduler.leave(run)
             run.abandon_archive()
             run.by_file = why
-            log.warning("%s: %s; saving it file by file", run.album.rel, why)
             self.check(run)
         elif action == "redownload":
-            log.warning("%s: %s; downloading it again", run.album.rel, why)
             run.to("downloading")
             run.outstanding = len(plan.bad_parts)
             for name in plan.bad_parts:
@@ -4250,11 +4281,8 @@ class Orchestrator:
     def queue_download(self, run, name, part=None, file=None, resume=True):
         """Queue a part or a file; a NAME.part is resumed only if the state says it holds the same."""
         key = partial_key(run.album, name)
-        partial = Partial(run.album.album_key, part.identity if part else "file|%s|%s|%s" % (
-            file.key, file.size, file.md5))
-        resume_ok = resume and self.state.partials.get(key) == partial
-        if not resume_ok:
-            self.state.set_partial(key, partial)
+        resume_ok = self.state.claim_partial(key, Partial(run.album.album_key, part.identity if part else
+                                                          "file|%s|%s|%s" % (file.key, file.size, file.md5)), resume)
         self.bytes_known += (part.size if part else file.size) or 0
         self.scheduler.queue_download(DownloadTask(run, run.generation, name, self.store.abs(key) + ".part",
                                                    resume_ok, part, file))
@@ -4308,8 +4336,7 @@ class Orchestrator:
             return self.fail(run, outcome.keep)
         self.store.commit(run.album.album_key, run.album.rel, outcome)
         self.state.set_requested(run.album.album_key, False)
-        self.store.discard_parts([p for p, partial in list(self.state.partials.items())
-                                  if partial.album == run.album.album_key])
+        self.store.discard_parts(albums={run.album.album_key})
         run.to("done")
         lacking = self.reporter.committed(self.summary, run, outcome)
         if lacking:
@@ -4350,13 +4377,10 @@ class Orchestrator:
     def finish(self):
         """Gone albums, clean-up and retention: only after a run that saw the whole account."""
         whole = self.walk.complete and not self.halt and not self.client.stop.is_set()
-        if whole and not self.options.includes and not self.options.excludes:
-            self.summary.gone = sorted(r.path for k, r in self.state.albums.items() if k not in self.walk.keys)
+        if whole:
+            self.summary.gone = self.walk.gone(self.state.albums)
         if whole and not self.options.dry_run:
-            keep = {k for k, r in self.runs.items() if r.state != "done"}
-            pending = {step[1] for intent in self.state.intents.values() for step in intent.get("steps") or []}
-            self.store.discard_parts([p for p, partial in list(self.state.partials.items())
-                                      if partial.album not in keep and p + ".part" not in pending])
+            self.store.discard_parts(keep={k for k, r in self.runs.items() if r.state != "done"})
             self.store.prune_versions(self.config.keep_versions_days)
         self.summary.versioned = self.store.versioned
         self.summary.waited = {"unreachable": self.client.link.down_seconds,
@@ -4896,7 +4920,7 @@ def run(config, options, status):
             raise UsageError(no_match)
         status.clear()
         if options.dry_run:
-            print_dry_run(orchestrator, options)
+            print_dry_run(reporter, summary, options)
         else:
             print_summary(summary, options)
         if no_match:                # the other patterns' albums are done: still a usage error
