@@ -1029,6 +1029,11 @@ class Link:
                 self.down_since = None
                 self._cond.notify_all()
 
+    def time_down(self):
+        """The run's time without the link so far, the outage under way included."""
+        with self._cond:
+            return self.down_seconds + (self._clock() - self.down_since if self.down_since is not None else 0.0)
+
     def counts(self, outage):
         """Does a failure seen in this outage count as one of its request's tries?"""
         return outage not in self.confirmed
@@ -2171,6 +2176,22 @@ def fsync_dir(folder):
         os.close(fd)
 
 
+def same_bytes(a, b, chunk=1 << 20):
+    """Do files a and b hold the same bytes? False when either cannot be read."""
+    try:
+        if os.path.getsize(a) != os.path.getsize(b):
+            return False
+        with open(a, "rb") as fa, open(b, "rb") as fb:
+            while True:
+                block = fa.read(chunk)
+                if block != fb.read(chunk):
+                    return False
+                if not block:
+                    return True
+    except OSError:
+        return False
+
+
 def write_atomic(path, text, mode=None):
     """Replace path with text: a temp file in the same folder, fsync, os.replace, fsync the folder.
 
@@ -2366,14 +2387,22 @@ class Store:
     def commit(self, key, rel, outcome):
         """An album's new backup takes its place, as one change: the files it replaces or no
         longer has go to versions, its manifest and finished NAME.part files their final names,
-        and its record (outcome.record) is saved."""
-        steps = [("version", rel + "/" + name) for name in outcome.replaced]
+        and its record (outcome.record) is saved. A new file byte for byte the same as the one
+        at its name leaves that one where it is (there is nothing to keep: a repair that
+        fetched a whole album again versions only what differs). Returns how many files went
+        to versions (a file already gone from the disk is not one)."""
+        same = {name for name in set(outcome.placed) & set(outcome.replaced)
+                if same_bytes(self.abs(rel + "/" + name), self.abs(rel + "/" + name) + ".part")}
+        steps = [("version", rel + "/" + name) for name in outcome.replaced if name not in same]
         if outcome.manifest is not None:
             steps.append(("place", self.write_temp(rel + "/" + MANIFEST_NAME, outcome.manifest),
                           rel + "/" + MANIFEST_NAME))
-        steps += [("place", rel + "/" + name + ".part", rel + "/" + name) for name in outcome.placed]
+        steps += [("place", rel + "/" + name + ".part", rel + "/" + name) for name in outcome.placed
+                  if name not in same]
         self.make_folders(rel)
+        before = self.versioned
         self.apply(key, steps, outcome.record)
+        return self.versioned - before
 
     def move_album(self, record, new):
         """An album renamed or moved on SmugMug: its own files go to folder new (never the folder
@@ -3534,7 +3563,7 @@ class Reporter:
         summary.emptied.append(rel)
         log.warning("%s is empty on SmugMug now: its %d file%s from before are kept", rel, kept, plural(kept))
 
-    def committed(self, summary, run, outcome):
+    def committed(self, summary, run, outcome, versioned):
         """An album's backup took its place: counted, and said in one line. Returns why the
         album still fails (files SmugMug would not give), or ""."""
         rel = run.album.rel
@@ -3554,7 +3583,7 @@ class Reporter:
         self.album("backed up %s (%s%s, %d part%s, %d file%s on their own, %s%s)", rel, run.reason,
                    ", file by file" if run.by_file else "", len(outcome.parts), plural(len(outcome.parts)),
                    len(outcome.loose), plural(len(outcome.loose)), human_bytes(total),
-                   ", %d to versions" % len(outcome.replaced) if outcome.replaced else "")
+                   ", %d to versions" % versioned if versioned else "")
         return ""
 
     def dry_run(self, run, status):
@@ -3627,6 +3656,8 @@ class Reporter:
         left = self.bytes_left(orchestrator)
         if left is not None and left[1]:           # a total extrapolated from the archives seen
             parts[1] = (2, "%s of about %s" % (human_bytes(self.meter.done), human_bytes(self.meter.done + left[0])))
+        elif left is None and known:               # sizes still unknown: the total so far is a floor
+            parts[1] = (2, "%s of at least %s" % (human_bytes(self.meter.done), human_bytes(known)))
         if wait and wait[0] != "preparation" or not rate:
             parts.append((1, wait[1] if wait else ""))
         else:
@@ -4334,11 +4365,11 @@ class Orchestrator:
         outcome = commit_outcome(run, self.store.abs(run.album.rel))
         if outcome.keep:
             return self.fail(run, outcome.keep)
-        self.store.commit(run.album.album_key, run.album.rel, outcome)
+        versioned = self.store.commit(run.album.album_key, run.album.rel, outcome)
         self.state.set_requested(run.album.album_key, False)
         self.store.discard_parts(albums={run.album.album_key})
         run.to("done")
-        lacking = self.reporter.committed(self.summary, run, outcome)
+        lacking = self.reporter.committed(self.summary, run, outcome, versioned)
         if lacking:
             self.fail(run, lacking, done=True)
 
@@ -4360,7 +4391,7 @@ class Orchestrator:
     def stop_new_work(self, why):
         """A fatal write error, or SmugMug unreachable: start nothing new (the walk included)."""
         if not self.halt:
-            log.error("stopping new downloads: %s", why)
+            log.error("%s: %s", "stopping new downloads" if self.runs else "giving up", why)
             self.summary.write_error = why
         self.halt = True
         self.walk.complete = False          # folders not listed now: nothing can be called gone
@@ -4381,9 +4412,12 @@ class Orchestrator:
             self.summary.gone = self.walk.gone(self.state.albums)
         if whole and not self.options.dry_run:
             self.store.discard_parts(keep={k for k, r in self.runs.items() if r.state != "done"})
-            self.store.prune_versions(self.config.keep_versions_days)
+            pruned = self.store.prune_versions(self.config.keep_versions_days)
+            if pruned:
+                log.info("removed %d versions folder%s older than keep_versions_days (%g)", pruned,
+                         plural(pruned), self.config.keep_versions_days)
         self.summary.versioned = self.store.versioned
-        self.summary.waited = {"unreachable": self.client.link.down_seconds,
+        self.summary.waited = {"unreachable": self.client.link.time_down(),
                                "rate limit": self.client.gate.closed_seconds}
         self.summary.seconds = time.monotonic() - self.reporter.started
 
@@ -4565,7 +4599,7 @@ def build_parser():
     how.add_argument("--keep-versions-days", type=float, metavar="DAYS",
                      help="keep files a backup replaced or no longer has (in "
                           ".smugmug_download/versions/) this many days; 0 deletes them at the end of the "
-                          "run (default 90)")
+                          "run, earlier runs' too (default 90)")
     how.add_argument("--unreachable-minutes", type=float, metavar="MIN",
                      help="wait this long for SmugMug to answer again before the run stops (exit 1; "
                           "default 15)")
@@ -5114,8 +5148,8 @@ def verify(config, options, status):
                                                       exc.strerror or exc)
                             log.error("could not mark damaged albums in the state: %s", write_error)
                 elapsed = max(time.monotonic() - started, 0.001)
-                status.show("verifying: %s of %s checked at %s/s, %d damaged" % (
-                    human_bytes(checked[0]), human_bytes(total), human_bytes(checked[0] / elapsed), damaged))
+                status.show([(0, "verifying: %s of %s checked" % (human_bytes(checked[0]), human_bytes(total))),
+                             (1, "%d damaged" % damaged), (2, "%s/s" % human_bytes(checked[0] / elapsed))])
         except (KeyboardInterrupt, Interrupted):
             stop.set()
             status.clear()

@@ -102,6 +102,51 @@ def test_a_change_in_the_same_second_as_the_last_is_seen_by_its_image_count(fake
     assert run()[0] == 0 and all(e["kind"] == "walk" for e in fake.log[calls:])   # then unchanged again
 
 
+def test_a_repair_says_only_what_truly_went_to_versions(fake, run):
+    """A loose video deleted by hand is fetched again: the album's line and the summary count
+    only the files really moved to versions (here its old manifest), never the file that was
+    already gone from the disk."""
+    fake.zip_omit_videos = True
+    fake.add_album("Clips", images=[{"file_name": "a.jpg", "size": 3000},
+                                    {"file_name": "v.mp4", "size": 6000, "is_video": True}])
+    assert run()[0] == 0
+    before = tree(run.out)
+    os.remove(run.out / "Clips" / "v.mp4")
+    code, _, err = run()
+    assert code == 0, err
+    assert tree(run.out) == before
+    moved = versions(run.out)
+    line = [l for l in err.splitlines() if l.startswith("backed up Clips ")]
+    assert len(line) == 1, err
+    count = int(line[0].split(" to versions)")[0].rsplit(", ", 1)[1]) if " to versions)" in line[0] else 0
+    assert count == len(moved) and "%d moved to versions" % len(moved) in err, (moved, err)
+    assert "Clips/v.mp4" not in moved
+
+
+def test_a_repair_of_one_part_versions_none_of_the_parts_it_fetched_again_unchanged(fake, run):
+    """One zip part of three deleted by hand: the album is fetched again (one archive), the part
+    comes back, and the two parts whose new copy is byte for byte the same stay where they are
+    instead of filling versions with duplicates; a part that differs still goes to versions."""
+    key = fake.add_album("Parts", sizes=(3000, 4000, 5000))
+    assert run()[0] == 0
+    before = tree(run.out)
+    names = sorted(n for n in before if n.startswith("Parts/"))
+    assert len(names) == 3
+    os.remove(run.out / names[1])
+    code, _, err = run()
+    assert code == 0, err
+    assert tree(run.out) == before
+    assert not any(n.endswith(".zip") for n in versions(run.out)), versions(run.out)
+    with open(run.out / names[2], "ab") as f:
+        f.write(b"!")                                            # same name, other bytes: kept
+    damaged = (run.out / names[2]).read_bytes()
+    os.remove(run.out / names[0])
+    code, _, err = run()
+    assert code == 0, err
+    assert tree(run.out) == before
+    assert {n: v for n, v in versions(run.out).items() if n.endswith(".zip")} == {names[2]: damaged}
+
+
 def test_an_emptied_album_that_gets_a_photo_again_keeps_the_old_zip_in_versions(fake, run):
     """Defect 1: an album emptied on SmugMug keeps its files; when it later gets one new photo,
     the new backup replaces them, and the old zip goes to versions, not away."""
@@ -122,7 +167,7 @@ def test_an_emptied_album_that_gets_a_photo_again_keeps_the_old_zip_in_versions(
 
 def test_versions_are_kept_keep_versions_days_and_removed_after(fake, run):
     """Versions older than keep_versions_days are removed at the end of a complete run (a stopped
-    run removes nothing); 0 removes them at the end of the run that made them."""
+    run removes nothing), and the log says how many; 0 removes them all at the end of the run."""
     key = fake.add_album("A", sizes=(2000,))
     assert run()[0] == 0
     old_stamp = sd.run_stamp(time.time() - 100 * 86400)
@@ -137,12 +182,14 @@ def test_versions_are_kept_keep_versions_days_and_removed_after(fake, run):
     assert code == 0, err
     assert not stale.exists() and (recent / "recent.zip").exists()
     assert len(os.listdir(run.out / sd.STATE_DIR / sd.VERSIONS_DIR)) == 2     # last week's and this run's
+    assert "removed 1 versions folder older than keep_versions_days (90)" in err
     fake.touch(key)
     changed(fake, key)
     code, _, err = run("--keep-versions-days", "0")
     assert code == 0, err
     assert os.listdir(run.out / sd.STATE_DIR / sd.VERSIONS_DIR) == []
     assert "2 moved to versions" in err                 # moved, then removed at the end of the run
+    assert "removed 3 versions folders older than keep_versions_days (0)" in err     # earlier runs' too
 
 
 # Replace only when complete #################################################

@@ -151,6 +151,27 @@ def test_status_line_fits_80_columns_shows_rate_time_left_and_the_wait_and_follo
         assert word not in before + after
 
 
+def test_the_total_is_a_floor_until_enough_archive_sizes_are_known():
+    """Reporter.line: while the walk goes on or fewer than ETA_ARCHIVES archives are listed, the
+    bytes read "X of at least Y" (never a small exact total); then "of about Y" while some
+    archives are not listed; exact once all are."""
+    import types
+    clock = [0.0]
+    reporter = sd.Reporter(types.SimpleNamespace(verbose=False, dry_run=False), None, sd.Meter(lambda: clock[0]))
+    states = {"preparing": 9, "done": 1}
+    orchestrator = types.SimpleNamespace(
+        summary=sd.Summary(albums_found=10, backed_up=1), futures={}, bytes_known=4_000_000,
+        scheduler=types.SimpleNamespace(prepared=1, prepared_bytes=4_000_000, queue=[], running=[], window=None),
+        count=lambda *wanted: sum(n for state, n in states.items() if state in wanted))
+    assert reporter.line(orchestrator, None)[1] == (2, "0 B of at least 4.0 MB")
+    orchestrator.scheduler.prepared, orchestrator.scheduler.prepared_bytes = 5, 20_000_000
+    orchestrator.bytes_known = 20_000_000
+    states = {"preparing": 5, "done": 5}
+    assert reporter.line(orchestrator, None)[1] == (2, "0 B of about 40.0 MB")
+    states = {"done": 10}
+    assert reporter.line(orchestrator, None)[1] == (2, "0 B of 20.0 MB")
+
+
 def test_status_line_shows_the_pipeline_only_with_verbose(fake, tmp_path):
     """With --verbose (on a terminal wide enough) the status line adds the pipeline's internal
     words: preparing, ready, downloading, window."""
@@ -354,6 +375,23 @@ def test_verify_on_read_only_media_writes_nothing_and_still_verifies(sample, run
     assert "Error" not in err
     assert (run.out / sd.STATE_DIR / sd.STATE_FILE).read_bytes() == state
     assert not (run.out / sd.LOCK_FILE).exists()
+
+
+def test_verify_on_a_terminal_shows_its_progress_and_ends_with_its_verdict(sample, run):
+    """--verify run by hand at an 80-column terminal: a status line of its progress that fits,
+    then the verdict: exit 0 and "all intact"; with a damaged file, exit 1 naming it."""
+    assert run()[0] == 0
+    for damage in (False, True):
+        if damage:
+            os.remove(run.out / "Travel" / "Trip 05" / sd.MANIFEST_NAME)
+        proc, master = on_a_terminal(run.config_path, "--verify", columns=80)
+        shown = read_pty(proc, master)
+        drawn = status_lines(shown)
+        assert drawn and all(re.match(r"verifying: [\d.]+ [KMG]?B of [\d.]+ [KMG]?B checked( \||$)", d)
+                             for d in drawn), shown
+        assert max(len(d) for d in drawn) <= 79 and "Traceback" not in shown and "internal error" not in shown
+        assert proc.returncode == (sd.EXIT_ALBUMS_FAILED if damage else 0), shown
+        assert ("1 damaged" if damage else "all intact") in shown, shown
 
 
 def test_verify_marks_damaged_albums_when_it_can_write(sample, run):
