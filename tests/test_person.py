@@ -254,20 +254,27 @@ def test_a_run_stopped_by_an_unreachable_smugmug_ends_with_the_one_summary(fake,
     assert not (out / sd.LOCK_FILE).exists()
 
 
-def test_an_interrupted_run_ends_with_the_one_summary(fake, tmp_path):
-    """Ctrl-C (SIGINT) mid-download: "Interrupted after T: ... (Ctrl-C or SIGTERM)", the album
-    that had failed before once, the counts; exit 130; the lock file is removed."""
-    guarded_album(fake)
+def interrupted_after(fake, tmp_path, line):
+    """Eight more albums downloading slowly; Ctrl-C once stderr has said line and two downloads
+    are under way: (all of stderr, output_dir), after checking the exit code is 130."""
     for i in range(8):
         fake.add_album("Album %d" % i, sizes=(60_000,))
     fake.bandwidth = 100_000
     out = tmp_path / "out"
     proc = spawn(write_config(tmp_path / "config.json", fake.config(out, workers=16)))
-    said = read_until_line(proc.stderr, "failed: Guarded: ")
+    said = read_until_line(proc.stderr, line)
     assert wait_for(lambda: sum(k.endswith(".part") for k in tree(out)) >= 2)
     proc.send_signal(signal.SIGINT)
     err = said + proc.communicate(timeout=30)[1].decode()
     assert proc.returncode == sd.EXIT_INTERRUPTED, err
+    return err, out
+
+
+def test_an_interrupted_run_ends_with_the_one_summary(fake, tmp_path):
+    """Ctrl-C (SIGINT) mid-download: "Interrupted after T: ... (Ctrl-C or SIGTERM)", the album
+    that had failed before once, the counts; exit 130; the lock file is removed."""
+    guarded_album(fake)
+    err, out = interrupted_after(fake, tmp_path, "failed: Guarded: ")
     how, backed_up, unchanged, failed, not_attempted, why, reasons = one_summary(err)
     assert (how, why) == ("Interrupted", "Ctrl-C or SIGTERM")
     assert list(reasons) == ["Guarded"] and not_attempted >= 2
@@ -279,16 +286,7 @@ def test_the_summary_counts_add_up_with_an_album_without_a_link(fake, tmp_path):
     """Backed up + unchanged + failed + not attempted is every album node, when one of them
     (without an Album link) fails at the walk and the run is then interrupted."""
     fake.add_node("Album", "Linkless", fake.root_id)
-    for i in range(8):
-        fake.add_album("Album %d" % i, sizes=(60_000,))
-    fake.bandwidth = 100_000
-    out = tmp_path / "out"
-    proc = spawn(write_config(tmp_path / "config.json", fake.config(out, workers=16)))
-    said = read_until_line(proc.stderr, "failed: Linkless: ")
-    assert wait_for(lambda: sum(k.endswith(".part") for k in tree(out)) >= 2)
-    proc.send_signal(signal.SIGINT)
-    err = said + proc.communicate(timeout=30)[1].decode()
-    assert proc.returncode == sd.EXIT_INTERRUPTED, err
+    err, _ = interrupted_after(fake, tmp_path, "failed: Linkless: ")
     _, backed_up, unchanged, failed, not_attempted, _, reasons = one_summary(err)
     assert reasons == {"Linkless": "album without an Album link"}
     assert backed_up + unchanged + failed + not_attempted == 9, err
