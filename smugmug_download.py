@@ -398,6 +398,7 @@ class AlbumPlan:
     files_checked: int = 0
     held_before: frozenset = frozenset()   # ImageKeys the previous backup holds (its manifest says where)
     incomplete: str = ""         # the listing was cut short: why (then nothing old is replaced)
+    same: frozenset = frozenset()   # parts downloaded byte for byte the same as the file at their name
 
 
 @dataclass
@@ -2106,6 +2107,8 @@ def check_album(client, album, parts, folder, old):
     if bad:
         return AlbumPlan(tuple(listing), {}, (), bad, held_before=held, incomplete=short)
     found = match_files(listing, entries)
+    same = frozenset(name for name, path in parts if path != os.path.join(folder, name)
+                     and same_bytes(os.path.join(folder, name), path))    # read here, off the orchestrator
     locations = {k: {"archive": e.part, "entry": e.name} for k, e in found.items()}
     lacking = [f for f in listing if f.key not in found]
     names = loose_file_names([(f.key, f.file_name) for f in lacking],
@@ -2142,7 +2145,7 @@ def check_album(client, album, parts, folder, old):
             continue
         tasks.append(FileTask(f.key, name, url, size, md5, rendition))
     return AlbumPlan(tuple(listing), locations, tuple(tasks), {}, files_checked=len(listing),
-                     held_before=held, incomplete=short)
+                     held_before=held, incomplete=short, same=same)
 
 
 def file_is(path, size, md5, stop=None):
@@ -2387,12 +2390,12 @@ class Store:
     def commit(self, key, rel, outcome):
         """An album's new backup takes its place, as one change: the files it replaces or no
         longer has go to versions, its manifest and finished NAME.part files their final names,
-        and its record (outcome.record) is saved. A new file byte for byte the same as the one
-        at its name leaves that one where it is (there is nothing to keep: a repair that
-        fetched a whole album again versions only what differs). Returns how many files went
+        and its record (outcome.record) is saved. A new part byte for byte the same as the one
+        at its name (outcome.same, compared by the check stage) leaves that one where it is
+        (there is nothing to keep: a repair that fetched a whole album again versions only
+        what differs). Returns how many files went
         to versions (a file already gone from the disk is not one)."""
-        same = {name for name in set(outcome.placed) & set(outcome.replaced)
-                if same_bytes(self.abs(rel + "/" + name), self.abs(rel + "/" + name) + ".part")}
+        same = outcome.same
         steps = [("version", rel + "/" + name) for name in outcome.replaced if name not in same]
         if outcome.manifest is not None:
             steps.append(("place", self.write_temp(rel + "/" + MANIFEST_NAME, outcome.manifest),
@@ -4441,6 +4444,7 @@ class Outcome:
     missing: dict = field(default_factory=dict)     # ImageKey -> why SmugMug did not give it
     renditions: int = 0
     record: Optional["AlbumRecord"] = None           # the album's record once committed
+    same: frozenset = frozenset()                   # placed files the same as the ones they replace
 
 
 def commit_outcome(run, folder):
@@ -4512,7 +4516,8 @@ def commit_outcome(run, folder):
         files.append(SavedFile(name, size, "file"))
     record = AlbumRecord(album.album_key, album.node_id, album.rel, album.last_updated, album.images_last_updated,
                          files, manifest_size, complete=not missing, listed=iso_now(), image_count=album.image_count)
-    return Outcome("", parts, loose, placed, replaced, text, holds, missing, renditions, record)
+    return Outcome("", parts, loose, placed, replaced, text, holds, missing, renditions, record,
+                   plan.same & set(placed) & set(replaced))
 
 
 # CLI ########################################################################
