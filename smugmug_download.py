@@ -398,7 +398,8 @@ class AlbumPlan:
     files_checked: int = 0
     held_before: frozenset = frozenset()   # ImageKeys the previous backup holds (its manifest says where)
     incomplete: str = ""         # the listing was cut short: why (then nothing old is replaced)
-    same: frozenset = frozenset()   # parts downloaded byte for byte the same as the file at their name
+    same: dict = field(default_factory=dict)   # parts downloaded byte for byte the same as the file at
+                                               # their name -> that file's file_signature() then
 
 
 @dataclass
@@ -1687,7 +1688,7 @@ def album_changed_at(album):
     return max(times) if times else None
 
 
-def read_archive(listing, album, ticket):
+def read_archive(listing, album, ticket, reuse_after=None):
     """What one !download listing means for the album: (state, parts, ticket).
 
     state: 'complete' (every part downloadable), 'preparing', 'error',
@@ -1696,7 +1697,8 @@ def read_archive(listing, album, ticket):
     chosen and remembered on the ticket by when it was made, and from then on
     only that archive counts. Decided by Status first: a URL is needed only to
     download, so a part in progress without one still counts, and a Complete
-    part without one is an error.
+    part without one is an error. reuse_after (a datetime): before a request,
+    an archive is reused only if dated after it too.
     """
     mine = [p for p in listing if part_key(p) not in ticket.stale]
     if ticket.posted and ticket.not_before:
@@ -1704,6 +1706,8 @@ def read_archive(listing, album, ticket):
         mine = [p for p in mine if (parse_time(p.date_added) or floor) >= floor]
     if not ticket.posted:
         changed = album_changed_at(album)
+        if reuse_after is not None:
+            changed = max(changed or reuse_after, reuse_after)
         # Strictly later: times have whole seconds, and an archive from the very
         # second of a change may predate it. Undated archives are never reused.
         mine = [p for p in mine if changed is not None and (parse_time(p.date_added) or MIN_TIME) > changed]
@@ -1743,22 +1747,23 @@ def fetch_details(client, album):
     return with_details(album, details)
 
 
-def request_archive(client, album, ticket, look_first, reuse=True):
+def request_archive(client, album, ticket, look_first, reuse_after=None):
     """Stage of the request pool: (album, state, parts, ticket).
 
     look_first (a changed album, or one the state remembers asking an archive
     for): list what SmugMug has first; an archive dated after the album's last
-    change is reused (unless not reuse: a change its timestamps do not show),
-    complete or in preparation, and every other one listed is stale from then
-    on. Otherwise, or with a ticket given up on, a new archive is asked for.
+    change (and after reuse_after, for a change its timestamps do not show) is
+    reused, complete or in preparation, and every other one listed is stale
+    from then on. Otherwise, or with a ticket given up on, a new archive is
+    asked for.
     """
     album = fetch_details(client, album)
     if album.image_count == 0:
         return album, "empty", [], ticket
     if not ticket.posted:
         existing = list_archives(client, album) if look_first else []
-        state, parts, chosen = read_archive(existing, album, ticket)
-        if reuse and state in ("complete", "preparing") and chosen.seen:
+        state, parts, chosen = read_archive(existing, album, ticket, reuse_after)
+        if state in ("complete", "preparing") and chosen.seen:
             others = [p for p in existing if part_key(p) not in chosen.seen]
             return album, state, parts, replace(chosen, stale=chosen.stale | {part_key(p) for p in others})
         ticket = ticket.after_listing(existing)
@@ -2107,8 +2112,8 @@ def check_album(client, album, parts, folder, old):
     if bad:
         return AlbumPlan(tuple(listing), {}, (), bad, held_before=held, incomplete=short)
     found = match_files(listing, entries)
-    same = frozenset(name for name, path in parts if path != os.path.join(folder, name)
-                     and same_bytes(os.path.join(folder, name), path))    # read here, off the orchestrator
+    same = {name: file_signature(os.path.join(folder, name)) for name, path in parts   # read here, off
+            if path != os.path.join(folder, name) and same_bytes(os.path.join(folder, name), path, client.stop)}
     locations = {k: {"archive": e.part, "entry": e.name} for k, e in found.items()}
     lacking = [f for f in listing if f.key not in found]
     names = loose_file_names([(f.key, f.file_name) for f in lacking],
@@ -2179,20 +2184,30 @@ def fsync_dir(folder):
         os.close(fd)
 
 
-def same_bytes(a, b, chunk=1 << 20):
-    """Do files a and b hold the same bytes? False when either cannot be read."""
+def file_signature(path):
+    """(size, mtime in ns) of a file, or None: tells whether it changed since it was looked at."""
+    try:
+        info = os.stat(path)
+    except OSError:
+        return None
+    return info.st_size, info.st_mtime_ns
+
+
+def same_bytes(a, b, stop=None, chunk=1 << 20):
+    """Do files a and b hold the same bytes? False when either cannot be read (or on stop)."""
     try:
         if os.path.getsize(a) != os.path.getsize(b):
             return False
         with open(a, "rb") as fa, open(b, "rb") as fb:
-            while True:
+            while not (stop and stop.is_set()):
                 block = fa.read(chunk)
                 if block != fb.read(chunk):
                     return False
                 if not block:
                     return True
     except OSError:
-        return False
+        pass
+    return False
 
 
 def write_atomic(path, text, mode=None):
@@ -2391,11 +2406,11 @@ class Store:
         """An album's new backup takes its place, as one change: the files it replaces or no
         longer has go to versions, its manifest and finished NAME.part files their final names,
         and its record (outcome.record) is saved. A new part byte for byte the same as the one
-        at its name (outcome.same, compared by the check stage) leaves that one where it is
-        (there is nothing to keep: a repair that fetched a whole album again versions only
-        what differs). Returns how many files went
-        to versions (a file already gone from the disk is not one)."""
-        same = outcome.same
+        at its name (outcome.same: compared by the check stage, and unchanged since) leaves
+        that one where it is: there is nothing to keep, and a repair that fetched a whole
+        album again versions only what differs. Returns how many files went to versions (a
+        file already gone from the disk is not one)."""
+        same = {n for n, sig in outcome.same.items() if file_signature(self.abs(rel + "/" + n)) == sig}
         steps = [("version", rel + "/" + name) for name in outcome.replaced if name not in same]
         if outcome.manifest is not None:
             steps.append(("place", self.write_temp(rel + "/" + MANIFEST_NAME, outcome.manifest),
@@ -2571,8 +2586,10 @@ class Store:
             return 0
         removed = 0
         for stamp in stamps:
-            try:                          # 2026-12-01T031500Z
-                made = stamp_time(stamp)
+            try:                          # 2026-12-01T031500Z (-2, -3... from an earlier version)
+                if not re.fullmatch(r"(-\d+)?", stamp[18:]):
+                    raise ValueError(stamp)
+                made = stamp_time(stamp[:18])
             except ValueError:
                 continue                  # not ours: left alone
             if keep_days > 0 and now - made < keep_days * 86400:
@@ -4067,10 +4084,11 @@ class Orchestrator:
             run.to("requesting")
             run.asked_at = time.monotonic()
             run.first_asked_at, run.looks = run.first_asked_at or run.asked_at, 0   # the timeout spans re-requests
-            moved = bool(run.record) and count_moved(run.album, run.record)
+            asked = run.album.album_key in self.state.requested      # by a run since the last backup
+            moved = bool(run.record) and count_moved(run.album, run.record)   # then only an archive a run
             self.submit("request", "request", (run, run.generation), request_archive, self.client, run.album,
-                        run.ticket, moved or self.scheduler.look_first(run, run.album.album_key in self.state.requested),
-                        not moved)
+                        run.ticket, moved or self.scheduler.look_first(run, asked),      # asked for since
+                        MAX_TIME if moved and not asked else None)
         for run in self.scheduler.looks_now():
             self.submit("look", "look", (run, run.generation), look_at_archive, self.client, run.album, run.ticket)
         for task in self.scheduler.downloads():
@@ -4132,12 +4150,13 @@ class Orchestrator:
     # -- walk --
 
     def on_root(self, future):
-        """The account to back up, or none: a user not found is a config error (the caller says
-        so); any other answer SmugMug gives stops the run."""
+        """The account to back up, or none: SmugMug failing (5xx, 429, no or broken answers,
+        after the tries) stops the run; a 4xx (a user not found, no access) is the config's,
+        for the caller to say."""
         try:
             self.nickname, root = future.result()
         except ApiError as exc:
-            if isinstance(exc, NotFound) and self.config.smugmug_user:
+            if exc.status is not None and 400 <= exc.status < 500 and exc.status != 429:
                 raise
             return self.stop_new_work("could not reach the account: %s" % exc)
         if self.options.dry_run:
@@ -4394,7 +4413,7 @@ class Orchestrator:
     def stop_new_work(self, why):
         """A fatal write error, or SmugMug unreachable: start nothing new (the walk included)."""
         if not self.halt:
-            log.error("%s: %s", "stopping new downloads" if self.runs else "giving up", why)
+            log.error("%s: %s", "giving up" if self.nickname is None else "stopping new downloads", why)
             self.summary.write_error = why
         self.halt = True
         self.walk.complete = False          # folders not listed now: nothing can be called gone
@@ -4444,7 +4463,7 @@ class Outcome:
     missing: dict = field(default_factory=dict)     # ImageKey -> why SmugMug did not give it
     renditions: int = 0
     record: Optional["AlbumRecord"] = None           # the album's record once committed
-    same: frozenset = frozenset()                   # placed files the same as the ones they replace
+    same: dict = field(default_factory=dict)        # placed files the same as the ones they replace
 
 
 def commit_outcome(run, folder):
@@ -4517,7 +4536,7 @@ def commit_outcome(run, folder):
     record = AlbumRecord(album.album_key, album.node_id, album.rel, album.last_updated, album.images_last_updated,
                          files, manifest_size, complete=not missing, listed=iso_now(), image_count=album.image_count)
     return Outcome("", parts, loose, placed, replaced, text, holds, missing, renditions, record,
-                   plan.same & set(placed) & set(replaced))
+                   {n: sig for n, sig in plan.same.items() if n in placed and n in replaced})
 
 
 # CLI ########################################################################
@@ -4967,6 +4986,8 @@ def run(config, options, status):
         return EXIT_ALBUMS_FAILED if (summary.failed or summary.write_error) else EXIT_OK
     except NotFound as exc:
         raise UsageError("SmugMug user %r not found: %s" % (config.smugmug_user, exc))
+    except ApiError as exc:
+        raise UsageError("could not reach the account: %s" % exc)
     finally:
         stop.set()
         client.close()

@@ -6,6 +6,7 @@ unit-tested on a temporary folder without HTTP."""
 import datetime
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -14,7 +15,7 @@ import pytest
 
 import fake_smugmug
 import smugmug_download as sd
-from conftest import ROOT, expected_tree, manifest, tree, write_config
+from conftest import ROOT, expected_tree, manifest, spawn, tree, wait_for, write_config
 
 
 def versions(out):
@@ -100,6 +101,27 @@ def test_a_change_in_the_same_second_as_the_last_is_seen_by_its_image_count(fake
     assert versions(run.out)[zip_name] == first[zip_name]
     calls = len(fake.log)
     assert run()[0] == 0 and all(e["kind"] == "walk" for e in fake.log[calls:])   # then unchanged again
+
+
+def test_an_archive_asked_for_after_such_a_change_by_a_stopped_run_is_reused(fake, run):
+    """The same-second change again, but the run that asks for the new archive is stopped
+    (Ctrl-C) while SmugMug prepares it: the next run takes that archive (no new request), never
+    the old one the previous backup came from."""
+    key = fake.add_album("Quick", images=[{"file_name": n, "size": 3000 + i} for i, n in
+                                          enumerate(("a.jpg", "b.jpg", "c.jpg"))])
+    assert run()[0] == 0
+    fake.albums[key].images = fake.albums[key].images[:2]          # the timestamps stay
+    fake.prep_seconds = 1.0
+    before = len(fake.calls(method="POST"))
+    proc = spawn(run.config())
+    assert wait_for(lambda: len(fake.calls(method="POST")) > before)
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=30) == sd.EXIT_INTERRUPTED
+    posts = len(fake.calls(method="POST"))
+    code, _, err = run()
+    assert code == 0, err
+    assert len(fake.calls(method="POST")) == posts                 # the stopped run's archive
+    assert tree(run.out)["Quick/%s.zip" % key] == fake.expected_parts(key)["%s.zip" % key]
 
 
 def test_a_repair_says_only_what_truly_went_to_versions(fake, run):
@@ -537,7 +559,9 @@ def test_a_run_started_in_the_same_second_as_the_last_names_its_versions_by_the_
     assert sorted(os.listdir(versions)) == ["2026-12-01T031500Z", "2026-12-01T031501Z"]
     assert (versions / "2026-12-01T031500Z" / "A" / "a.zip").read_bytes() == b"first"
     assert (versions / "2026-12-01T031501Z" / "A" / "a.zip").read_bytes() == b"second"
-    assert again.prune_versions(0) == 2 and not os.listdir(versions)
+    (versions / "2026-11-30T031500Z-2").mkdir()            # named by an earlier version of the tool
+    (versions / "my notes").mkdir()                         # not a run's: left alone
+    assert again.prune_versions(0) == 3 and os.listdir(versions) == ["my notes"]
 
 
 def test_store_refuses_a_path_another_album_owns(tmp_path):
