@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """A quick simulation of the tool's Scheduler (window, backlog bound, LookPlanner) on virtual time.
 
-    python tests/pacing_sim.py [--accounts 40] [--shape spread|tail|account|slowprep]
+    python tests/pacing_sim.py [--accounts 40] [--shape spread|tail|bench-tail|account|slowprep]
+    python tests/pacing_sim.py --frontier [--shape spread]
 
 Not collected by pytest. Drives the real Scheduler and LookPlanner of smugmug_download.py with a
 virtual clock against a simple model of SmugMug (each album's archive is ready a fixed time after
@@ -9,9 +10,19 @@ its request; downloads share the link's capacity among at most `workers` connect
 call takes `latency`), and reports, over many random accounts, the worst wall / lower bound and
 the worst API calls per album (requests, looks, listings; walk not simulated: add its share).
 It is a tuning aid: the figures that count come from tests/benchmark.py against the emulator.
+
+--frontier asks what any look policy could reach: it replaces the LookPlanner by an oracle told
+the shape's exact distribution of preparation times (which no real run knows before it has spent
+looks on learning it; it is never told an album's own time). The oracle looks, likeliest first,
+at albums whose chance of being ready, P(ready now | not ready at its last look), is at least a
+threshold: low while the link has nothing queued, high while it is busy. Each threshold pair is
+one point; the table shows, over the accounts, the worst wall / bound and the worst calls per
+album with the walk's share and the look-first probes of a fresh run added, as
+tests/benchmark.py counts them.
 """
 
 import argparse
+import bisect
 import collections
 import os
 import random
@@ -71,6 +82,8 @@ def account(rng, shape, n=80):
             prep = rng.uniform(8, 20)
         elif shape == "tail":
             prep = rng.uniform(5, 15) if rng.random() < 0.85 else rng.uniform(15, 60)
+        elif shape == "bench-tail":      # tests/benchmark.py's long tail
+            prep = rng.uniform(30.0, 60.0) if rng.random() < 0.1 else rng.uniform(5.0, 12.0)
         elif shape == "account":
             prep, size = rng.uniform(1, 3), rng.uniform(2 * MB, 6 * MB)
         else:
@@ -79,10 +92,56 @@ def account(rng, shape, n=80):
     return albums
 
 
-def simulate(albums, cap=60 * MB, workers=4, latency=0.03, step=0.01, walk=0.3):
+class Oracle(sd.LookPlanner):
+    """A LookPlanner told the distribution of preparation times (cdf: wait -> share ready by
+    then), not each album's own. Looks, likeliest first, at albums whose chance of being ready
+    since their last look is at least `low` while the link has nothing queued, rising to `high`
+    once `stock` seconds are queued; as many as should find what the link needs."""
+
+    def __init__(self, cdf, low, high, stock, scheduler, clock):
+        super().__init__(0.0, 30.0, clock)
+        self.cdf, self.low, self.high, self.stock, self.scheduler = cdf, low, high, stock, scheduler
+
+    def chance(self, item, now):
+        wait, last = now - item.asked, item.seen
+        if wait - last >= self.maximum or self.cdf(last) >= 1.0:
+            return 1.0
+        return (self.cdf(wait) - self.cdf(last)) / (1.0 - self.cdf(last))
+
+    def plan(self, now, need, limit, last=False):
+        stock = self.scheduler.stock_seconds() or 0.0
+        threshold = self.low + (self.high - self.low) * min(1.0, stock / self.stock)
+        odds = sorted(((self.chance(item, now), run) for run, item in self.albums.items() if not item.looking),
+                      key=lambda pair: -pair[0])
+        expected = 0.5 * sum(1 for item in self.albums.values() if item.looking)
+        chosen = []
+        for chance, run in odds:
+            if len(chosen) >= limit or expected >= need or chance < threshold:
+                break
+            chosen.append(run)
+            expected += chance
+        for run in chosen:
+            self.albums[run].looking = True
+        return chosen
+
+    def next_due(self, now, last=False):
+        return 0.05 if self.albums else None
+
+
+def distribution(shape, draws=20000):
+    """The shape's preparation-time cdf, from many draws."""
+    rng = random.Random(12345)
+    waits = sorted(prep for _ in range(draws // 80) for prep, _ in account(rng, shape))
+    return lambda wait: bisect.bisect_right(waits, wait) / len(waits)
+
+
+def simulate(albums, cap=60 * MB, workers=4, latency=0.03, step=0.01, walk=0.3, oracle=None):
+    """oracle: (cdf, low, high, stock) to plan the looks with an Oracle instead of the LookPlanner."""
     clock = Clock()
     meter = sd.Meter(clock)
     scheduler = sd.Scheduler(Config(), workers, Link(), Gate(), meter, clock=clock)
+    if oracle:
+        scheduler.looks = Oracle(*oracle, scheduler, clock)
     runs = [Run(i, p, s) for i, (p, s) in enumerate(albums)]
     calls = collections.Counter()
     events = []                        # (time, kind, run)
@@ -140,13 +199,40 @@ def simulate(albums, cap=60 * MB, workers=4, latency=0.03, step=0.01, walk=0.3):
     return clock.now / bound, sum(calls.values()) / len(albums), calls
 
 
+def frontier(args):
+    """The oracle's worst account over a grid of thresholds, and which points meet both targets."""
+    cdf = distribution(args.shape)
+    accounts = [account(random.Random(seed), args.shape, args.albums) for seed in range(args.accounts)]
+    extra = args.walk_calls + sd.LOOK_FIRST_PROBES / args.albums
+    print("oracle, %s, %d accounts; calls per album include the walk (%.2f) and %d look-first probes (%.2f)"
+          % (args.shape, len(accounts), args.walk_calls, sd.LOOK_FIRST_PROBES, sd.LOOK_FIRST_PROBES / args.albums))
+    runs = [simulate(albums, cap=args.cap * MB)[:2] for albums in accounts]
+    print("the tool's LookPlanner: worst wall/bound %.3f, worst calls/album %.2f"
+          % (max(r[0] for r in runs), max(r[1] for r in runs) + extra))
+    print("stock  low   high  worst wall/bound  worst calls/album  (calls without the probes)")
+    for stock in (0.5, 1.5):
+        for low in (0.2, 0.25, 0.28, 0.3, 0.35, 0.45, 0.6):
+            for high in (0.6, 0.9):
+                runs = [simulate(albums, cap=args.cap * MB, oracle=(cdf, low, high, stock))[:2]
+                        for albums in accounts]
+                wall, calls = max(r[0] for r in runs), max(r[1] for r in runs) + extra
+                print("%.1f    %.2f  %.2f  %.3f             %.2f               (%.2f)%s" % (
+                    stock, low, high, wall, calls, calls - sd.LOOK_FIRST_PROBES / args.albums,
+                    "  both met" if wall <= 1.15 and calls <= 4.0 else ""))
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--accounts", type=int, default=40)
     parser.add_argument("--shape", default="spread")
     parser.add_argument("--albums", type=int, default=80)
     parser.add_argument("--cap", type=float, default=60.0, help="MB/s")
+    parser.add_argument("--frontier", action="store_true", help="what an oracle look policy reaches")
+    parser.add_argument("--walk-calls", type=float, default=0.17,
+                        help="the walk's API calls per album, for --frontier (benchmark prep-spread: 0.17)")
     args = parser.parse_args(argv)
+    if args.frontier:
+        return frontier(args)
     results = []
     for seed in range(args.accounts):
         albums = account(random.Random(seed), args.shape, args.albums)
