@@ -186,12 +186,13 @@ LOOK_FIRST_PROBES = 16    # new albums that look for an archive SmugMug already 
 SCOUT_GROWTH = 1.2        # before any archive is ready, scout looks at waits growing by this ...
 SCOUT_SHARE = 0.006       # ... this share of the albums waiting per second waited (at least one)
 LOOK_STOCK = 1.5          # seconds of downloading queued below which more ready archives are looked for
-LOOK_PAUSE = 0.25         # after a round of looks that found nothing, the next one this much later
-LOOK_MEMORY = 20          # looks whose outcome sets the expected success of the next ones ...
-LOOK_FLOOR = 0.15         # ... never taken as below this
-LOOK_GAP = 0.35           # an album is looked at again once its wait has grown by this share (up to
-                          # three times more while fewer than half the looks find their archive ready) ...
-LOOK_GAP_LAST = 0.08      # ... or by this share for the last few, the slowest of which sets the run's end
+LOOK_ODDS_IDLE = 0.35     # an album is looked at when its chance of being ready is at least this while
+LOOK_ODDS_BUSY = 0.9      # the link has nothing queued, rising to this once LOOK_ODDS_STOCK seconds are
+LOOK_ODDS_STOCK = 0.5     # queued (measured in a simulation against a planner told the true spread)
+EXPLORE_SHARE = 0.03      # none likely ready, the link idle: one look, at most once per this share of the wait
+WAIT_BINS = [0.0] + [0.25 * 1.04 ** k for k in range(500)]   # waits, in bins growing by 4 % from 0.25 s
+ESTIMATE_EVERY = 0.25     # seconds between two estimates of how preparation times spread
+ESTIMATE_ROUNDS = 30      # rounds of the self-consistent estimate, each from the last
 
 
 # Errors #####################################################################
@@ -3194,6 +3195,33 @@ class PrepWindow:
         return self.limit
 
 
+def wait_bin(wait):
+    """The bin of a wait: bin k holds the waits in (WAIT_BINS[k-1], WAIT_BINS[k]]; 0 is no wait."""
+    return min(bisect.bisect_left(WAIT_BINS, wait), len(WAIT_BINS) - 1)
+
+
+def ready_shares(spans, shares=None, rounds=ESTIMATE_ROUNDS):
+    """How preparation times spread, from what the looks saw. spans: per album, the bins (a, b)
+    within which its archive became ready: bins a to b - 1 (from the bin after that of the last
+    look that missed it to that of the look that found it; b is None while it has not been seen
+    ready: from bin a on). Returns the share of archives ready in each bin, the
+    last entry being the share beyond every bin seen: the self-consistent estimate (Turnbull's
+    for interval-censored times), each round spreading each album over its bins in proportion to
+    the last round's shares. shares: a last estimate of the same length to start from."""
+    top = max(max(a, b or 0) for a, b in spans)        # the share beyond every bin seen
+    counts = collections.Counter((a, b if b is not None else top + 1) for a, b in spans)
+    if shares is None or len(shares) != top + 1:
+        shares = [0.0] + [1.0 / top] * top
+    for _ in range(rounds):
+        new = [0.0] * (top + 1)
+        for (a, b), n in counts.items():
+            total = sum(shares[a:b])
+            for k in range(a, b):
+                new[k] += n * (shares[k] / total if total > 0 else 1.0 / (b - a))
+        shares = [x / len(spans) for x in new]
+    return shares
+
+
 @dataclass
 class Preparing:
     """An album whose archive SmugMug prepares, as the LookPlanner sees it."""
@@ -3208,24 +3236,32 @@ class LookPlanner:
 
     Looks follow demand: they are made only when the link will soon have
     nothing to do (less than LOOK_STOCK seconds of downloading queued, or a
-    worker idle), as many as should find the archives it needs at the success
-    rate of the recent looks. The likeliest ready go first: albums never looked
-    at (the longest waiting first), then those whose wait has grown most since
-    their last look. An album is not looked at again before its wait has
-    grown by a share (LOOK_GAP while many are left; for the last few, LOOK_GAP_LAST,
-    since the slowest of them sets the run's end). Before any archive has been
-    seen ready, scout looks go out at waits growing by SCOUT_GROWTH, a few more
-    the longer the wait: few calls early.
+    worker idle). Before any archive has been seen ready, scout looks go out
+    at waits growing by SCOUT_GROWTH, a few more the longer the wait: few
+    calls early. After that, the run learns from its looks how preparation
+    times spread (each album's time lies between its last look that missed and
+    the one that found it: ready_shares), and from that each album's chance of
+    being ready now, given it was not at its last look: an album that has
+    waited longer than most took is likely ready. The likeliest are looked at,
+    as many as should find what the link needs, while their chance is at least
+    LOOK_ODDS_IDLE with nothing queued, rising to LOOK_ODDS_BUSY as downloads
+    queue up. With none that likely and the link idle, one look goes to the
+    album looked at least lately for its wait, at most once per EXPLORE_SHARE
+    of the wait: the slowest album sets the run's end. No album goes longer
+    than poll_max_seconds between two looks while looks are wanted.
     """
 
     def __init__(self, first, maximum, clock=time.monotonic):
         self.first, self.maximum = first, maximum
         self._clock = clock
         self.albums = {}             # run -> Preparing
-        self.outcomes = collections.deque(maxlen=LOOK_MEMORY)   # the recent looks: ready or not
+        self.ready_spans = []        # (after, by) wait bins of the archives seen ready
         self.found = 0               # archives seen ready so far
         self.scout_wait = 0.0        # the wait of the last scout looks
-        self.quiet_until = 0.0       # no round of looks before this (the last found nothing)
+        self.shares = None           # ready_shares(...) as last estimated, and their running sum
+        self.cumulative = []
+        self._estimated = None       # when (None: a look has come back since)
+        self.explore_after = 0.0     # no exploring look before this
 
     def add(self, run, asked):
         self.albums[run] = Preparing(asked)
@@ -3239,33 +3275,54 @@ class LookPlanner:
         if item is None:
             return
         item.looking = False
-        if ready and not self.found:
-            self.outcomes.clear()           # the scouts' misses say nothing of the looks to come
-        self.outcomes.append(ready)
+        self._estimated = None
         if ready:
             self.found += 1
+            found = wait_bin(now - item.asked)
+            self.ready_spans.append((min(wait_bin(item.seen) + 1, found), found + 1))
             self.drop(run)
         else:
             item.seen, item.looks = now - item.asked, item.looks + 1
 
-    def gap(self, last):
-        """The share by which an album's wait grows before it is looked at again."""
-        if last:
-            return LOOK_GAP_LAST
-        return LOOK_GAP * min(3.0, max(1.0, 0.5 / self.success()))
+    def estimate(self, now):
+        """Learn again how preparation times spread (at most every ESTIMATE_EVERY seconds)."""
+        if self._estimated is not None and now - self._estimated < ESTIMATE_EVERY:
+            return
+        self._estimated = now
+        spans = self.ready_spans + [(wait_bin(i.seen) + 1, None) for i in self.albums.values() if i.seen]
+        self.shares = ready_shares(spans, self.shares)
+        self.cumulative = list(itertools.accumulate(self.shares))
 
-    def success(self):
-        """The share of recent looks that found an archive ready (a floor against waste)."""
-        return max(LOOK_FLOOR, sum(self.outcomes) / len(self.outcomes)) if self.outcomes else 0.5
+    def ready_by(self, wait):
+        """The share of archives ready by this wait, as estimated (within a bin: linearly; past
+        the longest wait seen: no more than by then, until a look says otherwise)."""
+        k = wait_bin(wait)
+        if k == 0 or not self.cumulative:
+            return 0.0
+        if k >= len(self.cumulative) - 1:
+            return self.cumulative[-2] if len(self.cumulative) > 1 else 0.0
+        low, high = WAIT_BINS[k - 1], WAIT_BINS[k]
+        return self.cumulative[k - 1] + (self.cumulative[k] - self.cumulative[k - 1]) * (wait - low) / (high - low)
 
-    def plan(self, now, need, limit, last=False):
-        """The albums to look at now, the link needing about `need` more archives: at most limit."""
+    def chance(self, item, now):
+        """The chance that item's archive is ready now, given it was not at its last look."""
+        wait = now - item.asked
+        if wait - item.seen >= self.maximum:
+            return 1.0
+        before = self.ready_by(item.seen) if item.seen else 0.0
+        if before >= 1.0 - 1e-9:
+            return 1.0
+        return max(0.0, (self.ready_by(wait) - before) / (1.0 - before))
+
+    def plan(self, now, need, limit, stock=0.0):
+        """The albums to look at now, the link needing about `need` more archives and holding
+        `stock` seconds of downloading: at most limit."""
         chosen = []
         if limit <= 0 or not self.albums:
             return chosen
-        waits = {run: now - item.asked for run, item in self.albums.items()
-                 if not item.looking and now - item.asked >= self.first}
+        idle = {run: item for run, item in self.albums.items() if not item.looking and now - item.asked >= self.first}
         if not self.found:                  # nothing seen ready yet: scouts, at growing waits
+            waits = {run: now - item.asked for run, item in idle.items()}
             oldest = max(waits.values(), default=0.0)
             if oldest < self.scout_wait:        # the albums scouted are gone (asked again, saved): start over
                 self.scout_wait = 0.0
@@ -3274,30 +3331,32 @@ class LookPlanner:
                 count = max(1, int(oldest * SCOUT_SHARE * len(self.albums)))
                 due = [run for run, wait in waits.items() if wait >= self.albums[run].seen * SCOUT_GROWTH]
                 chosen = sorted(due, key=lambda run: (self.albums[run].looks, -waits[run]))[:min(limit, count)]
-        elif now >= self.quiet_until:
-            share = self.gap(last)
-            due = [run for run, wait in waits.items() if wait >= self.albums[run].seen * (1.0 + share)]
-            due.sort(key=lambda run: (self.albums[run].looks > 0,
-                                      -(waits[run] / self.albums[run].seen if self.albums[run].seen else waits[run])))
-            in_flight = sum(1 for i in self.albums.values() if i.looking)
-            count = math.ceil(need / self.success()) - in_flight
-            chosen = due[:max(0, min(limit, count))]
-            if chosen and not any(list(self.outcomes)[-len(chosen):]):   # the last looks found nothing:
-                self.quiet_until = now + LOOK_PAUSE                    # the next round a moment later
+        elif idle:
+            self.estimate(now)
+            odds = sorted(((self.chance(item, now), run) for run, item in idle.items()), key=lambda c: -c[0])
+            least = LOOK_ODDS_IDLE + (LOOK_ODDS_BUSY - LOOK_ODDS_IDLE) * min(1.0, (stock or 0.0) / LOOK_ODDS_STOCK)
+            expected = 0.5 * sum(1 for item in self.albums.values() if item.looking)
+            for odds_of, run in odds:
+                if len(chosen) >= limit or expected >= need or odds_of < least:
+                    break
+                chosen.append(run)
+                expected += odds_of
+            if (not chosen and not stock and now >= self.explore_after
+                    and not any(item.looking for item in self.albums.values())):
+                run = min(idle, key=lambda r: idle[r].seen / max(1e-9, now - idle[r].asked))
+                chosen = [run]
+                self.explore_after = now + EXPLORE_SHARE * (now - idle[run].asked)
         for run in chosen:
             self.albums[run].looking = True
         return chosen
 
-    def next_due(self, now, last=False):
+    def next_due(self, now):
         """Seconds until a look may be due (for the orchestrator's wait), or None."""
         idle = [item for item in self.albums.values() if not item.looking]
-        if not idle:
+        if not idle or self.found:      # chances grow by the moment: the orchestrator's regular wake-up
             return None
-        if not self.found:
-            growth, oldest = SCOUT_GROWTH, max(now - item.asked for item in idle)
-            return max(0.0, max(self.first, self.scout_wait * growth) - oldest)
-        share = self.gap(last)
-        return max(0.0, min(item.asked + max(self.first, item.seen * (1.0 + share)) for item in idle) - now)
+        oldest = max(now - item.asked for item in idle)
+        return max(0.0, max(self.first, self.scout_wait * SCOUT_GROWTH) - oldest)
 
 
 class Scheduler:
@@ -3409,11 +3468,7 @@ class Scheduler:
         else:                                                            # worth at a time at most
             need = float(max(1, self.workers - busy))
         looking = sum(1 for i in self.looks.albums.values() if i.looking)
-        return self.looks.plan(self._clock(), need, self.workers - looking, self.last_few())
-
-    def last_few(self):
-        """Only a few albums left to prepare: the slowest of them sets the run's end."""
-        return not self.waiting and not self.delayed and len(self.looks.albums) <= max(2, self.workers)
+        return self.looks.plan(self._clock(), need, self.workers - looking, stock)
 
     def downloads(self):
         """Queued downloads to start now on free workers: never two on one album's old and new archive."""
@@ -3470,7 +3525,7 @@ class Scheduler:
         timeout = STATUS_INTERVAL
         if self.delayed:
             timeout = min(timeout, max(0.0, self.delayed[0][0] - now))
-        due = self.looks.next_due(now, self.last_few())
+        due = self.looks.next_due(now)
         if due is not None:
             timeout = min(timeout, due)
         return timeout

@@ -98,9 +98,9 @@ class Oracle(sd.LookPlanner):
     since their last look is at least `low` while the link has nothing queued, rising to `high`
     once `stock` seconds are queued; as many as should find what the link needs."""
 
-    def __init__(self, cdf, low, high, stock, scheduler, clock):
+    def __init__(self, cdf, low, high, stock, clock):
         super().__init__(0.0, 30.0, clock)
-        self.cdf, self.low, self.high, self.stock, self.scheduler = cdf, low, high, stock, scheduler
+        self.cdf, self.low, self.high, self.stock = cdf, low, high, stock
 
     def chance(self, item, now):
         wait, last = now - item.asked, item.seen
@@ -108,8 +108,8 @@ class Oracle(sd.LookPlanner):
             return 1.0
         return (self.cdf(wait) - self.cdf(last)) / (1.0 - self.cdf(last))
 
-    def plan(self, now, need, limit, last=False):
-        stock = self.scheduler.stock_seconds() or 0.0
+    def plan(self, now, need, limit, stock=0.0):
+        stock = stock or 0.0
         threshold = self.low + (self.high - self.low) * min(1.0, stock / self.stock)
         odds = sorted(((self.chance(item, now), run) for run, item in self.albums.items() if not item.looking),
                       key=lambda pair: -pair[0])
@@ -124,8 +124,8 @@ class Oracle(sd.LookPlanner):
             self.albums[run].looking = True
         return chosen
 
-    def next_due(self, now, last=False):
-        return 0.05 if self.albums else None
+    def next_due(self, now):
+        return None
 
 
 def distribution(shape, draws=20000):
@@ -141,7 +141,7 @@ def simulate(albums, cap=60 * MB, workers=4, latency=0.03, step=0.01, walk=0.3, 
     meter = sd.Meter(clock)
     scheduler = sd.Scheduler(Config(), workers, Link(), Gate(), meter, clock=clock)
     if oracle:
-        scheduler.looks = Oracle(*oracle, scheduler, clock)
+        scheduler.looks = Oracle(*oracle, clock)
     runs = [Run(i, p, s) for i, (p, s) in enumerate(albums)]
     calls = collections.Counter()
     events = []                        # (time, kind, run)

@@ -2,6 +2,8 @@
 
 import datetime
 import email.utils
+import itertools
+import math
 import random
 import time
 
@@ -295,11 +297,11 @@ def test_prep_window_grows_holds_halves():
     assert small.limit <= 3 and all(small.adjust(4, 0, False, True) <= 3 for _ in range(5))
 
 
-def test_look_planner_scouts_then_looks_as_the_link_needs():
+def test_look_planner_scouts_then_looks_at_the_likeliest_ready():
     """Before any archive is ready, scout looks go out at waits growing by SCOUT_GROWTH (never
-    before poll_seconds); once archives are found ready, looks follow the link's need at the
-    recent success rate, albums never looked at first, and an album is not looked at again
-    before its wait has grown by LOOK_GAP (LOOK_GAP_LAST for the last few)."""
+    before poll_seconds). Once archives are found ready, the planner learns how preparation
+    times spread and looks at the albums likeliest ready, while that chance is at least
+    LOOK_ODDS_IDLE (higher while downloads are queued), as many as the link needs."""
     planner = sd.LookPlanner(1.0, 30.0)
     runs = ["album %d" % i for i in range(40)]
     for run in runs:
@@ -312,36 +314,67 @@ def test_look_planner_scouts_then_looks_as_the_link_needs():
     scouts = planner.plan(1.2, need=4, limit=4)
     assert len(scouts) == 1 and scouts != first                     # a fresh album
     planner.seen(scouts[0], False, 1.2)
-    many = planner.plan(20.0, need=4, limit=4)                      # long waits: a few scouts at once
-    assert len(many) == int(20.0 * sd.SCOUT_SHARE * 40)
-    planner.seen(many[0], True, 20.0)                               # found: the run has learned something
-    for run in many[1:]:
-        planner.seen(run, False, 20.0)
-    planner.outcomes.clear()
-    planner.outcomes.extend([True, False, False, False])            # one look in four finds its archive
-    chosen = planner.plan(20.1, need=1, limit=4)
-    assert len(chosen) == 4 and all(planner.albums[r].looks == 0 for r in chosen)   # 1 / 0.25: fresh first
-    for run in chosen:
-        planner.seen(run, False, 20.1)
-    planner.outcomes.extend([True] * 20)                            # now every look finds one
-    again = [r for r in planner.plan(20.2, need=40, limit=40) if planner.albums[r].looks]
-    assert again == [first[0], scouts[0]]                           # looked at long ago: due again
-    for run in list(planner.albums):
-        if planner.albums[run].looking:
-            planner.seen(run, False, 20.2)
-    gap = planner.gap(False)                   # LOOK_GAP, wider while few looks find their archive
-    assert sd.LOOK_GAP <= gap <= 3 * sd.LOOK_GAP
-    moment = 20.2 * (1 + gap) - 0.01
-    due = planner.plan(moment, need=40, limit=40)
-    assert due and all(moment >= planner.albums[r].seen * (1 + gap) for r in due)
-    assert not [r for r in due if planner.albums[r].seen > 20.1]       # looked at too lately to be due
-    later = max(20.2 * (1 + gap) + 0.01, planner.quiet_until)         # after a round that found nothing,
-    assert [r for r in planner.plan(later, need=40, limit=40) if planner.albums[r].seen > 20.1]   # a pause
-    last = sd.LookPlanner(1.0, 30.0)
-    last.add("slow", 0.0)
-    last.found = 1
-    last.seen("slow", False, 30.0)
-    assert last.plan(30.0 * (1 + sd.LOOK_GAP_LAST) + 0.01, need=1, limit=4, last=True) == ["slow"]
+    many = planner.plan(10.0, need=4, limit=4)                      # long waits: a few scouts at once
+    assert len(many) == int(10.0 * sd.SCOUT_SHARE * 40)
+    for run in many:
+        planner.seen(run, False, 10.0)
+    # Twenty albums looked at 12 s: half ready. Most of the rest are likely ready by 14 s.
+    looked = [r for r in runs if not planner.albums[r].looks][:20]
+    for i, run in enumerate(looked):
+        planner.albums[run].looking = True
+        planner.seen(run, i % 2 == 0, 12.0)
+    assert planner.found == 10
+    planner.estimate(12.0)
+    assert 0.3 < planner.ready_by(12.0) < 0.6 and planner.ready_by(9.0) < 0.1      # ready after the scouts
+    fresh = [r for r in planner.albums if not planner.albums[r].looks]
+    odds = planner.chance(planner.albums[fresh[0]], 12.0)
+    assert odds > sd.LOOK_ODDS_IDLE
+    chosen = planner.plan(12.0, need=2, limit=40)
+    assert len(chosen) == math.ceil(2 / odds)                       # enough for two, at their chance
+    assert all(not planner.albums[r].looks for r in chosen)         # unlooked ones first: the likeliest
+    busy = planner.plan(12.0, need=40, limit=40, stock=10.0)        # downloads queued: only near-certain
+    assert all(planner.chance(planner.albums[r], 12.0) >= sd.LOOK_ODDS_BUSY for r in busy)
+    missed = looked[1]                                              # not ready at 12 s: unlikely at 12.1
+    assert planner.chance(planner.albums[missed], 12.1) < planner.chance(planner.albums[missed], 20.0)
+    assert planner.chance(planner.albums[missed], 12.0 + 30.0) == 1.0   # poll_max_seconds since its last look
+
+
+def test_look_planner_explores_when_nothing_is_likely_and_the_link_is_idle():
+    """The last, slow album: past every wait seen, the estimate gives it no chance; with the link
+    idle, one look goes to it, at most once per EXPLORE_SHARE of its wait."""
+    planner = sd.LookPlanner(1.0, 300.0)
+    for run in ("fast", "slow"):
+        planner.add(run, 0.0)
+    planner.seen("fast", True, 5.0)
+    planner.seen("slow", False, 5.0)
+    planner.estimate(5.0)
+    assert planner.chance(planner.albums["slow"], 6.0) < sd.LOOK_ODDS_IDLE
+    assert planner.plan(6.0, need=1, limit=4, stock=2.0) == []      # downloads queued: no exploring
+    assert planner.plan(6.0, need=1, limit=4) == ["slow"]           # link idle: one look
+    planner.seen("slow", False, 6.0)
+    assert planner.plan(6.1, need=1, limit=4) == []                 # not again before 6 + 3 % of 6 s
+    assert planner.plan(6.0 + sd.EXPLORE_SHARE * 6.0 + 0.01, need=1, limit=4) == ["slow"]
+
+
+def test_ready_shares_learns_how_preparation_times_spread():
+    """From looks alone (each album seen not ready at one wait and ready at a later one, or not
+    yet), the estimate finds the spread of preparation times: here uniform over 8-20 s."""
+    rng = random.Random(5)
+    spans = []
+    for _ in range(400):
+        ready_at = rng.uniform(8.0, 20.0)
+        looks = sorted(rng.uniform(2.0, 24.0) for _ in range(3))
+        misses = [w for w in looks if w < ready_at]
+        hits = [w for w in looks if w >= ready_at]
+        after = sd.wait_bin(misses[-1]) + 1 if misses else 1
+        spans.append((after, sd.wait_bin(hits[0]) + 1 if hits else None))
+    shares = sd.ready_shares(spans)
+    assert abs(sum(shares) - 1.0) < 1e-9
+    cumulative = list(itertools.accumulate(shares))
+    assert cumulative[sd.wait_bin(7.5)] < 0.03                      # none before 8 s
+    assert abs(cumulative[sd.wait_bin(14.0)] - 0.5) < 0.1           # half by 14 s
+    assert cumulative[sd.wait_bin(21.0)] > 0.97                     # all by 20 s
+    assert sd.wait_bin(0.0) == 0 and sd.WAIT_BINS[sd.wait_bin(10.0) - 1] < 10.0 <= sd.WAIT_BINS[sd.wait_bin(10.0)]
 
 
 def test_scan_zip_checks_every_crc(tmp_path):

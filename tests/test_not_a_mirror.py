@@ -103,6 +103,11 @@ def test_a_change_in_the_same_second_as_the_last_is_seen_by_its_image_count(fake
     assert run()[0] == 0 and all(e["kind"] == "walk" for e in fake.log[calls:])   # then unchanged again
 
 
+def noted_requests(out):
+    """The albums whose request the state (snapshot and journal) notes, read as a next run would."""
+    return sd.BackupState(out, read_only=True).load(warn=False).requested
+
+
 def test_an_archive_asked_for_after_such_a_change_by_a_stopped_run_is_reused(fake, run):
     """The same-second change again, but the run that asks for the new archive is stopped
     (Ctrl-C) while SmugMug prepares it: the next run takes that archive (no new request), never
@@ -115,6 +120,7 @@ def test_an_archive_asked_for_after_such_a_change_by_a_stopped_run_is_reused(fak
     before = len(fake.calls(method="POST"))
     proc = spawn(run.config())
     assert wait_for(lambda: len(fake.calls(method="POST")) > before)
+    assert wait_for(lambda: key in noted_requests(run.out))         # the run has noted its request
     proc.send_signal(signal.SIGINT)
     assert proc.wait(timeout=30) == sd.EXIT_INTERRUPTED
     posts = len(fake.calls(method="POST"))
