@@ -191,7 +191,7 @@ LOOK_ODDS_BUSY = 0.9      # the link has nothing queued, rising to this once LOO
 LOOK_ODDS_STOCK = 0.5     # queued (measured in a simulation against a planner told the true spread)
 EXPLORE_SHARE = 0.03      # none likely ready, the link idle: one look, at most once per this share of the wait
 WAIT_BINS = [0.0] + [0.25 * 1.04 ** k for k in range(500)]   # waits, in bins growing by 4 % from 0.25 s
-ESTIMATE_EVERY = 0.25     # seconds between two estimates of how preparation times spread
+LOOK_TICK = 0.02          # the soonest the orchestrator wakes for a due look (a look held back is not a spin)
 ESTIMATE_ROUNDS = 30      # rounds of the self-consistent estimate, each from the last
 
 
@@ -3212,13 +3212,17 @@ def ready_shares(spans, shares=None, rounds=ESTIMATE_ROUNDS):
     counts = collections.Counter((a, b if b is not None else top + 1) for a, b in spans)
     if shares is None or len(shares) != top + 1:
         shares = [0.0] + [1.0 / top] * top
-    for _ in range(rounds):
-        new = [0.0] * (top + 1)
+    for _ in range(rounds):         # each round linear in spans + bins: a few ms in all
+        before = [0.0, *itertools.accumulate(shares)]
+        scale = [0.0] * (top + 2)   # per bin, summed over the spans holding it: n / their share, and
+        even = [0.0] * (top + 2)    # n / their length for a span of no share (both as differences)
         for (a, b), n in counts.items():
-            total = sum(shares[a:b])
-            for k in range(a, b):
-                new[k] += n * (shares[k] / total if total > 0 else 1.0 / (b - a))
-        shares = [x / len(spans) for x in new]
+            total = before[b] - before[a]
+            step, into = (n / total, scale) if total > 1e-12 else (n / (b - a), even)
+            into[a] += step
+            into[b] -= step
+        scale, even = itertools.accumulate(scale), itertools.accumulate(even)
+        shares = [(x * f + e) / len(spans) for x, f, e in zip(shares, scale, even)]
     return shares
 
 
@@ -3226,6 +3230,7 @@ def ready_shares(spans, shares=None, rounds=ESTIMATE_ROUNDS):
 class Preparing:
     """An album whose archive SmugMug prepares, as the LookPlanner sees it."""
     asked: float                 # when it was requested (clock)
+    learn: bool = True           # False: an archive asked for before this run (its wait is not known)
     seen: float = 0.0            # its wait at the last look that found it not ready (0: none yet)
     looks: int = 0
     looking: bool = False        # a look is under way
@@ -3245,10 +3250,12 @@ class LookPlanner:
     waited longer than most took is likely ready. The likeliest are looked at,
     as many as should find what the link needs, while their chance is at least
     LOOK_ODDS_IDLE with nothing queued, rising to LOOK_ODDS_BUSY as downloads
-    queue up. With none that likely and the link idle, one look goes to the
-    album looked at least lately for its wait, at most once per EXPLORE_SHARE
-    of the wait: the slowest album sets the run's end. No album goes longer
-    than poll_max_seconds between two looks while looks are wanted.
+    queue up. With none that likely, the link idle and no look under way, one
+    look goes to the album looked at least lately for its wait, at most once
+    per EXPLORE_SHARE of the wait: the slowest album sets the run's end (the
+    estimate gives no chance past the longest wait seen). No album goes longer
+    than poll_max_seconds between two looks while looks are wanted, scouting
+    included.
     """
 
     def __init__(self, first, maximum, clock=time.monotonic):
@@ -3260,11 +3267,11 @@ class LookPlanner:
         self.scout_wait = 0.0        # the wait of the last scout looks
         self.shares = None           # ready_shares(...) as last estimated, and their running sum
         self.cumulative = []
-        self._estimated = None       # when (None: a look has come back since)
+        self._dirty = False          # a look has come back since the last estimate
         self.explore_after = 0.0     # no exploring look before this
 
-    def add(self, run, asked):
-        self.albums[run] = Preparing(asked)
+    def add(self, run, asked, learn=True):
+        self.albums[run] = Preparing(asked, learn)
 
     def drop(self, run):
         self.albums.pop(run, None)
@@ -3275,21 +3282,22 @@ class LookPlanner:
         if item is None:
             return
         item.looking = False
-        self._estimated = None
+        self._dirty = True
         if ready:
-            self.found += 1
-            found = wait_bin(now - item.asked)
-            self.ready_spans.append((min(wait_bin(item.seen) + 1, found), found + 1))
+            if item.learn:
+                self.found += 1
+                found = wait_bin(now - item.asked)
+                self.ready_spans.append((min(wait_bin(item.seen) + 1, found), found + 1))
             self.drop(run)
         else:
             item.seen, item.looks = now - item.asked, item.looks + 1
 
-    def estimate(self, now):
-        """Learn again how preparation times spread (at most every ESTIMATE_EVERY seconds)."""
-        if self._estimated is not None and now - self._estimated < ESTIMATE_EVERY:
+    def estimate(self):
+        """Learn again how preparation times spread, if a look has come back since the last time."""
+        if not self._dirty:
             return
-        self._estimated = now
-        spans = self.ready_spans + [(wait_bin(i.seen) + 1, None) for i in self.albums.values() if i.seen]
+        self._dirty = False
+        spans = self.ready_spans + [(wait_bin(i.seen) + 1, None) for i in self.albums.values() if i.seen and i.learn]
         self.shares = ready_shares(spans, self.shares)
         self.cumulative = list(itertools.accumulate(self.shares))
 
@@ -3323,16 +3331,19 @@ class LookPlanner:
         idle = {run: item for run, item in self.albums.items() if not item.looking and now - item.asked >= self.first}
         if not self.found:                  # nothing seen ready yet: scouts, at growing waits
             waits = {run: now - item.asked for run, item in idle.items()}
+            chosen = [run for run, item in idle.items() if waits[run] - item.seen >= self.maximum][:limit]
             oldest = max(waits.values(), default=0.0)
             if oldest < self.scout_wait:        # the albums scouted are gone (asked again, saved): start over
                 self.scout_wait = 0.0
             if oldest and oldest >= self.scout_wait * SCOUT_GROWTH:
                 self.scout_wait = oldest
                 count = max(1, int(oldest * SCOUT_SHARE * len(self.albums)))
-                due = [run for run, wait in waits.items() if wait >= self.albums[run].seen * SCOUT_GROWTH]
-                chosen = sorted(due, key=lambda run: (self.albums[run].looks, -waits[run]))[:min(limit, count)]
+                due = [run for run, wait in waits.items()
+                       if wait >= self.albums[run].seen * SCOUT_GROWTH and run not in chosen]
+                due.sort(key=lambda run: (self.albums[run].looks, -waits[run]))
+                chosen += due[:max(0, min(limit, count) - len(chosen))]
         elif idle:
-            self.estimate(now)
+            self.estimate()
             odds = sorted(((self.chance(item, now), run) for run, item in idle.items()), key=lambda c: -c[0])
             least = LOOK_ODDS_IDLE + (LOOK_ODDS_BUSY - LOOK_ODDS_IDLE) * min(1.0, (stock or 0.0) / LOOK_ODDS_STOCK)
             expected = 0.5 * sum(1 for item in self.albums.values() if item.looking)
@@ -3356,7 +3367,9 @@ class LookPlanner:
         if not idle or self.found:      # chances grow by the moment: the orchestrator's regular wake-up
             return None
         oldest = max(now - item.asked for item in idle)
-        return max(0.0, max(self.first, self.scout_wait * SCOUT_GROWTH) - oldest)
+        scout = max(self.first, self.scout_wait * SCOUT_GROWTH) - oldest
+        overdue = min(item.asked + item.seen + self.maximum - now for item in idle)
+        return max(LOOK_TICK, min(scout, overdue))      # never 0: looks may be held back (paused, link busy)
 
 
 class Scheduler:
@@ -3408,10 +3421,11 @@ class Scheduler:
         self.probes -= 1
         return self.probes >= 0
 
-    def preparing(self, run, asked):
-        """run's archive is being prepared: the looks at it are planned (once)."""
+    def preparing(self, run, asked, learn=True):
+        """run's archive is being prepared: the looks at it are planned (once). learn: it was
+        asked for at `asked` (not reused from before this run), so its looks tell preparation times."""
         if run not in self.looks.albums:
-            self.looks.add(run, asked)
+            self.looks.add(run, asked, learn)
 
     def looked(self, run, ready):
         self.looks.seen(run, ready, self._clock())
@@ -4355,7 +4369,7 @@ class Orchestrator:
         elif action == "wait":
             if run.state == "requesting":
                 run.to("preparing")
-            self.scheduler.preparing(run, run.asked_at)
+            self.scheduler.preparing(run, run.asked_at, learn=run.ticket.posted)
         elif action in ("again", "recheck"):     # a new archive, a little later (DateAdded has whole
             self.scheduler.leave(run)             # seconds: the new one is told apart by its second)
             run.new_archive(given_up=action == "again")

@@ -324,7 +324,7 @@ def test_look_planner_scouts_then_looks_at_the_likeliest_ready():
         planner.albums[run].looking = True
         planner.seen(run, i % 2 == 0, 12.0)
     assert planner.found == 10
-    planner.estimate(12.0)
+    planner.estimate()
     assert 0.3 < planner.ready_by(12.0) < 0.6 and planner.ready_by(9.0) < 0.1      # ready after the scouts
     fresh = [r for r in planner.albums if not planner.albums[r].looks]
     odds = planner.chance(planner.albums[fresh[0]], 12.0)
@@ -332,26 +332,108 @@ def test_look_planner_scouts_then_looks_at_the_likeliest_ready():
     chosen = planner.plan(12.0, need=2, limit=40)
     assert len(chosen) == math.ceil(2 / odds)                       # enough for two, at their chance
     assert all(not planner.albums[r].looks for r in chosen)         # unlooked ones first: the likeliest
+    for run in chosen:
+        planner.albums[run].looking = False
     busy = planner.plan(12.0, need=40, limit=40, stock=10.0)        # downloads queued: only near-certain
     assert all(planner.chance(planner.albums[r], 12.0) >= sd.LOOK_ODDS_BUSY for r in busy)
+    likely = [r for r, i in planner.albums.items() if not i.looking and planner.chance(i, 12.0) >= sd.LOOK_ODDS_BUSY]
+    assert len(busy) < len(chosen) and not likely                   # fewer, and none near-certain left out
+    for run in busy:
+        planner.albums[run].looking = False
+    in_flight = planner.plan(12.0, need=1, limit=2)                 # two looks under way count half each:
+    assert len(in_flight) == 2 and planner.plan(12.0, need=1, limit=40) == []   # no third for one archive
     missed = looked[1]                                              # not ready at 12 s: unlikely at 12.1
     assert planner.chance(planner.albums[missed], 12.1) < planner.chance(planner.albums[missed], 20.0)
+    assert planner.chance(planner.albums[missed], 12.0 + 29.9) < 1.0
     assert planner.chance(planner.albums[missed], 12.0 + 30.0) == 1.0   # poll_max_seconds since its last look
+    planner.albums[missed].looking = True
+    planner.seen(missed, True, 13.0)                                # ready between its last miss and now
+    assert planner.ready_spans[-1] == (sd.wait_bin(12.0) + 1, sd.wait_bin(13.0) + 1)
+
+
+def test_look_planner_estimates_when_looks_come_back_and_never_spins():
+    """The spread is estimated again only when a look has come back since. While scouting, an
+    album unlooked at for poll_max_seconds is looked at, and the wake-up for a due look is never
+    0 (a look held back, the link busy or paused, must not spin the orchestrator)."""
+    planner = sd.LookPlanner(1.0, 5.0)
+    for i in range(20):
+        planner.add("album %d" % i, 0.0)
+    first = planner.plan(1.0, need=4, limit=4)
+    assert first and sd.LOOK_TICK <= planner.next_due(1.0) <= 0.2 + 1e-9
+    assert planner.next_due(3.0) == sd.LOOK_TICK                    # due and not taken: a tick, not 0
+    overdue = planner.plan(5.0, need=1, limit=8)                    # 5 s unlooked: every album, to the limit
+    assert len(overdue) == 8 and not set(overdue) & set(first)
+    planner.seen(overdue[0], True, 5.0)
+    planner.plan(5.0, need=1, limit=4)
+    estimated = planner.shares
+    planner.plan(6.0, need=1, limit=4)
+    assert planner.shares is estimated                              # nothing came back: not again
+    planner.seen(overdue[1], False, 6.0)
+    planner.plan(6.0, need=1, limit=4)
+    assert planner.shares is not estimated
+
+
+def test_look_planner_learns_nothing_from_archives_asked_for_before_the_run():
+    """An archive a stopped run asked for, reused in preparation, has waited longer than this
+    run knows: found ready at once, it must not teach that preparation is quick (nor end the
+    scouting), and a miss of it is not a wait seen either."""
+    planner = sd.LookPlanner(1.0, 30.0)
+    planner.add("reused", 0.0, learn=False)
+    planner.add("stale", -10.0, learn=False)
+    planner.add("new", 0.0)
+    planner.seen("stale", False, 10.0)                              # not ready after 20 s: says nothing
+    planner.seen("reused", True, 1.0)
+    assert planner.found == 0 and planner.ready_spans == [] and "reused" not in planner.albums
+    planner.seen("new", False, 11.5)
+    planner.seen("new", True, 12.0)
+    planner.estimate()
+    assert planner.ready_by(11.0) < 0.05 and planner.ready_by(12.5) > 0.99   # one wait learnt: 11.5-12 s
+
+
+def test_ready_shares_is_the_self_consistent_estimate():
+    """ready_shares does each round in one pass (prefix sums): the same as spreading each album
+    over its bins one by one, in proportion to the last round's shares (evenly where they are 0)."""
+    def by_definition(spans, shares, rounds):
+        top = max(max(a, b or 0) for a, b in spans)
+        for _ in range(rounds):
+            new = [0.0] * (top + 1)
+            for a, b in spans:
+                b = top + 1 if b is None else b
+                total = sum(shares[a:b])
+                for k in range(a, b):
+                    new[k] += shares[k] / total if total > 0 else 1.0 / (b - a)
+            shares = [x / len(spans) for x in new]
+        return shares
+    rng = random.Random(3)
+    for _ in range(100):
+        spans = []
+        for _ in range(rng.randint(1, 60)):
+            a = rng.randint(1, 120)
+            spans.append((a, rng.choice([None, a + rng.randint(1, 30)])))
+        top = max(max(a, b or 0) for a, b in spans)
+        start = [0.0] + [rng.choice([0.0, rng.random()]) for _ in range(top)]
+        got = sd.ready_shares(spans, list(start), rounds=5)
+        assert max(abs(x - y) for x, y in zip(got, by_definition(spans, list(start), 5))) < 1e-9
 
 
 def test_look_planner_explores_when_nothing_is_likely_and_the_link_is_idle():
     """The last, slow album: past every wait seen, the estimate gives it no chance; with the link
     idle, one look goes to it, at most once per EXPLORE_SHARE of its wait."""
     planner = sd.LookPlanner(1.0, 300.0)
-    for run in ("fast", "slow"):
+    for run in ("fast", "slow", "slower"):
         planner.add(run, 0.0)
     planner.seen("fast", True, 5.0)
     planner.seen("slow", False, 5.0)
-    planner.estimate(5.0)
+    planner.seen("slower", False, 4.99)
+    planner.estimate()
     assert planner.chance(planner.albums["slow"], 6.0) < sd.LOOK_ODDS_IDLE
+    assert planner.chance(planner.albums["slower"], 6.0) < sd.LOOK_ODDS_IDLE
     assert planner.plan(6.0, need=1, limit=4, stock=2.0) == []      # downloads queued: no exploring
-    assert planner.plan(6.0, need=1, limit=4) == ["slow"]           # link idle: one look
-    planner.seen("slow", False, 6.0)
+    planner.albums["slow"].looking = True
+    assert planner.plan(6.0, need=1, limit=4) == []                 # a look under way: no exploring
+    planner.seen("slow", False, 5.0)
+    assert planner.plan(6.0, need=1, limit=4) == ["slower"]         # link idle: one look, at the least lately
+    planner.seen("slower", False, 6.0)
     assert planner.plan(6.1, need=1, limit=4) == []                 # not again before 6 + 3 % of 6 s
     assert planner.plan(6.0 + sd.EXPLORE_SHARE * 6.0 + 0.01, need=1, limit=4) == ["slow"]
 
