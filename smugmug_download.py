@@ -3207,7 +3207,9 @@ def ready_shares(spans, shares=None, rounds=ESTIMATE_ROUNDS):
     ready: from bin a on). Returns the share of archives ready in each bin, the
     last entry being the share beyond every bin seen: the self-consistent estimate (Turnbull's
     for interval-censored times), each round spreading each album over its bins in proportion to
-    the last round's shares. shares: a last estimate of the same length to start from."""
+    the last round's shares (evenly where those add up to next to nothing, under 1e-12: a sum
+    taken as a difference of running sums is not exact below that). shares: a last estimate of
+    the same length to start from."""
     top = max(max(a, b or 0) for a, b in spans)        # the share beyond every bin seen
     counts = collections.Counter((a, b if b is not None else top + 1) for a, b in spans)
     if shares is None or len(shares) != top + 1:
@@ -3253,9 +3255,11 @@ class LookPlanner:
     queue up. With none that likely, the link idle and no look under way, one
     look goes to the album looked at least lately for its wait, at most once
     per EXPLORE_SHARE of the wait: the slowest album sets the run's end (the
-    estimate gives no chance past the longest wait seen). No album goes longer
-    than poll_max_seconds between two looks while looks are wanted, scouting
-    included.
+    estimate gives no chance past the longest wait seen). An album not looked
+    at for poll_max_seconds counts as ready: it goes first when looks are
+    wanted (scouts included), but as one of the looks the link needs, never on
+    a timer: every album looked at every poll_max_seconds would cost N calls
+    per poll_max_seconds when all take longer than that.
     """
 
     def __init__(self, first, maximum, clock=time.monotonic):
@@ -3331,17 +3335,18 @@ class LookPlanner:
         idle = {run: item for run, item in self.albums.items() if not item.looking and now - item.asked >= self.first}
         if not self.found:                  # nothing seen ready yet: scouts, at growing waits
             waits = {run: now - item.asked for run, item in idle.items()}
-            chosen = [run for run, item in idle.items() if waits[run] - item.seen >= self.maximum][:limit]
             oldest = max(waits.values(), default=0.0)
             if oldest < self.scout_wait:        # the albums scouted are gone (asked again, saved): start over
                 self.scout_wait = 0.0
             if oldest and oldest >= self.scout_wait * SCOUT_GROWTH:
                 self.scout_wait = oldest
                 count = max(1, int(oldest * SCOUT_SHARE * len(self.albums)))
-                due = [run for run, wait in waits.items()
-                       if wait >= self.albums[run].seen * SCOUT_GROWTH and run not in chosen]
-                due.sort(key=lambda run: (self.albums[run].looks, -waits[run]))
-                chosen += due[:max(0, min(limit, count) - len(chosen))]
+                due = [run for run, wait in waits.items() if wait >= self.albums[run].seen * SCOUT_GROWTH]
+                def order(run):     # not looked at for poll_max_seconds first, then the least looked
+                    item = self.albums[run]                             # at, the longest waiting
+                    return waits[run] - item.seen < self.maximum, item.looks, -waits[run]
+                due.sort(key=order)
+                chosen = due[:min(limit, count)]
         elif idle:
             self.estimate()
             odds = sorted(((self.chance(item, now), run) for run, item in idle.items()), key=lambda c: -c[0])
@@ -3367,9 +3372,8 @@ class LookPlanner:
         if not idle or self.found:      # chances grow by the moment: the orchestrator's regular wake-up
             return None
         oldest = max(now - item.asked for item in idle)
-        scout = max(self.first, self.scout_wait * SCOUT_GROWTH) - oldest
-        overdue = min(item.asked + item.seen + self.maximum - now for item in idle)
-        return max(LOOK_TICK, min(scout, overdue))      # never 0: looks may be held back (paused, link busy)
+        due = max(self.first, self.scout_wait * SCOUT_GROWTH) - oldest
+        return max(LOOK_TICK, due)      # never 0: looks may be held back (paused, link busy)
 
 
 class Scheduler:

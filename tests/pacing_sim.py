@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """A quick simulation of the tool's Scheduler (window, backlog bound, LookPlanner) on virtual time.
 
-    python tests/pacing_sim.py [--accounts 40] [--shape spread|tail|bench-tail|account|slowprep]
+    python tests/pacing_sim.py [--accounts 40] [--shape spread|tail|bench-tail|account|slowprep|long]
     python tests/pacing_sim.py --frontier [--shape spread]
 
 Not collected by pytest. Drives the real Scheduler and LookPlanner of smugmug_download.py with a
@@ -88,6 +88,8 @@ def account(rng, shape, n=80):
             prep = rng.uniform(30.0, 60.0) if rng.random() < 0.1 else rng.uniform(5.0, 12.0)
         elif shape == "account":
             prep, size = rng.uniform(1, 3), rng.uniform(2 * MB, 6 * MB)
+        elif shape == "long":           # every archive takes longer than poll_max_seconds
+            prep = rng.uniform(60, 120)
         else:
             prep = rng.uniform(10, 40)
         albums.append((prep, size))

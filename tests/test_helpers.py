@@ -352,25 +352,34 @@ def test_look_planner_scouts_then_looks_at_the_likeliest_ready():
 
 
 def test_look_planner_estimates_when_looks_come_back_and_never_spins():
-    """The spread is estimated again only when a look has come back since. While scouting, an
-    album unlooked at for poll_max_seconds is looked at, and the wake-up for a due look is never
-    0 (a look held back, the link busy or paused, must not spin the orchestrator)."""
+    """The spread is estimated again only when a look has come back since. An album not looked
+    at for poll_max_seconds goes first, among the scouts too (but only as one of the looks
+    wanted: never all at once). The wake-up for a due look is never 0 (a look held back, the
+    link busy or paused, must not spin the orchestrator)."""
     planner = sd.LookPlanner(1.0, 5.0)
-    for i in range(20):
-        planner.add("album %d" % i, 0.0)
-    first = planner.plan(1.0, need=4, limit=4)
-    assert first and sd.LOOK_TICK <= planner.next_due(1.0) <= 0.2 + 1e-9
+    planner.add("old", 0.0)
+    assert planner.plan(1.0, need=4, limit=4) == ["old"]
+    planner.seen("old", False, 1.0)
+    assert sd.LOOK_TICK <= planner.next_due(1.0) <= 0.2 + 1e-9
     assert planner.next_due(3.0) == sd.LOOK_TICK                    # due and not taken: a tick, not 0
-    overdue = planner.plan(5.0, need=1, limit=8)                    # 5 s unlooked: every album, to the limit
-    assert len(overdue) == 8 and not set(overdue) & set(first)
-    planner.seen(overdue[0], True, 5.0)
-    planner.plan(5.0, need=1, limit=4)
+    for i in range(20):
+        planner.add("young %d" % i, 4.5)
+    assert planner.plan(6.0, need=4, limit=4) == ["old"]            # 5 s since its look: before the unlooked
+    planner.seen("old", False, 6.0)
+    scouts = planner.plan(7.3, need=4, limit=4)
+    assert len(scouts) == 1 and scouts != ["old"]                   # then the least looked at again
+    planner.seen(scouts[0], True, 7.3)
+    planner.plan(7.3, need=1, limit=4)
     estimated = planner.shares
-    planner.plan(6.0, need=1, limit=4)
+    planner.plan(8.0, need=1, limit=4)
     assert planner.shares is estimated                              # nothing came back: not again
-    planner.seen(overdue[1], False, 6.0)
-    planner.plan(6.0, need=1, limit=4)
+    planner.seen("old", False, 8.0)
+    planner.plan(8.0, need=1, limit=4)
     assert planner.shares is not estimated
+    for item in planner.albums.values():
+        item.looking = False
+    overdue = planner.plan(20.0, need=2, limit=8)                   # every album 5 s unlooked: as many
+    assert len(overdue) == 2                                        # as the link needs, not all eight
 
 
 def test_look_planner_learns_nothing_from_archives_asked_for_before_the_run():
@@ -392,7 +401,8 @@ def test_look_planner_learns_nothing_from_archives_asked_for_before_the_run():
 
 def test_ready_shares_is_the_self_consistent_estimate():
     """ready_shares does each round in one pass (prefix sums): the same as spreading each album
-    over its bins one by one, in proportion to the last round's shares (evenly where they are 0)."""
+    over its bins one by one, in proportion to the last round's shares (evenly where they are 0;
+    below 1e-12 ready_shares spreads evenly too, where the definition would not)."""
     def by_definition(spans, shares, rounds):
         top = max(max(a, b or 0) for a, b in spans)
         for _ in range(rounds):
@@ -414,6 +424,22 @@ def test_ready_shares_is_the_self_consistent_estimate():
         start = [0.0] + [rng.choice([0.0, rng.random()]) for _ in range(top)]
         got = sd.ready_shares(spans, list(start), rounds=5)
         assert max(abs(x - y) for x, y in zip(got, by_definition(spans, list(start), 5))) < 1e-9
+
+
+def test_look_planner_looks_only_at_near_certain_albums_while_downloads_are_queued():
+    """Ten archives were all ready between 5 and 6 s: an album asked 6 s ago is near certain,
+    and is looked at even with downloads queued; one just seen not ready at 5.5 s is not."""
+    planner = sd.LookPlanner(1.0, 30.0)
+    for i in range(10):
+        planner.add(i, 0.0)
+        planner.seen(i, False, 5.0)
+        planner.seen(i, True, 6.0)
+    planner.add("fresh", 0.0)
+    planner.add("seen", 0.0)
+    planner.seen("seen", False, 6.0)
+    planner.add("young", 3.0)
+    assert planner.plan(6.5, need=4, limit=4, stock=10.0) == ["fresh"]
+    assert planner.chance(planner.albums["young"], 6.5) < sd.LOOK_ODDS_IDLE
 
 
 def test_look_planner_explores_when_nothing_is_likely_and_the_link_is_idle():
