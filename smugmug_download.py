@@ -3257,9 +3257,9 @@ class LookPlanner:
     per EXPLORE_SHARE of the wait: the slowest album sets the run's end (the
     estimate gives no chance past the longest wait seen). An album not looked
     at for poll_max_seconds counts as ready: it goes first when looks are
-    wanted (scouts included), but as one of the looks the link needs, never on
-    a timer: every album looked at every poll_max_seconds would cost N calls
-    per poll_max_seconds when all take longer than that.
+    wanted (scouts included), as one of the looks the link needs, never on a
+    timer (which would look at every album every poll_max_seconds when all
+    take longer than that).
     """
 
     def __init__(self, first, maximum, clock=time.monotonic):
@@ -3316,10 +3316,14 @@ class LookPlanner:
         low, high = WAIT_BINS[k - 1], WAIT_BINS[k]
         return self.cumulative[k - 1] + (self.cumulative[k] - self.cumulative[k - 1]) * (wait - low) / (high - low)
 
+    def overdue(self, item, now):
+        """Not looked at for poll_max_seconds (or never, since asked that long ago): taken as ready."""
+        return now - item.asked - item.seen >= self.maximum
+
     def chance(self, item, now):
         """The chance that item's archive is ready now, given it was not at its last look."""
         wait = now - item.asked
-        if wait - item.seen >= self.maximum:
+        if self.overdue(item, now):
             return 1.0
         before = self.ready_by(item.seen) if item.seen else 0.0
         if before >= 1.0 - 1e-9:
@@ -3342,10 +3346,9 @@ class LookPlanner:
                 self.scout_wait = oldest
                 count = max(1, int(oldest * SCOUT_SHARE * len(self.albums)))
                 due = [run for run, wait in waits.items() if wait >= self.albums[run].seen * SCOUT_GROWTH]
-                def order(run):     # not looked at for poll_max_seconds first, then the least looked
-                    item = self.albums[run]                             # at, the longest waiting
-                    return waits[run] - item.seen < self.maximum, item.looks, -waits[run]
-                due.sort(key=order)
+                # not looked at for poll_max_seconds first, then the least looked at, the longest waiting
+                due.sort(key=lambda run: (not self.overdue(self.albums[run], now),
+                                          self.albums[run].looks, -waits[run]))
                 chosen = due[:min(limit, count)]
         elif idle:
             self.estimate()
