@@ -116,8 +116,13 @@ CONFIG_OPTIONAL = {
     "recheck_days": ((int, float), 30),
     "unreachable_minutes": ((int, float), 15),
 }
-CONFIG_MAXIMUM = {"workers": 64, "max_preparing": 1000}     # the same bounds as the flags
+# Every number is finite and at most this (the flags too): a year for the waits, a century for
+# the days; far past any real setting, and far within what a timer can wait.
+CONFIG_MAXIMUM = {"workers": 64, "max_preparing": 1000, "archive_timeout_hours": 8760, "poll_seconds": 3600,
+                  "poll_max_seconds": 86400, "keep_versions_days": 36500, "recheck_days": 36500,
+                  "unreachable_minutes": 525600}
 CONFIG_ZERO_OK = ("keep_versions_days", "recheck_days")     # 0: versions deleted at once; never recheck
+CONFIG_FLAGS = ("workers", "max_preparing", "keep_versions_days", "unreachable_minutes")   # also --flags
 SECRET_KEYS = ("app_key_secret", "access_key", "access_key_secret")
 # Values shipped in config.example.json, and the shapes such placeholders take.
 PLACEHOLDER_RE = re.compile(r"^\s*(<.*>|(paste|your|put)[-_ ].*|x{3,}|change[-_ ]?me)\s*$", re.IGNORECASE)
@@ -125,6 +130,7 @@ PLACEHOLDER_RE = re.compile(r"^\s*(<.*>|(paste|your|put)[-_ ].*|x{3,}|change[-_ 
 STATE_DIR = ".smugmug_download"          # inside output_dir
 STATE_FILE = "state.json"                # snapshot, replaced atomically
 JOURNAL_FILE = "journal.jsonl"           # one line per change since the snapshot
+SET_ASIDE_FILE = "journal.set-aside.jsonl"   # journal lines that could not be read, kept for a person
 VERSIONS_DIR = "versions"                # in STATE_DIR: versions/<run start>/<path> of replaced files
 LOCK_FILE = ".smugmug_download.lock"     # inside output_dir, flock'ed while a run lives
 STATE_VERSION = 2                        # 1: parts only; 2: files, manifest, completeness
@@ -351,8 +357,9 @@ class ArchivePart:
 
     @property
     def identity(self):
-        """Which archive file this is, whatever order the server lists it in."""
-        return "%s|%s|%s" % (strip_query(self.url), self.file_name, self.date_added)
+        """Which archive file this is, whatever order the server lists it in: its URL, name and
+        DateAdded; "" when undated (then nothing proves it the same: its NAME.part is never resumed)."""
+        return "%s|%s|%s" % (strip_query(self.url), self.file_name, self.date_added) if self.date_added else ""
 
 
 @dataclass(frozen=True)
@@ -367,6 +374,12 @@ class ListedFile:
     archived_md5: str = ""
     rendition_uri: str = ""      # !largestimage or !largestvideo (from the listing's Uris, else by Serial)
     fields: tuple = ()           # (field, value) pairs kept in the manifest
+
+    @property
+    def version(self):
+        """Which edit of the file this is, as far as the listing says (LastUpdated, Serial); "" if not."""
+        given = dict(self.fields)
+        return "|".join("%s=%s" % (k, given[k]) for k in ("LastUpdated", "Serial") if given.get(k) not in (None, ""))
 
 
 @dataclass(frozen=True)
@@ -387,6 +400,18 @@ class FileTask:
     size: Optional[int]
     md5: str
     rendition: bool = False      # SmugMug's largest rendition (!largestimage, !largestvideo), not the upload
+    version: str = ""            # ListedFile.version: which edit of it
+
+    @property
+    def identity(self):
+        """Which file, in which version, this is, where SmugMug says enough to prove it: ImageKey and
+        MD5, or ImageKey, size and LastUpdated/Serial; "" when it does not (a rendition made on the
+        fly): a NAME.part of such a file is never resumed, since the photo may have been edited."""
+        if self.md5:
+            return "file|%s|md5:%s" % (self.key, self.md5)
+        if self.size is not None and self.version:
+            return "file|%s|%d|%s" % (self.key, self.size, self.version)
+        return ""
 
 
 @dataclass(frozen=True)
@@ -1455,10 +1480,11 @@ def find_root(client, config):
     return nickname, Folder(root_id, node_uri + "!children", ())
 
 
-def list_all(client, link, first=None, **extra):
+def list_all(client, link, first=None, expected=None, **extra):
     """Every object of a paged list, all pages, each once, in order, and the Expansions of
     every page: (objects, expansions, short). short: "" when the list is whole, else why not
-    (fewer objects than its Pages.Total).
+    (fewer objects than its Pages.Total; where no page gives a Total, fewer than expected,
+    the count the list's owner gives, such as an album's ImageCount).
 
     first: the answer to link when already had (a POST's). Pages are followed as
     following_page() says, with extra added to each link (a NextPage may leave
@@ -1505,6 +1531,8 @@ def list_all(client, link, first=None, **extra):
     short = ""
     if total is not None and len(objects) < total:
         short = "SmugMug listed %d of %d" % (len(objects), total)
+    elif total is None and expected is not None and len(objects) < expected:
+        short = "SmugMug listed %d of its %d" % (len(objects), expected)
     return objects, expansions, short
 
 
@@ -2017,10 +2045,12 @@ def scan_zip(path, part_name, want_md5, stop=None, progress=None):
 
 def list_images(client, album):
     """Every file of the album (!images, all pages, only the fields used) as ListedFiles, and
-    why the listing is not whole ("" when it is)."""
+    why the listing is not whole ("" when it is): shorter than its Pages.Total, or, with no
+    Total given, than the album's ImageCount. (ImageCount is not trusted over a Total: what
+    it counts beside the listing's files is not documented.)"""
     extra = {"_filter": ",".join(IMAGE_FIELDS), "_filteruri": ",".join(IMAGE_URIS)}
     objects, _, short = list_all(client, add_query(album.uri + "!images", count=IMAGES_PAGE_COUNT, **extra),
-                                 **extra)
+                                 expected=album.image_count, **extra)
     files, seen = [], set()
     for obj in objects:
         found = listed_file(obj)
@@ -2149,9 +2179,22 @@ def check_album(client, album, parts, folder, old):
             if rendition:
                 locations[f.key]["size"] = known
             continue
-        tasks.append(FileTask(f.key, name, url, size, md5, rendition))
+        tasks.append(FileTask(f.key, name, url, size, md5, rendition, f.version))
     return AlbumPlan(tuple(listing), locations, tuple(tasks), {}, files_checked=len(listing),
                      held_before=held, incomplete=short, same=same)
+
+
+def ends_a_line(path):
+    """Is the file at path empty, missing, or ending in a newline?"""
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            if f.tell() == 0:
+                return True
+            f.seek(-1, os.SEEK_END)
+            return f.read(1) == b"\n"
+    except FileNotFoundError:
+        return True
 
 
 def file_is(path, size, md5, stop=None):
@@ -2332,6 +2375,7 @@ class Store:
         self.state = state               # the BackupState that journals each change
         self.owners = PathOwners(state.albums.values() if state else ())
         self.versioned = 0               # files moved to versions by this run
+        self.blocked = {}                # AlbumKey -> why: a journalled change recover() could not finish
         self._ids = itertools.count(1)
 
     # -- paths --
@@ -2442,6 +2486,8 @@ class Store:
     def apply(self, key, steps, record=None):
         """Take steps for album key as one journalled change, then save record (the album's
         record after it). Returns the moves left undone because something was in the way."""
+        if key in self.blocked:
+            raise PathTaken(self.blocked[key])
         for step in steps:
             if step[0] in ("place", "move") and not self.owners.may_write(step[2], key):
                 raise PathTaken("%s belongs to album %s" % (step[2], self.owners.owner(step[2])))
@@ -2532,7 +2578,9 @@ class Store:
         self.journal({"album": record.to_json()})
 
     def recover(self):
-        """Finish the changes a crashed run journalled and did not end (warn where one cannot be)."""
+        """Finish the changes a crashed run journalled and did not end. One that cannot be finished
+        now (a write error) stays in the journal for the next start, and blocks its album
+        (self.blocked: AlbumKey -> why): no other change to that album may come before it."""
         for intent, data in sorted(self.state.intents.items()):
             try:
                 steps = [tuple(step) for step in data.get("steps") or []]
@@ -2552,6 +2600,8 @@ class Store:
                 self.journal({"done": intent})
             except LocalWriteError as exc:
                 log.warning("could not finish a change an earlier run left half done: %s", exc)
+                self.blocked[data["key"]] = "a change an earlier run left half done cannot be finished " \
+                    "(%s): its files are left as they are until it can be" % exc
 
     @staticmethod
     def prune_folder(folder):
@@ -2721,6 +2771,46 @@ class Partial:
         return {"album": self.album, "identity": self.identity}
 
 
+def _is_str_list(value, lengths):
+    return isinstance(value, list) and len(value) in lengths and all(isinstance(x, str) for x in value)
+
+
+def journal_entry_problem(entry):
+    """Why entry cannot be a journal entry (BackupState._apply), naming the field; "" when it can.
+    The fields it has must each have their shape (a record inside "album" is judged apart, by
+    AlbumRecord.from_json); a field it does not know is left alone (a newer version's)."""
+    if not isinstance(entry, dict):
+        return "not an object"
+    known = ("album", "drop", "partial", "requested", "intent", "done", "versions", "pruned")
+    if not any(k in entry for k in known):
+        return "no field this version knows"
+    if "album" in entry:
+        raw = entry["album"]
+        key = entry.get("key") or (raw.get("AlbumKey") if isinstance(raw, dict) else None)
+        if not isinstance(key, str) or not key:
+            return "album"
+    for name in ("drop", "done", "pruned"):
+        if name in entry and not isinstance(entry[name], str):
+            return name
+    partial = entry.get("partial", ["", None])
+    if not (isinstance(partial, list) and len(partial) == 2 and isinstance(partial[0], str)
+            and isinstance(partial[1], (str, dict, type(None)))):
+        return "partial"
+    requested = entry.get("requested", ["", True])
+    if not (isinstance(requested, list) and len(requested) == 2 and isinstance(requested[0], str)
+            and isinstance(requested[1], bool)):
+        return "requested"
+    intent = entry.get("intent", {"id": "", "key": "", "steps": []})
+    if not (isinstance(intent, dict) and isinstance(intent.get("id"), str) and isinstance(intent.get("key"), str)
+            and isinstance(intent.get("steps"), list) and all(_is_str_list(x, (3,)) for x in intent["steps"])
+            and isinstance(intent.get("album"), (dict, type(None)))):
+        return "intent"
+    versions = entry.get("versions", [])
+    if not (isinstance(versions, list) and all(_is_str_list(x, (2, 3)) for x in versions)):
+        return "versions"
+    return ""
+
+
 class BackupState:
     """The incremental-backup record in output_dir/.smugmug_download/.
 
@@ -2730,7 +2820,11 @@ class BackupState:
     orchestrator thread alone. A snapshot (state.json, replaced atomically)
     plus a journal with one line per change: a crash loses at most the album
     in flight. A record that does not validate is set aside (kept in the
-    snapshot, with a warning) and that album is checked again.
+    snapshot, with a warning) and that album is checked again. A journal line
+    that does not parse (cut short by a crash) or has the wrong shape is set
+    aside (SET_ASIDE_FILE, one warning); every append starts on a fresh line.
+    Replaying the journal over a snapshot that already holds it (a crash
+    between the two) changes nothing: every entry can be applied twice.
     """
 
     def __init__(self, output_dir, read_only=False):
@@ -2743,6 +2837,8 @@ class BackupState:
         self.set_aside = {}
         self.intents = {}               # changes journalled and not yet done: id -> intent (Store.recover)
         self.versions = []              # [path, versions path, run stamp] of each file moved to versions
+        self.torn = []                  # journal lines set aside on load (not parsed, or of the wrong shape)
+        self._versioned = set()         # the versions paths in self.versions
         self._journal = None
 
     @property
@@ -2769,22 +2865,28 @@ class BackupState:
                                 self.snapshot_path, self.unreadable)
                 self._set_aside_file()
                 return self
-            for key, raw in data["albums"].items():
-                self._apply({"album": raw, "key": key})
             partials, requested = data.get("partials") or {}, data.get("requested") or []
             if not isinstance(partials, dict) or not isinstance(requested, list):
                 raise ValueError("partials or requested of the wrong type")
-            for path, raw in partials.items():
-                self._apply({"partial": [path, raw]})
-            self.requested = {k for k in requested if isinstance(k, str)}
-            set_aside = data.get("set_aside")
-            self.set_aside.update(set_aside if isinstance(set_aside, dict) else {})
             intents, versions = data.get("intents") or {}, data.get("versions") or []
             if not isinstance(intents, dict) or not isinstance(versions, list):
                 raise ValueError("intents or versions of the wrong type")
-            for intent in intents.values():
-                self._apply({"intent": intent})
-            self._apply({"versions": versions})
+            entries = ([{"album": raw, "key": key} for key, raw in data["albums"].items()]
+                       + [{"partial": [path, raw]} for path, raw in partials.items()]
+                       + [{"intent": intent} for intent in intents.values()]
+                       + [{"versions": [item]} for item in versions])
+            wrong = 0
+            for entry in entries:
+                try:
+                    self._apply(entry)
+                except ValueError:
+                    wrong += 1
+            if wrong and warn:
+                log.warning("state file %s has %d entr%s of the wrong shape: ignored", self.snapshot_path,
+                            wrong, "y" if wrong == 1 else "ies")
+            self.requested = {k for k in requested if isinstance(k, str)}
+            set_aside = data.get("set_aside")
+            self.set_aside.update(set_aside if isinstance(set_aside, dict) else {})
         except FileNotFoundError:
             pass
         except (OSError, ValueError, AttributeError, TypeError) as exc:
@@ -2815,23 +2917,41 @@ class BackupState:
                     pass
 
     def _replay_journal(self):
+        """Apply the journal's lines; those that cannot be applied are set aside, with one warning."""
         try:
-            with open(self.journal_path, encoding="utf-8") as f:
+            with open(self.journal_path, encoding="utf-8", errors="replace") as f:
                 lines = f.readlines()
         except OSError:
             return
         for line in lines:
+            if not line.strip():
+                continue
             try:
-                entry = json.loads(line)
-            except ValueError:
-                continue          # a line torn by a crash
-            if isinstance(entry, dict):
-                self._apply(entry)
+                self._apply(json.loads(line))
+            except ValueError:    # torn by a crash (a power cut mid-append), or of the wrong shape
+                self.torn.append(line.rstrip("\n"))
+        if not self.torn:
+            return
+        kept = os.path.join(self.dir, SET_ASIDE_FILE)
+        if not self.read_only:
+            try:
+                with open(kept, "a", encoding="utf-8") as f:
+                    f.write("".join(line + "\n" for line in self.torn))
+            except OSError:
+                kept = None
+        log.warning("the journal %s has %d line%s that cannot be read (cut short by a crash, or of the "
+                    "wrong shape): set aside%s", self.journal_path, len(self.torn), plural(len(self.torn)),
+                    " in %s" % kept if kept and not self.read_only else "")
 
     def _apply(self, entry):
         """One journal entry: {"album": record} | {"drop": key} | {"partial": [path, Partial|None]}
         | {"requested": [key, bool]} | {"intent": change} | {"done": intent id, "versions": [[path,
-        versions path]...]} | {"pruned": run stamp}. A bad record is set aside with a warning."""
+        versions path]...]} | {"pruned": run stamp}. A bad record is set aside with a warning; an
+        entry of the wrong shape is refused whole (ValueError), before anything changes. Applying
+        an entry twice is applying it once."""
+        problem = journal_entry_problem(entry)
+        if problem:
+            raise ValueError("a journal entry of the wrong shape (%s)" % problem)
         if "album" in entry:
             raw = entry["album"]
             key = entry.get("key") or (raw.get("AlbumKey") if isinstance(raw, dict) else None)
@@ -2868,11 +2988,13 @@ class BackupState:
         if isinstance(entry.get("done"), str):
             self.intents.pop(entry["done"], None)
         for item in entry.get("versions") or []:
-            if isinstance(item, list) and len(item) >= 2 and all(isinstance(x, str) for x in item):
+            if item[1] not in self._versioned:       # a versions path holds one file: noted once
                 stamp = item[2] if len(item) > 2 else item[1].split("/")[2] if item[1].count("/") > 2 else ""
                 self.versions.append([item[0], item[1], stamp])
+                self._versioned.add(item[1])
         if isinstance(entry.get("pruned"), str):
             self.versions = [v for v in self.versions if v[2] != entry["pruned"]]
+            self._versioned = {v[1] for v in self.versions}
 
     def record(self, entry):
         """Apply an entry and append it to the journal (flushed and fsynced). OSError: a write error."""
@@ -2882,6 +3004,8 @@ class BackupState:
         if self._journal is None:
             os.makedirs(self.dir, exist_ok=True)
             self._journal = open(self.journal_path, "a", encoding="utf-8")
+            if not ends_a_line(self.journal_path):     # a line cut short by a crash: ours starts anew
+                self._journal.write("\n")
         self._journal.write(json.dumps(entry, ensure_ascii=False) + "\n")
         self._journal.flush()
         os.fsync(self._journal.fileno())
@@ -4081,10 +4205,15 @@ class Walk:
             self.keys.add(album.album_key)
         return fresh
 
+    @property
+    def whole(self):
+        """Did the walk see the whole account (every folder listed, no --include/--exclude)?"""
+        return self.complete and not (self.includes or self.excludes)
+
     def gone(self, recorded):
         """The paths of the albums recorded (AlbumKey -> AlbumRecord) that a whole walk did not
         find: none when --include/--exclude chose what to walk."""
-        if self.includes or self.excludes:
+        if not self.whole:
             return []
         return sorted(r.path for k, r in recorded.items() if k not in self.keys)
 
@@ -4277,6 +4406,9 @@ class Orchestrator:
         record = self.state.albums.get(album.album_key) or rebuilt_record(album, self.store.owners, self.out)
         album = place_album(album, record, self.owned_at_start, self.store.owners, self.out)
         run = AlbumRun(album, record, "new")
+        if album.album_key in self.store.blocked and not self.options.dry_run:
+            self.runs[album.album_key] = run
+            return self.fail(run, self.store.blocked[album.album_key])
         if record and record.path != album.rel and not self.options.dry_run and not self.halt:
             self.runs[album.album_key] = run
             try:
@@ -4408,10 +4540,11 @@ class Orchestrator:
     # -- download, check, fetch --
 
     def queue_download(self, run, name, part=None, file=None, resume=True):
-        """Queue a part or a file; a NAME.part is resumed only if the state says it holds the same."""
+        """Queue a part or a file; a NAME.part is resumed only if the state says it holds the same
+        (its identity proves it: none, no resume)."""
         key = partial_key(run.album, name)
-        resume_ok = self.state.claim_partial(key, Partial(run.album.album_key, part.identity if part else
-                                                          "file|%s|%s|%s" % (file.key, file.size, file.md5)), resume)
+        identity = part.identity if part else file.identity
+        resume_ok = self.state.claim_partial(key, Partial(run.album.album_key, identity), resume and bool(identity))
         self.bytes_known += (part.size if part else file.size) or 0
         self.scheduler.queue_download(DownloadTask(run, run.generation, name, self.store.abs(key) + ".part",
                                                    resume_ok, part, file))
@@ -4504,8 +4637,9 @@ class Orchestrator:
         return sum(1 for r in self.runs.values() if r.state in states)
 
     def finish(self):
-        """Gone albums, clean-up and retention: only after a run that saw the whole account."""
-        whole = self.walk.complete and not self.halt and not self.client.stop.is_set()
+        """Gone albums, clean-up and retention: only after a run that saw the whole account
+        (not one that --include or --exclude narrowed)."""
+        whole = self.walk.whole and not self.halt and not self.client.stop.is_set()
         if whole:
             self.summary.gone = self.walk.gone(self.state.albums)
         if whole and not self.options.dry_run:
@@ -4712,18 +4846,32 @@ def build_parser():
     return parser
 
 
+def number_problem(key, value):
+    """Why value cannot be config key's number ("must be ..."), or "" when it can: a number (not
+    a bool), finite (JSON readers take NaN and Infinity), within CONFIG_MAXIMUM, and more than 0
+    (0 allowed for CONFIG_ZERO_OK)."""
+    kind = CONFIG_OPTIONAL[key][0]
+    if isinstance(value, bool) or not isinstance(value, kind):
+        return "must be a whole number" if kind is int and isinstance(value, float) else "must be a number"
+    if not math.isfinite(value):
+        return "must be a finite number (%s, at most %g), not %s" % (
+            "0 or more" if key in CONFIG_ZERO_OK else "above 0", CONFIG_MAXIMUM[key], value)
+    if value < 0 if key in CONFIG_ZERO_OK else value <= 0:
+        return "must be %s" % ("0 or more" if key in CONFIG_ZERO_OK else "greater than 0")
+    if value > CONFIG_MAXIMUM[key]:
+        return "must be at most %g" % CONFIG_MAXIMUM[key]
+    return ""
+
+
 def check_args(parser, args):
     """Every cross-option check, in one place."""
     if args.quiet and args.verbose:
         parser.error("--quiet and --verbose do not go together")
-    if args.workers is not None and not 1 <= args.workers <= CONFIG_MAXIMUM["workers"]:
-        parser.error("--workers must be between 1 and %d" % CONFIG_MAXIMUM["workers"])
-    if args.max_preparing is not None and not 1 <= args.max_preparing <= CONFIG_MAXIMUM["max_preparing"]:
-        parser.error("--max-preparing must be between 1 and %d" % CONFIG_MAXIMUM["max_preparing"])
-    if args.keep_versions_days is not None and not args.keep_versions_days >= 0:
-        parser.error("--keep-versions-days must be 0 or more")
-    if args.unreachable_minutes is not None and not args.unreachable_minutes > 0:
-        parser.error("--unreachable-minutes must be more than 0")
+    for key in CONFIG_FLAGS:
+        value = getattr(args, key)
+        problem = value is not None and number_problem(key, value)
+        if problem:
+            parser.error("--%s %s" % (key.replace("_", "-"), problem))
     if args.authorize and (args.dry_run or args.verify or args.include or args.exclude):
         parser.error("--authorize does not go with --dry-run, --verify, --include or --exclude")
     if args.verify and args.dry_run:
@@ -4757,11 +4905,12 @@ def closest_key(key, known):
     return found[0] if found else None
 
 
-def validate_config(data, path, required=CONFIG_REQUIRED, output_base=None):
+def validate_config(data, path, required=CONFIG_REQUIRED, output_base=None, flags=()):
     """A Config from the file's dict: each problem is one UsageError line.
 
     A relative output_dir is relative to the config file's folder (output_base
-    overrides: --output-dir is relative to the working directory)."""
+    overrides: --output-dir is relative to the working directory). flags: the keys
+    whose values came from the command line (a problem names the flag)."""
     path = os.path.abspath(path)
     known = list(CONFIG_REQUIRED) + list(CONFIG_OPTIONAL)
     for key in data:
@@ -4786,14 +4935,11 @@ def validate_config(data, path, required=CONFIG_REQUIRED, output_base=None):
         value = data.get(key, default)
         if value is None:
             value = default
-        if isinstance(value, bool) or not isinstance(value, kind):
-            raise UsageError("config file %s: %s must be %s" % (
-                path, key, "a string" if kind is str else "a number"))
-        if kind is not str and (value < 0 if key in CONFIG_ZERO_OK else value <= 0):
-            raise UsageError("config file %s: %s must be %s" % (
-                path, key, "0 or more" if key in CONFIG_ZERO_OK else "greater than 0"))
-        if key in CONFIG_MAXIMUM and value > CONFIG_MAXIMUM[key]:
-            raise UsageError("config file %s: %s must be at most %d" % (path, key, CONFIG_MAXIMUM[key]))
+        problem = number_problem(key, value) if kind is not str else "" if isinstance(value, str) \
+            else "must be a string"
+        if problem:
+            where = "--%s" % key.replace("_", "-") if key in flags else "config file %s: %s" % (path, key)
+            raise UsageError("%s %s" % (where, problem))
         values[key] = value.strip() if isinstance(value, str) else value
     values["api_base"] = values["api_base"] or DEFAULT_API_BASE
     parts = urllib.parse.urlsplit(values["api_base"])
@@ -5321,13 +5467,12 @@ def main(argv=None):
             authorize(args.config, data)
             return EXIT_OK
         data = read_config_file(args.config)
-        for key in ("workers", "max_preparing", "keep_versions_days", "unreachable_minutes"):
-            if getattr(args, key) is not None:
-                data = dict(data, **{key: getattr(args, key)})
+        flags = [key for key in CONFIG_FLAGS if getattr(args, key) is not None]
+        data = dict(data, **{key: getattr(args, key) for key in flags})
         output_base = None
         if args.output_dir:            # on the command line: relative to the working directory
             data, output_base = dict(data, output_dir=args.output_dir), os.getcwd()
-        config = validate_config(data, args.config, output_base=output_base)
+        config = validate_config(data, args.config, output_base=output_base, flags=flags)
         update_secrets(redact, config)
         warn_if_readable(args.config)
         if args.verify:

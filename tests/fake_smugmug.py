@@ -625,6 +625,9 @@ class FakeSmugMug:
         self.link_clock_skew = 0.0      # seconds added to the clock links expire by (expire_links())
         # answer variants (each off by default) ----------------------------
         self.omit_next_page = False     # Pages never carries NextPage, though Total says more
+        self.images_no_pages = False    # !images answers carry no Pages block at all (each page alone:
+                                        # with images_max_count below the album's size, a short listing
+                                        # only the album's ImageCount can show)
         self.later_pages_missing = False  # a list asked from start > 1 answers 404 (a server replaying
                                           # recorded first pages only)
                                         # (as the recorded bzimmer !images page: Total 34, Count 30)
@@ -1671,7 +1674,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         extra = "".join("&%s=%s" % (name, urllib.parse.quote(query[name], safe=","))
                         for name in ("_filter", "_filteruri") if query.get(name))
         return envelope(method, request_uri, path, "AlbumImage", "Objects", objects or None,
-                        pages=self.pages(path, len(images), start, count, len(page), extra))
+                        pages=None if fake.images_no_pages else self.pages(path, len(images), start, count,
+                                                                           len(page), extra))
 
     def children(self, method, request_uri, path, node, query):
         fake = self.fake
