@@ -2930,18 +2930,10 @@ class BackupState:
                 self._apply(json.loads(line))
             except ValueError:    # torn by a crash (a power cut mid-append), or of the wrong shape
                 self.torn.append(line.rstrip("\n"))
-        if not self.torn:
-            return
-        kept = os.path.join(self.dir, SET_ASIDE_FILE)
-        if not self.read_only:
-            try:
-                with open(kept, "a", encoding="utf-8") as f:
-                    f.write("".join(line + "\n" for line in self.torn))
-            except OSError:
-                kept = None
-        log.warning("the journal %s has %d line%s that cannot be read (cut short by a crash, or of the "
-                    "wrong shape): set aside%s", self.journal_path, len(self.torn), plural(len(self.torn)),
-                    " in %s" % kept if kept and not self.read_only else "")
+        if self.torn:
+            log.warning("the journal %s has %d line%s that cannot be read (cut short by a crash, or of the "
+                        "wrong shape): ignored, and kept in %s", self.journal_path, len(self.torn),
+                        plural(len(self.torn)), os.path.join(self.dir, SET_ASIDE_FILE))
 
     def _apply(self, entry):
         """One journal entry: {"album": record} | {"drop": key} | {"partial": [path, Partial|None]}
@@ -3045,6 +3037,10 @@ class BackupState:
         if self.versions:
             data["versions"] = self.versions
         write_atomic(self.snapshot_path, json.dumps(data, ensure_ascii=False, indent=1, sort_keys=True))
+        if self.torn:                   # the journal's unreadable lines outlive it, for a person
+            with open(os.path.join(self.dir, SET_ASIDE_FILE), "a", encoding="utf-8") as f:
+                f.write("".join(line + "\n" for line in self.torn))
+            self.torn = []
         if self._journal is not None:
             self._journal.close()
             self._journal = None
