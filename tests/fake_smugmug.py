@@ -625,6 +625,8 @@ class FakeSmugMug:
         self.link_clock_skew = 0.0      # seconds added to the clock links expire by (expire_links())
         # answer variants (each off by default) ----------------------------
         self.omit_next_page = False     # Pages never carries NextPage, though Total says more
+        self.walk_gate = None           # a threading.Event: !children of every folder but the root waits
+                                        # for it (30 s at most), so a test can act while the walk is held
         self.images_no_pages = False    # !images answers carry no Pages block at all (each page alone:
                                         # with images_max_count below the album's size, a short listing
                                         # only the album's ImageCount can show)
@@ -1679,6 +1681,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
     def children(self, method, request_uri, path, node, query):
         fake = self.fake
+        if fake.walk_gate is not None and node.node_id != fake.root_id:
+            fake.walk_gate.wait(30)
         start, count = self.paging(query, fake.default_count, fake.max_count)
         with fake.lock:
             ids = list(node.children)

@@ -138,17 +138,32 @@ def test_server_without_range_and_wrong_offset(fake, run):
 
 def test_sigkill_at_any_moment_then_rerun_is_complete(sample, tmp_path):
     """Killed with SIGKILL at several moments, then run again: complete, byte-identical tree, and
-    no file at its final name is ever incomplete."""
-    sample.bandwidth = 400_000
+    no file at its final name is ever incomplete. Each kill waits for its moment (not a time, which
+    a slow machine reaches before any download): mid-download of a part, just after an album is
+    committed, and when a few more albums are done."""
+    sample.bandwidth = 20_000          # a 3 KB part takes ~150 ms: each moment is met mid-run
     sample.prep_seconds = 0.05
     out = tmp_path / "backup"
     config = write_config(tmp_path / "config.json", sample.config(out))
     expected = sample_expected(sample)
-    for delay in (0.15, 0.3, 0.45):
+
+    def saved():
+        return sum(1 for p in tree(out) if not p.endswith(".part"))
+
+    def downloading():
+        return any(p.endswith(".zip.part") and data for p, data in tree(out).items())
+
+    for moment in ("a part half downloaded", "one more album", "three more albums"):
+        start = saved()
+        event = {"a part half downloaded": downloading,
+                 "one more album": lambda: saved() > start,
+                 "three more albums": lambda: saved() >= start + 3}[moment]
         proc = spawn(config)
-        time.sleep(delay)
-        proc.kill()
-        proc.wait()
+        try:
+            assert wait_for(event, timeout=60), moment
+        finally:
+            proc.kill()
+            proc.wait()
         for path, data in tree(out, manifests=True).items():
             if path.endswith("/metadata.json"):
                 assert json.loads(data)["album"], path

@@ -8,7 +8,7 @@ import os
 import time
 
 import smugmug_download as sd
-from conftest import expected_tree, file_size_limit, manifest, sample_expected, spawn, tree, write_config
+from conftest import expected_tree, file_size_limit, manifest, sample_expected, spawn, tree, wait_for, write_config
 
 
 def album_files(fake, key, rel):
@@ -312,22 +312,30 @@ def test_abandoned_part_files_are_cleaned_up(fake, run):
 
 def test_a_write_error_stops_the_walk_too(fake, tmp_path):
     """Defect 15: after a write error (file size limit as a stand-in for a full disk) no more
-    folders are listed; the run says Stopped, names the file, exit 1."""
+    folders are listed; the run says Stopped, names the file, exit 1. The folders' listings are
+    held until the error is logged (no race between 31 listings and one download): after it,
+    only those already asked for are answered, none is asked for anew."""
     fake.add_album("Huge", sizes=(400_000,))
     for i in range(30):
         sub = fake.add_folder("F%02d" % i, days=2)
         fake.add_album("A", sub, sizes=(100,))
-    fake.api_latency = 0.03
+    fake.walk_gate = threading.Event()
     out = tmp_path / "backup"
     config = write_config(tmp_path / "config.json", fake.config(out, workers=1))
-
-    proc = spawn(config, preexec_fn=file_size_limit(100_000))
-    _, err = proc.communicate(timeout=60)
-    err = err.decode()
+    log = tmp_path / "stderr.txt"
+    with open(log, "wb") as stderr:
+        proc = spawn(config, preexec_fn=file_size_limit(100_000), stderr=stderr)
+        try:
+            assert wait_for(lambda: "File too large" in log.read_text(errors="replace"), timeout=60)
+            time.sleep(0.2)             # the orchestrator cancels what is queued just after it logs
+        finally:
+            fake.walk_gate.set()
+        proc.communicate(timeout=60)
+    err = log.read_text()
     assert proc.returncode == sd.EXIT_ALBUMS_FAILED, err
     assert "Traceback" not in err and "File too large" in err and "Stopped" in err and "not attempted" in err
     listed = [e for e in fake.calls("walk") if e["path"].endswith("!children")]
-    assert len(listed) < 31
+    assert len(listed) <= 1 + 4          # the root, and what the walk's four threads had asked for
 
 
 def test_a_stopped_run_calls_no_album_gone(sample, run, monkeypatch):
