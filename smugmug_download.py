@@ -2946,9 +2946,7 @@ class BackupState:
             raise ValueError("a journal entry of the wrong shape (%s)" % problem)
         if "album" in entry:
             raw = entry["album"]
-            key = entry.get("key") or (raw.get("AlbumKey") if isinstance(raw, dict) else None)
-            if not isinstance(key, str) or not key:
-                return
+            key = entry.get("key") or raw["AlbumKey"]
             try:
                 self.albums[key] = AlbumRecord.from_json(key, raw)
                 self.set_aside.pop(key, None)
@@ -2957,12 +2955,10 @@ class BackupState:
                             "is checked again", key, exc)
                 self.albums.pop(key, None)
                 self.set_aside[key] = raw
-        if isinstance(entry.get("drop"), str):
+        if "drop" in entry:
             self.albums.pop(entry["drop"], None)
-        if isinstance(entry.get("partial"), list) and len(entry["partial"]) == 2:
+        if "partial" in entry:
             path, raw = entry["partial"]
-            if not isinstance(path, str):
-                return
             if raw is None:
                 self.partials.pop(path, None)
             else:
@@ -2970,21 +2966,19 @@ class BackupState:
                     self.partials[path] = Partial.from_json(path, raw)
                 except ValueError:
                     log.warning("state entry for %r is damaged: ignored", path)
-        if isinstance(entry.get("requested"), list) and len(entry["requested"]) == 2:
+        if "requested" in entry:
             key, on = entry["requested"]
-            if isinstance(key, str):
-                (self.requested.add if on else self.requested.discard)(key)
-        intent = entry.get("intent")
-        if isinstance(intent, dict) and isinstance(intent.get("id"), str):
-            self.intents[intent["id"]] = intent
-        if isinstance(entry.get("done"), str):
+            (self.requested.add if on else self.requested.discard)(key)
+        if "intent" in entry:
+            self.intents[entry["intent"]["id"]] = entry["intent"]
+        if "done" in entry:
             self.intents.pop(entry["done"], None)
         for item in entry.get("versions") or []:
             if item[1] not in self._versioned:       # a versions path holds one file: noted once
                 stamp = item[2] if len(item) > 2 else item[1].split("/")[2] if item[1].count("/") > 2 else ""
                 self.versions.append([item[0], item[1], stamp])
                 self._versioned.add(item[1])
-        if isinstance(entry.get("pruned"), str):
+        if "pruned" in entry:
             self.versions = [v for v in self.versions if v[2] != entry["pruned"]]
             self._versioned = {v[1] for v in self.versions}
 
