@@ -362,3 +362,28 @@ def test_a_crash_after_the_state_is_written_records_each_version_once(fake, tmp_
     on_disk = ["/".join((sd.STATE_DIR, sd.VERSIONS_DIR, p)) for p in tree(out / sd.STATE_DIR / sd.VERSIONS_DIR,
                                                                          manifests=True)]
     assert sorted(recorded) == sorted(on_disk) and len(recorded) == 3     # two zips and a manifest
+
+
+# The pure helpers ###########################################################
+
+def test_number_problem_names_what_a_number_must_be():
+    assert sd.number_problem("keep_versions_days", 0) == "" and sd.number_problem("workers", 64) == ""
+    assert "finite" in sd.number_problem("keep_versions_days", float("nan"))
+    assert "finite" in sd.number_problem("unreachable_minutes", float("inf"))
+    assert sd.number_problem("unreachable_minutes", 0) == "must be greater than 0"
+    assert sd.number_problem("recheck_days", -1) == "must be 0 or more"
+    assert sd.number_problem("max_preparing", 5000) == "must be at most 1000"
+    assert sd.number_problem("workers", 2.5) == "must be a whole number"
+    assert sd.number_problem("poll_seconds", True) == "must be a number"
+
+
+def test_journal_entry_problem_judges_each_field_it_has():
+    good = [{"album": {"AlbumKey": "K"}}, {"album": {}, "key": "K"}, {"drop": "K"},
+            {"partial": ["A/a.zip", None]}, {"partial": ["A/a.zip", {"album": "K", "identity": "i"}]},
+            {"requested": ["K", False]}, {"intent": {"id": "i", "key": "K", "steps": [["place", "a", "b"]]}},
+            {"done": "i", "versions": [["a", "b"], ["c", "d", "e"]]}, {"pruned": "s"}, {"drop": "K", "new": 1}]
+    assert [sd.journal_entry_problem(e) for e in good] == [""] * len(good)
+    bad = {"versions": {"versions": 1}, "album": {"album": {}}, "partial": {"partial": ["a"]},
+           "requested": {"requested": ["K", "yes"]}, "intent": {"intent": {"id": "i", "steps": []}},
+           "done": {"done": 1}, "not an object": [1], "no field this version knows": {"new": 1}}
+    assert {sd.journal_entry_problem(e): e for e in bad.values()}.keys() == bad.keys()
