@@ -34,6 +34,7 @@ Usage:  .venv/bin/python smugmug_download.py [--config config.json] [--dry-run] 
 
 import argparse
 import bisect
+import codecs
 import collections
 import concurrent.futures
 import datetime
@@ -123,6 +124,7 @@ CONFIG_MAXIMUM = {"workers": 64, "max_preparing": 1000, "archive_timeout_hours":
                   "unreachable_minutes": 525600}
 CONFIG_ZERO_OK = ("keep_versions_days", "recheck_days")     # 0: versions deleted at once; never recheck
 CONFIG_FLAGS = ("workers", "max_preparing", "keep_versions_days", "unreachable_minutes")   # also --flags
+CODE_TRIES = 3                       # --authorize: how many times a mistyped code is asked for
 SECRET_KEYS = ("app_key_secret", "access_key", "access_key_secret")
 # Values shipped in config.example.json, and the shapes such placeholders take.
 PLACEHOLDER_RE = re.compile(r"^\s*(<.*>|(paste|your|put)[-_ ].*|x{3,}|change[-_ ]?me)\s*$", re.IGNORECASE)
@@ -3770,7 +3772,10 @@ class Reporter:
         log.info(text, *args, extra={"album": True})
 
     def emptied(self, summary, rel, kept):
+        """An album emptied on SmugMug whose files from before are kept: its backup is up to date
+        (counted as backed up, as an album empty from the start is), and said."""
         summary.emptied.append(rel)
+        summary.backed_up += 1
         log.warning("%s is empty on SmugMug now: its %d file%s from before are kept", rel, kept, plural(kept))
 
     def committed(self, summary, run, outcome, versioned):
@@ -4759,6 +4764,27 @@ run holds the lock; 130 interrupted; 141 stdout closed (`--dry-run | head`).
 """
 
 
+def write_text(stream, text):
+    """text on stream; what the stream's encoding cannot hold (a C locale, PYTHONIOENCODING=ascii)
+    is escaped (\\xe9), never an error."""
+    try:
+        stream.write(text)
+    except UnicodeEncodeError:
+        encoding = getattr(stream, "encoding", None) or "ascii"
+        stream.write(text.encode(encoding, "backslashreplace").decode(encoding))
+
+
+def reexec_for_utf8_names():
+    """Under a C or POSIX locale with UTF-8 mode turned off, Python names files in ASCII and
+    cannot write an album called Café: run again in UTF-8 mode (-X utf8; the same process,
+    the same arguments), so that names are UTF-8 on disk, as in every other locale."""
+    if os.name != "posix" or sys.flags.utf8_mode:
+        return
+    if codecs.lookup(sys.getfilesystemencoding()).name != "ascii":
+        return
+    os.execv(sys.executable, [sys.executable, "-X", "utf8", os.path.abspath(__file__)] + sys.argv[1:])
+
+
 class Options:
     """What the command line asked for, beyond the config."""
 
@@ -4775,7 +4801,7 @@ class Options:
     def print_line(self, text):
         """One line on stdout; OutputClosed when its reader has gone (`| head`)."""
         try:
-            self._out.write(text + "\n")
+            write_text(self._out, text + "\n")
             self._out.flush()
         except BrokenPipeError as exc:
             raise OutputClosed("standard output was closed") from exc
@@ -4904,7 +4930,7 @@ def validate_config(data, path, required=CONFIG_REQUIRED, output_base=None, flag
     path = os.path.abspath(path)
     known = list(CONFIG_REQUIRED) + list(CONFIG_OPTIONAL)
     for key in data:
-        if key not in known:
+        if key not in known and not key.startswith("_"):      # "_comment": JSON has no comments
             near = closest_key(key, known)
             raise UsageError("config file %s: unknown key %r%s" % (
                 path, key, " (did you mean %r?)" % near if near else " (known keys: %s)" % ", ".join(known)))
@@ -5100,17 +5126,24 @@ def authorize(config_path, data, out=sys.stdout):
                          % redact_urls(getattr(exc, "description", None) or exc))
     out.write("Open this URL in a browser, log in to SmugMug and allow access:\n\n  %s\n\n" % url)
     out.flush()
-    code = read_line("Then type the six-digit code SmugMug shows: ", "the code")
-    if not re.fullmatch(r"\d{6}", code):
-        raise UsageError("the code must be the six digits SmugMug shows (got %d characters)" % len(code))
-    oauth = OAuth1Session(check.app_key, client_secret=check.app_key_secret,
-                          resource_owner_key=oauth.token.get("oauth_token"),
-                          resource_owner_secret=oauth.token.get("oauth_token_secret"), verifier=code)
-    try:
-        token = oauth.fetch_access_token(services + "/getAccessToken", timeout=TIMEOUT)
-    except (requests.RequestException, ValueError) as exc:
-        raise UsageError("SmugMug did not accept the code (wrong or expired? run --authorize again): %s"
-                         % redact_urls(getattr(exc, "description", None) or exc))
+    request = oauth.token
+    for tries_left in range(CODE_TRIES - 1, -1, -1):     # a mistyped code is asked for again
+        code = read_line("Then type the six-digit code SmugMug shows: ", "the code")
+        if not re.fullmatch(r"\d{6}", code):
+            problem = "the code must be the six digits SmugMug shows (got %d characters)" % len(code)
+        else:
+            oauth = OAuth1Session(check.app_key, client_secret=check.app_key_secret,
+                                  resource_owner_key=request.get("oauth_token"),
+                                  resource_owner_secret=request.get("oauth_token_secret"), verifier=code)
+            try:
+                token = oauth.fetch_access_token(services + "/getAccessToken", timeout=TIMEOUT)
+                break
+            except (requests.RequestException, ValueError) as exc:
+                problem = "SmugMug did not accept the code (wrong or expired?): %s" % redact_urls(
+                    getattr(exc, "description", None) or exc)
+        if not tries_left:
+            raise UsageError("%s; run --authorize again" % problem)
+        sys.stderr.write("%s; try again (%d more tr%s)\n" % (problem, tries_left, "y" if tries_left == 1 else "ies"))
     data = dict(data, access_key=token.get("oauth_token", ""), access_key_secret=token.get("oauth_token_secret", ""))
     config = validate_config(dict(data, output_dir=data.get("output_dir") or "-"), config_path)
     client = SmugMugClient(config, threading.Event())
@@ -5125,7 +5158,7 @@ def authorize(config_path, data, out=sys.stdout):
     write_atomic(config_path, json.dumps(data, indent=2, ensure_ascii=False) + "\n",
                  mode=0o600 if os.name == "posix" else None)
     nickname = user.get("NickName") if isinstance(user, dict) else "?"
-    out.write("Authorized as %s; the access token is saved in %s.\n" % (nickname, config_path))
+    write_text(out, "Authorized as %s; the access token is saved in %s.\n" % (nickname, config_path))
     out.flush()
 
 
@@ -5499,6 +5532,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    reexec_for_utf8_names()
     exit_code = main()
     # After an interruption or a stop, a worker thread may still sit in a socket
     # read for up to the read timeout; state is saved and .part files are kept,
