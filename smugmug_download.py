@@ -436,10 +436,11 @@ class Summary:
     backed_up: int = 0
     unchanged: int = 0
     moved: int = 0
-    parts: int = 0
+    parts: int = 0               # archive parts downloaded this run, and their bytes
     bytes: int = 0
     files_checked: int = 0
-    files_fetched: int = 0
+    files_fetched: int = 0       # files fetched on their own this run, and their bytes
+    fetched_bytes: int = 0
     renditions: int = 0          # files saved as SmugMug's largest rendition (no original offered)
     versioned: int = 0           # files moved to versions this run
     by_file: List[str] = field(default_factory=list)         # albums saved file by file
@@ -448,6 +449,8 @@ class Summary:
     failed: Dict[str, str] = field(default_factory=dict)     # album path -> reason
     gone: List[str] = field(default_factory=list)
     write_error: str = ""        # why the run stopped (a full disk, SmugMug unreachable...)
+    reached: bool = False        # SmugMug answered the first calls (the account was found)
+    cause_shown: str = ""        # the outage's cause, when a wait line on the console named it
     interrupted: bool = False
     seconds: float = 0.0
     waited: Dict[str, float] = field(default_factory=dict)   # what the run waited for -> seconds
@@ -3763,6 +3766,7 @@ class Reporter:
         self.wait = None             # (kind, text) of what the run waits for now
         self.wait_since = 0.0
         self.wait_logged = None      # when the current wait was last logged (None: not yet)
+        self.cause_logged = ""       # the outage's cause as last logged
         self.started = clock()
         self.dry_counts = collections.defaultdict(lambda: [0, 0])   # a dry run's status -> [albums, images]
         self.dry_lines = []          # heap of (path, line) of a dry run, printed in path order
@@ -3783,8 +3787,6 @@ class Reporter:
         album still fails (files SmugMug would not give), or ""."""
         rel = run.album.rel
         total = sum(s for _, s in outcome.parts if not run.from_disk) + sum(run.fetched.values())
-        summary.parts += 0 if run.from_disk else len(outcome.parts)
-        summary.bytes += total
         summary.renditions += outcome.renditions
         if run.by_file:
             summary.by_file.append(rel)
@@ -3795,9 +3797,9 @@ class Reporter:
         if lacking:
             return "%d file%s missing: %s" % (len(lacking), plural(len(lacking)), "; ".join(sorted(set(lacking))))
         summary.backed_up += 1
-        self.album("backed up %s (%s%s, %d part%s, %d file%s on their own, %s%s)", rel, run.reason,
+        self.album("backed up %s (%s%s, %d part%s, %s, %s%s)", rel, run.reason,
                    ", file by file" if run.by_file else "", len(outcome.parts), plural(len(outcome.parts)),
-                   len(outcome.loose), plural(len(outcome.loose)), human_bytes(total),
+                   on_their_own(len(outcome.loose), "file"), human_bytes(total),
                    ", %d to versions" % versioned if versioned else "")
         return ""
 
@@ -3812,8 +3814,10 @@ class Reporter:
         if status == "due":
             notes.append("its rolling recheck is due")
         if status == "changed" and record and record.files:
+            # only what the new backup replaces with other bytes, or no longer has, goes: the
+            # dry run cannot know which (it downloads nothing), so it says how many at most
             count = len(record.files) + (record.manifest is not None)
-            notes.append("%d old file%s to versions" % (count, plural(count)))
+            notes.append("up to %d old file%s to versions" % (count, plural(count)))
         self.dry_counts[shown][0] += 1
         self.dry_counts[shown][1] += album.image_count or 0
         heapq.heappush(self.dry_lines, (album.path, "%-9s %s%s" % (shown, album.rel, " (%s)" % "; ".join(notes)
@@ -3839,24 +3843,35 @@ class Reporter:
             self.wait = wait
         if wait and (self.wait_logged is None and (wait[0] != "preparation" or now - self.wait_since >= 5.0)
                      or self.wait_logged is not None and now - self.wait_logged >= WAIT_LOG_INTERVAL):
+            link = orchestrator.client.link
+            again = self.wait_logged is not None and wait[0] == "unreachable" and link.reason == self.cause_logged
             self.wait_logged = now
-            log.info("%s", wait[1])
+            log.info("%s", wait[2] if again else wait[1])       # the cause once, not once a minute
+            if wait[0] == "unreachable":
+                self.cause_logged = link.reason
+                if not self.options.quiet:
+                    orchestrator.summary.cause_shown = link.reason
         if self.status.enabled and not self.options.dry_run:
             self.status.show(self.line(orchestrator, wait))
 
     def current_wait(self, orchestrator):
-        """What the run waits for now, if it waits: (kind, text), else None."""
+        """What the run waits for now, if it waits: (kind, text, text once said), else None. An
+        outage says when the run gives up, before its cause (cut first on a narrow line)."""
         link, gate = orchestrator.client.link, orchestrator.client.gate
-        if not link.up:
-            return "unreachable", "SmugMug unreachable since %s (%s), retrying" % (
-                time.strftime("%H:%M", time.localtime(link.since)), link.reason)
+        since = link.since
+        if not link.up and since is not None:
+            hhmm = functools.partial(time.strftime, "%H:%M")
+            text = "SmugMug unreachable since %s, giving up at %s" % (
+                hhmm(time.localtime(since)), hhmm(time.localtime(since + link.give_up)))
+            return "unreachable", "%s (%s)" % (text, link.reason), text.replace("unreachable", "still unreachable")
         resumes = gate.resumes()
         if resumes is not None:
-            return "rate limit", "SmugMug rate limit: resuming at %s" % time.strftime("%H:%M:%S",
-                                                                                       time.localtime(resumes))
+            text = "SmugMug rate limit: resuming at %s" % time.strftime("%H:%M:%S", time.localtime(resumes))
+            return "rate limit", text, text
         preparing = orchestrator.count("requesting", "preparing")
         if preparing and not orchestrator.scheduler.running:
-            return "preparation", "waiting for %d archive%s to be prepared" % (preparing, plural(preparing))
+            text = "waiting for %d archive%s to be prepared" % (preparing, plural(preparing))
+            return "preparation", text, text
         return None
 
     def line(self, orchestrator, wait):
@@ -3874,7 +3889,7 @@ class Reporter:
         elif left is None and known:               # sizes still unknown: the total so far is a floor
             parts[1] = (2, "%s of at least %s" % (human_bytes(self.meter.done), human_bytes(known)))
         if wait and wait[0] != "preparation" or not rate:
-            parts.append((1, wait[1] if wait else ""))
+            parts.append((0 if wait and wait[0] == "unreachable" else 1, wait[1] if wait else ""))
         else:
             parts.append((1, "%s/s" % human_bytes(rate)))
             if left is not None:
@@ -3906,6 +3921,11 @@ def plural(n):
     return "" if n == 1 else "s"
 
 
+def on_their_own(n, noun=""):
+    """ "1 file on its own", "3 files on their own" (noun ""): "1 fetched on its own"..."""
+    return "%d %s on %s own" % (n, noun + plural(n) if noun else "fetched", "its" if n == 1 else "their")
+
+
 def print_summary(summary, options):
     """The end of a run, the same for a finished, stopped and interrupted one: one line, then
     the failed albums each once with its reason, then what was checked, fetched and versioned.
@@ -3918,6 +3938,11 @@ def print_summary(summary, options):
     trouble = failed or summary.write_error or summary.interrupted
     how = "Interrupted" if summary.interrupted else "Stopped" if summary.write_error else "Done"
     why = "Ctrl-C or SIGTERM" if summary.interrupted else summary.write_error
+    if not summary.reached:          # nothing to count: one line, naming the cause unless a wait line did
+        shown = summary.cause_shown and why.endswith(": " + summary.cause_shown)
+        log.log(NOTICE, "%s after %s, before SmugMug answered: nothing was backed up%s.", how,
+                human_seconds(summary.seconds), " (%s)" % why if why and not shown else "")
+        return
     log.log(NOTICE if trouble else logging.INFO,
             "%s after %s: %d album%s backed up, %d unchanged, %d failed, %d not attempted%s.", how,
             human_seconds(summary.seconds), summary.backed_up, plural(summary.backed_up), summary.unchanged,
@@ -3925,9 +3950,10 @@ def print_summary(summary, options):
     for path, reason in sorted(summary.failed.items()):
         log.log(NOTICE, "  failed: %s: %s", path, reason)
     counts = ["%d file%s checked against SmugMug's listing" % (summary.files_checked, plural(summary.files_checked)),
-              "%d fetched on their own" % summary.files_fetched,
+              on_their_own(summary.files_fetched) + (" (%s)" % human_bytes(summary.fetched_bytes)
+                                                     if summary.files_fetched else ""),
               "%d moved to versions" % summary.versioned]
-    if summary.parts or summary.bytes:
+    if summary.parts:
         counts.insert(0, "%d part%s (%s) downloaded" % (summary.parts, plural(summary.parts),
                                                         human_bytes(summary.bytes)))
     log.info("%s.", ", ".join(counts))
@@ -4359,6 +4385,7 @@ class Orchestrator:
             if exc.status is not None and 400 <= exc.status < 500 and exc.status != 429:
                 raise
             return self.stop_new_work("could not reach the account: %s" % exc)
+        self.summary.reached = True
         if self.options.dry_run:
             log.info("Dry run of account %s against the backup in %s (nothing is downloaded or written)",
                      self.nickname, self.out)
@@ -4545,6 +4572,8 @@ class Orchestrator:
                                                    resume_ok, part, file))
 
     def on_download(self, task, size):
+        self.summary.parts += 1
+        self.summary.bytes += size
         if task.run.state == "downloading" and task.run.part_done(task.name, size):
             self.check(task.run)
 
@@ -4575,6 +4604,7 @@ class Orchestrator:
 
     def file_done(self, task, exc, size=0):
         self.summary.files_fetched += exc is None
+        self.summary.fetched_bytes += size if exc is None else 0
         if task.run.state == "fetching" and task.run.file_done(task, exc, size):
             self.commit(task.run)
 
@@ -4617,7 +4647,8 @@ class Orchestrator:
     def stop_new_work(self, why):
         """A fatal write error, or SmugMug unreachable: start nothing new (the walk included)."""
         if not self.halt:
-            log.error("%s: %s", "giving up" if self.nickname is None else "stopping new downloads", why)
+            if self.nickname is not None:       # (before SmugMug answered, the summary alone says why)
+                log.error("stopping new downloads: %s", why)
             self.summary.write_error = why
         self.halt = True
         self.walk.complete = False          # folders not listed now: nothing can be called gone
@@ -5222,7 +5253,7 @@ def run(config, options, status):
         if no_match and not summary.albums_found:
             raise UsageError(no_match)
         status.clear()
-        if options.dry_run:
+        if options.dry_run and summary.reached:
             print_dry_run(reporter, summary, options)
         else:
             print_summary(summary, options)

@@ -85,7 +85,7 @@ def guarded_album(fake, name="Guarded"):
 SUMMARY_RE = re.compile(r"^(Done|Stopped|Interrupted) after \d+ (s|min)[^:]*: (\d+) albums? backed up, "
                         r"(\d+) unchanged, (\d+) failed, (\d+) not attempted( \((.+)\))?\.$")
 COUNTS_RE = re.compile(r"^(\d+ parts? \([\d.]+ [KMG]?B\) downloaded, )?\d+ files? checked against SmugMug's "
-                       r"listing, \d+ fetched on their own, \d+ moved to versions\.$")
+                       r"listing, \d+ fetched on (its|their) own( \([\d.]+ [KMG]?B\))?, \d+ moved to versions\.$")
 
 
 def one_summary(err):
