@@ -2233,6 +2233,29 @@ def fsync_dir(folder):
         os.close(fd)
 
 
+def same_entry(a, b):
+    """Are paths a and b one file or folder on disk (a case-insensitive disk, as macOS and
+    Windows have, gives Beach and beach as one)? False when either is missing."""
+    try:
+        return os.path.samefile(a, b)
+    except (OSError, ValueError):
+        return False
+
+
+def spelled_otherwise(path):
+    """The name of path's last component as its folder lists it, when that differs from path's
+    (a case-insensitive disk found path under another spelling); else None."""
+    parent, name = os.path.split(path)
+    try:
+        names = os.listdir(parent or ".")
+    except OSError:
+        return None
+    if name in names:
+        return None
+    found = [n for n in names if same_entry(os.path.join(parent, n), path)]
+    return found[0] if len(found) == 1 else None
+
+
 def file_signature(path):
     """(size, mtime in ns) of a file, or None: tells whether it changed since it was looked at."""
     try:
@@ -2475,18 +2498,41 @@ class Store:
     def move_album(self, record, new):
         """An album renamed or moved on SmugMug: its own files go to folder new (never the folder
         itself, which may hold other albums' files). A file in the way is left where it is and
-        named; the record after the move marks it damaged, so it is fetched again."""
+        named; the record after the move marks it damaged, so it is fetched again. A file
+        already at its new path (a rename that only changes case, on a case-insensitive disk:
+        the same file under both spellings) stays; its folder then takes the new spelling
+        through a temporary name (case_rename_steps)."""
         names = [f.name for f in record.files] + ([MANIFEST_NAME] if record.manifest is not None else [])
-        left = [n for n in names if os.path.lexists(self.abs(new + "/" + n))
-                or not self.owners.may_write(new + "/" + n, record.key)]
+        there = [n for n in names if same_entry(self.abs(record.path + "/" + n), self.abs(new + "/" + n))]
+        left = [n for n in names if n not in there and (os.path.lexists(self.abs(new + "/" + n))
+                                                        or not self.owners.may_write(new + "/" + n, record.key))]
         for name in left:
             log.warning("%s: %s/%s is in the way; %s/%s is left where it is", new, new, name, record.path, name)
         moved = replace(record, path=new, damaged=sorted(set(record.damaged) | set(left)))
-        self.apply(record.key, [("move", record.path + "/" + n, new + "/" + n) for n in names if n not in left],
-                   moved)
-        self.prune_folder(self.abs(record.path))
+        one_folder = same_entry(self.abs(record.path), self.abs(new))
+        self.apply(record.key, [("move", record.path + "/" + n, new + "/" + n) for n in names
+                                if n not in left and n not in there]
+                   + (self.case_rename_steps(record.path, new, names) if one_folder else []), moved)
+        if not one_folder:
+            self.prune_folder(self.abs(record.path))
         log.info("moved %s -> %s", record.path, new)
         return moved
+
+    def case_rename_steps(self, old, new, names):
+        """Steps that give the album's folder, which a case-insensitive disk shows as old, the
+        spelling of new: through a temporary name, as such a disk will not rename a folder to
+        itself. Only when the folder holds nothing but the album's own files (names)."""
+        spelled = spelled_otherwise(self.abs(new))
+        if spelled is None or spelled == new.rsplit("/", 1)[-1]:
+            return []
+        try:
+            if not set(os.listdir(self.abs(new))) <= set(names):
+                return []
+        except OSError:
+            return []
+        parent = new.rsplit("/", 1)[0] + "/" if "/" in new else ""
+        temp = parent + "." + spelled + ".renaming"
+        return [("move", parent + spelled, temp), ("move", temp, new)]
 
     def apply(self, key, steps, record=None):
         """Take steps for album key as one journalled change, then save record (the album's
