@@ -3986,7 +3986,7 @@ def print_summary(summary, options):
     why = "Ctrl-C or SIGTERM" if summary.interrupted else summary.write_error
     if not summary.reached:          # nothing to count: one line, naming the cause unless a wait line did
         shown = summary.cause_shown and why.endswith(": " + summary.cause_shown)
-        log.log(NOTICE, "%s after %s, before SmugMug answered: nothing was backed up%s.", how,
+        log.log(NOTICE, "%s after %s, before reaching the account: nothing was backed up%s.", how,
                 human_seconds(summary.seconds), " (%s)" % why if why and not shown else "")
         return
     log.log(NOTICE if trouble else logging.INFO,

@@ -233,7 +233,7 @@ def test_a_run_that_never_reached_smugmug_says_its_cause_once(tmp_path):
         lines = err.splitlines()
         assert sum("connection refused" in line for line in lines) == 1, err
         assert len(lines) == (1 if args == ("--quiet",) else 2) and out == "", err
-        assert re.fullmatch(r"Stopped after \d+ s, before SmugMug answered: nothing was backed up( \(SmugMug "
+        assert re.fullmatch(r"Stopped after \d+ s, before reaching the account: nothing was backed up( \(SmugMug "
                             r"unreachable since [\d:]+: connection refused by 127\.0\.0\.1:\d+\))?\.", lines[-1]), err
         if args != ("--quiet",):
             assert re.fullmatch(r"SmugMug unreachable since \d\d:\d\d, giving up at \d\d:\d\d \(connection "
