@@ -3809,7 +3809,7 @@ class Reporter:
     def __init__(self, options, status, meter, clock=time.monotonic):
         self.options, self.status, self.meter = options, status, meter
         self._clock = clock
-        self.wait = None             # (kind, text) of what the run waits for now
+        self.wait = None             # (kind, text, cause) of what the run waits for now
         self.wait_since = 0.0
         self.wait_logged = None      # when the current wait was last logged (None: not yet)
         self.cause_logged = ""       # the outage's cause as last logged
@@ -3889,35 +3889,33 @@ class Reporter:
             self.wait = wait
         if wait and (self.wait_logged is None and (wait[0] != "preparation" or now - self.wait_since >= 5.0)
                      or self.wait_logged is not None and now - self.wait_logged >= WAIT_LOG_INTERVAL):
-            link = orchestrator.client.link
-            again = self.wait_logged is not None and wait[0] == "unreachable" and link.reason == self.cause_logged
-            self.wait_logged = now
-            log.info("%s", wait[2] if again else wait[1])       # the cause once, not once a minute
-            if wait[0] == "unreachable":
-                self.cause_logged = link.reason
-                if not self.options.quiet:
-                    orchestrator.summary.cause_shown = link.reason
+            kind, text, cause = wait
+            if cause and self.wait_logged is not None and cause == self.cause_logged:
+                log.info("%s", text.replace("unreachable", "still unreachable", 1))   # the cause once
+            else:
+                log.info("%s%s", text, " (%s)" % cause if cause else "")
+            self.wait_logged, self.cause_logged = now, cause
+            if cause and not self.options.quiet:
+                orchestrator.summary.cause_shown = cause
         if self.status.enabled and not self.options.dry_run:
             self.status.show(self.line(orchestrator, wait))
 
     def current_wait(self, orchestrator):
-        """What the run waits for now, if it waits: (kind, text, text once said), else None. An
-        outage says when the run gives up, before its cause (cut first on a narrow line)."""
+        """What the run waits for now, if it waits: (kind, text, cause or ""), else None. An
+        outage says since when, and when the run gives up (unreachable_minutes after)."""
         link, gate = orchestrator.client.link, orchestrator.client.gate
         since = link.since
         if not link.up and since is not None:
-            hhmm = functools.partial(time.strftime, "%H:%M")
-            text = "SmugMug unreachable since %s, giving up at %s" % (
-                hhmm(time.localtime(since)), hhmm(time.localtime(since + link.give_up)))
-            return "unreachable", "%s (%s)" % (text, link.reason), text.replace("unreachable", "still unreachable")
+            return "unreachable", "SmugMug unreachable since %s, giving up at %s" % (
+                time.strftime("%H:%M", time.localtime(since)),
+                time.strftime("%H:%M", time.localtime(since + link.give_up))), link.reason
         resumes = gate.resumes()
         if resumes is not None:
-            text = "SmugMug rate limit: resuming at %s" % time.strftime("%H:%M:%S", time.localtime(resumes))
-            return "rate limit", text, text
+            return "rate limit", "SmugMug rate limit: resuming at %s" % time.strftime(
+                "%H:%M:%S", time.localtime(resumes)), ""
         preparing = orchestrator.count("requesting", "preparing")
         if preparing and not orchestrator.scheduler.running:
-            text = "waiting for %d archive%s to be prepared" % (preparing, plural(preparing))
-            return "preparation", text, text
+            return "preparation", "waiting for %d archive%s to be prepared" % (preparing, plural(preparing)), ""
         return None
 
     def line(self, orchestrator, wait):
@@ -3926,7 +3924,8 @@ class Reporter:
         s, scheduler = orchestrator.summary, orchestrator.scheduler
         done = s.backed_up + s.unchanged
         known = max(orchestrator.bytes_known, self.meter.done)
-        parts = [(1, "%d of %d album%s" % (done, s.albums_found, plural(s.albums_found))),
+        parts = [(1, "%d of %d album%s" % (done, s.albums_found, plural(s.albums_found))
+                  if s.albums_found or not wait else ""),
                  (2, "%s of %s" % (human_bytes(self.meter.done), human_bytes(known)) if known else "")]
         rate = self.meter.rate(STATUS_RATE_SPAN)
         left = self.bytes_left(orchestrator)
@@ -3934,8 +3933,8 @@ class Reporter:
             parts[1] = (2, "%s of about %s" % (human_bytes(self.meter.done), human_bytes(self.meter.done + left[0])))
         elif left is None and known:               # sizes still unknown: the total so far is a floor
             parts[1] = (2, "%s of at least %s" % (human_bytes(self.meter.done), human_bytes(known)))
-        if wait and wait[0] != "preparation" or not rate:
-            parts.append((0 if wait and wait[0] == "unreachable" else 1, wait[1] if wait else ""))
+        if wait and wait[0] != "preparation" or not rate:     # an outage outranks the counts, its cause not
+            parts += [(0 if wait and wait[2] else 1, wait[1] if wait else ""), (3, wait[2] if wait else "")]
         else:
             parts.append((1, "%s/s" % human_bytes(rate)))
             if left is not None:

@@ -243,15 +243,17 @@ def test_a_run_that_never_reached_smugmug_says_its_cause_once(tmp_path):
 
 
 def test_the_status_line_in_an_outage_shows_the_wait_and_when_it_gives_up(tmp_path):
-    """On an 80-column terminal while SmugMug does not answer, the live line shows the wait and
-    the time the run gives up (never just "0 of 0 albums"), within the width."""
-    proc, master = on_a_terminal(unreachable_config(tmp_path, unreachable_minutes=0.05), columns=80)
-    shown = read_pty(proc, master)
-    assert proc.returncode == sd.EXIT_ALBUMS_FAILED, shown
-    drawn = status_lines(shown)
-    assert drawn and all(re.match(r"SmugMug unreachable since \d\d:\d\d, giving up at \d\d:\d\d \(connection",
-                                  d) for d in drawn), drawn
-    assert max(len(d) for d in drawn) <= 79 and "0 of 0 albums" not in shown
+    """On a terminal while SmugMug does not answer, the live line shows the wait and the time
+    the run gives up (never just "0 of 0 albums"), within the width; the cause too where the
+    terminal is wide enough (120 columns), dropped first at 80."""
+    for columns, cause in ((80, ""), (120, r" \| connection refused by 127\.0\.0\.1:\d+")):
+        proc, master = on_a_terminal(unreachable_config(tmp_path, unreachable_minutes=0.03), columns=columns)
+        shown = read_pty(proc, master)
+        assert proc.returncode == sd.EXIT_ALBUMS_FAILED, shown
+        drawn = status_lines(shown)
+        assert drawn and all(re.fullmatch(r"SmugMug unreachable since \d\d:\d\d, giving up at \d\d:\d\d" + cause, d)
+                             for d in drawn), drawn
+        assert max(len(d) for d in drawn) < columns and "0 of 0 albums" not in shown
 
 
 def test_the_summary_counts_parts_and_files_on_their_own_apart(fake, run):
