@@ -4854,7 +4854,7 @@ def reexec_for_utf8_names():
     """Under a C or POSIX locale with UTF-8 mode turned off, Python names files in ASCII and
     cannot write an album called Café: run again in UTF-8 mode (-X utf8; the same process,
     the same arguments), so that names are UTF-8 on disk, as in every other locale."""
-    if os.name != "posix" or sys.flags.utf8_mode:
+    if os.name != "posix" or sys.flags.utf8_mode or not sys.executable:
         return
     if codecs.lookup(sys.getfilesystemencoding()).name != "ascii":
         return

@@ -27,6 +27,13 @@ def closed_port():
         return s.getsockname()[1]
 
 
+def authorize_started(path):
+    """--authorize as a subprocess that has printed its URL: (proc, the code the URL's page shows)."""
+    proc = spawn(path, "--authorize", stdin=subprocess.PIPE)
+    url = re.search(r"http://\S+authorize\S+", read_until(proc.stdout, r"authorize\S+")).group(0)
+    return proc, re.search(r"<b id='code'>(\d{6})</b>", urllib.request.urlopen(url).read().decode()).group(1)
+
+
 def first_line(err):
     """The summary's first line in a run's stderr."""
     return [line for line in err.splitlines() if re.match(r"(Done|Stopped|Interrupted) after ", line)][-1]
@@ -186,9 +193,7 @@ def test_keys_beginning_with_an_underscore_are_comments(fake, tmp_path, capsys):
     original = {"_comment": "kept", "app_key": fake.app_key, "app_key_secret": fake.app_secret,
                 "output_dir": str(tmp_path / "out"), "api_base": fake.base}
     path.write_text(json.dumps(original))
-    proc = spawn(path, "--authorize", stdin=subprocess.PIPE)
-    url = re.search(r"http://\S+authorize\S+", read_until(proc.stdout, r"authorize\S+")).group(0)
-    code = re.search(r"<b id='code'>(\d{6})</b>", urllib.request.urlopen(url).read().decode()).group(1)
+    proc, code = authorize_started(path)
     _, err = proc.communicate((code + "\n").encode(), timeout=30)
     assert proc.returncode == 0, err
     saved = json.loads(path.read_text())
@@ -201,9 +206,7 @@ def test_a_mistyped_authorization_code_is_asked_for_again(fake, tmp_path):
     path = tmp_path / "config.json"
     path.write_text(json.dumps({"app_key": fake.app_key, "app_key_secret": fake.app_secret,
                                 "output_dir": str(tmp_path / "out"), "api_base": fake.base}))
-    proc = spawn(path, "--authorize", stdin=subprocess.PIPE)
-    url = re.search(r"http://\S+authorize\S+", read_until(proc.stdout, r"authorize\S+")).group(0)
-    code = re.search(r"<b id='code'>(\d{6})</b>", urllib.request.urlopen(url).read().decode()).group(1)
+    proc, code = authorize_started(path)
     wrong = "%06d" % ((int(code) + 1) % 1000000)
     _, err = proc.communicate(("%s\n12 34\n%s\n" % (wrong, code)).encode(), timeout=30)
     err = err.decode()
