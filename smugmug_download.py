@@ -3889,7 +3889,7 @@ class Reporter:
             self.wait = wait
         if wait and (self.wait_logged is None and (wait[0] != "preparation" or now - self.wait_since >= 5.0)
                      or self.wait_logged is not None and now - self.wait_logged >= WAIT_LOG_INTERVAL):
-            kind, text, cause = wait
+            _kind, text, cause = wait
             if cause and self.wait_logged is not None and cause == self.cause_logged:
                 log.info("%s", text.replace("unreachable", "still unreachable", 1))   # the cause once
             else:
@@ -5219,7 +5219,7 @@ def authorize(config_path, data, out=sys.stdout):
                     getattr(exc, "description", None) or exc)
         if not tries_left:
             raise UsageError("%s; run --authorize again" % problem)
-        sys.stderr.write("%s; try again (%d more tr%s)\n" % (problem, tries_left, "y" if tries_left == 1 else "ies"))
+        log.log(NOTICE, "%s; try again (%d more tr%s)", problem, tries_left, "y" if tries_left == 1 else "ies")
     data = dict(data, access_key=token.get("oauth_token", ""), access_key_secret=token.get("oauth_token_secret", ""))
     config = validate_config(dict(data, output_dir=data.get("output_dir") or "-"), config_path)
     client = SmugMugClient(config, threading.Event())
