@@ -3859,7 +3859,10 @@ class Reporter:
         notes = ["moved from %s" % record.path] if moved and status != "moved" else []
         if status == "due":
             notes.append("its rolling recheck is due")
-        if status == "changed" and record and record.files:
+        if status == "changed" and record and record.files and album.image_count == 0:
+            notes.append("empty on SmugMug now: its %d file%s are kept" % (len(record.files),
+                                                                          plural(len(record.files))))
+        elif status == "changed" and record and record.files:
             # only what the new backup replaces with other bytes, or no longer has, goes: the
             # dry run cannot know which (it downloads nothing), so it says how many at most
             count = len(record.files) + (record.manifest is not None)

@@ -43,8 +43,8 @@ def first_line(err):
 
 def test_an_emptied_album_counts_as_backed_up_not_as_not_attempted(fake, run):
     """An album whose photos were all deleted on SmugMug keeps its files and is counted (as
-    backed up: its backup says what SmugMug has), never "not attempted"; the next run finds it
-    unchanged."""
+    backed up: its backup says what SmugMug has), never "not attempted"; the dry run before
+    says its files are kept (none to versions); the next run finds it unchanged."""
     key = fake.add_album("Emptied", sizes=(3000, 3000))
     fake.add_album("Other", sizes=(2000,))
     assert run()[0] == 0
@@ -53,6 +53,8 @@ def test_an_emptied_album_counts_as_backed_up_not_as_not_attempted(fake, run):
     fake.albums[key].part_sizes = []
     fake.albums[key].image_count = 0
     fake.touch(key)
+    code, out, _ = run("--dry-run")
+    assert "changed   Emptied (empty on SmugMug now: its 2 files are kept)" in out.splitlines(), out
     code, _, err = run()
     assert code == 0, err
     assert tree(run.out) == before
