@@ -252,9 +252,8 @@ def test_a_silent_server_at_the_start_stops_the_run_with_exit_1(fake, tmp_path, 
     err = capsys.readouterr().err
     assert code == sd.EXIT_ALBUMS_FAILED
     assert "Traceback" not in err
-    assert re.search(r"^Stopped after \d+ s: 0 albums backed up, 0 unchanged, 0 failed, 0 not attempted "
-                     r"\(SmugMug unreachable since \d\d:\d\d:\d\d: timed out reading from 127\.0\.0\.1\)\.$", err,
-                     re.MULTILINE), err
+    assert re.fullmatch(r"Stopped after \d+ s, before reaching the account: nothing was backed up "
+                        r"\(SmugMug unreachable since \d\d:\d\d:\d\d: timed out reading from 127\.0\.0\.1\)\.\n", err), err
 
 
 # The status line ############################################################
