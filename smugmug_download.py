@@ -168,7 +168,8 @@ IMAGES_PAGE_COUNT = 1000  # files asked per !images page; the server may clamp i
 MAX_PAGES = 100000        # pages of one list before its paging is taken as endless
 # The fields of !images the completeness check and the manifest use (_filter).
 IMAGE_FIELDS = ("FileName", "ImageKey", "IsVideo", "Processing", "Hidden", "ArchivedUri", "ArchivedSize",
-                "ArchivedMD5", "Title", "Caption", "Keywords", "KeywordArray", "DateTimeOriginal", "Date",
+                "ArchivedMD5", "Title", "Caption", "Keywords", "KeywordArray", "DateTimeOriginal",
+                "DateTimeUploaded", "Date", "WebUri",
                 "Latitude", "Longitude", "Altitude", "LastUpdated", "Origin", "CollectedFrom", "Serial",
                 "Format", "OriginalSize", "OriginalWidth", "OriginalHeight", "ComponentFileTypes")
 IMAGE_URIS = ("LargestImage", "LargestVideo")      # the renditions, asked for with _filteruri
