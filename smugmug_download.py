@@ -683,6 +683,170 @@ def manifest_document(album, plan, parts):
             "files": files}
 
 
+# -- capture dates, XMP sidecars, the index: pure, from a listed file's fields --
+
+def capture_time(fields):
+    """When a file was taken, as SmugMug gives it: (ISO 8601 text, epoch seconds) from
+    DateTimeOriginal, else DateTimeUploaded, else Date; (None, None) when none parses. The
+    offset is used as given (SmugMug reads a camera time without a zone as its own)."""
+    for name in ("DateTimeOriginal", "DateTimeUploaded", "Date"):
+        moment = parse_time(fields.get(name))
+        if moment is not None:
+            return fields[name].strip(), moment.timestamp()
+    return None, None
+
+
+def number_or_none(value):
+    """A finite float from an API field (a number or a numeric string), else None."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        return None
+    try:
+        number = float(value)
+    except ValueError:
+        return None
+    return number if math.isfinite(number) else None
+
+
+def position(fields):
+    """(latitude, longitude, altitude or None) where SmugMug has a place for the file, else None:
+    0, 0 is how SmugMug lists a file without one."""
+    lat, lon = number_or_none(fields.get("Latitude")), number_or_none(fields.get("Longitude"))
+    if lat is None or lon is None or (lat == 0 and lon == 0) or abs(lat) > 90 or abs(lon) > 180:
+        return None
+    return lat, lon, number_or_none(fields.get("Altitude"))
+
+
+def keywords_of(fields):
+    """The file's keywords: KeywordArray, else Keywords split on ';' (and ',')."""
+    words = fields.get("KeywordArray")
+    if not isinstance(words, list):
+        text = fields.get("Keywords")
+        words = re.split(r"[;,]", text) if isinstance(text, str) else []
+    return [w.strip() for w in words if isinstance(w, str) and w.strip()]
+
+
+def text_field(fields, name):
+    value = fields.get(name)
+    return value if isinstance(value, str) else ""
+
+
+_XML_INVALID = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ufffe\uffff]")
+
+
+def xml_text(text):
+    """text as XML element content: & < > " escaped, characters XML 1.0 cannot hold left out."""
+    text = _XML_INVALID.sub("", text)
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").replace('"', "&quot;")
+
+
+def gps_coordinate(value, positive, negative):
+    """XMP's GPSCoordinate form (XMP spec part 2, EXIF schema): DDD,MM.mmmmmmk."""
+    degrees, minutes = divmod(abs(value) * 60, 60)
+    return "%d,%.6f%s" % (degrees, minutes, positive if value >= 0 else negative)
+
+
+def xmp_sidecar(fields):
+    """The XMP sidecar of a file, from its listed fields: title (dc:title), caption
+    (dc:description), keywords (dc:subject), capture time (exif:DateTimeOriginal,
+    photoshop:DateCreated) and place (exif:GPSLatitude/GPSLongitude/GPSAltitude) where
+    SmugMug has them. UTF-8 text that any XMP reader parses."""
+    props = []
+    for tag, name in (("dc:title", "Title"), ("dc:description", "Caption")):
+        value = text_field(fields, name).strip()
+        if value:
+            props.append('   <%s>\n    <rdf:Alt>\n     <rdf:li xml:lang="x-default">%s</rdf:li>\n'
+                         '    </rdf:Alt>\n   </%s>' % (tag, xml_text(value), tag))
+    words = keywords_of(fields)
+    if words:
+        props.append("   <dc:subject>\n    <rdf:Bag>\n%s\n    </rdf:Bag>\n   </dc:subject>"
+                     % "\n".join("     <rdf:li>%s</rdf:li>" % xml_text(w) for w in words))
+    taken, _ = capture_time(fields)
+    if taken:
+        props.append("   <exif:DateTimeOriginal>%s</exif:DateTimeOriginal>" % xml_text(taken))
+        props.append("   <photoshop:DateCreated>%s</photoshop:DateCreated>" % xml_text(taken))
+    place = position(fields)
+    if place:
+        lat, lon, alt = place
+        props.append("   <exif:GPSVersionID>2.2.0.0</exif:GPSVersionID>")
+        props.append("   <exif:GPSLatitude>%s</exif:GPSLatitude>" % gps_coordinate(lat, "N", "S"))
+        props.append("   <exif:GPSLongitude>%s</exif:GPSLongitude>" % gps_coordinate(lon, "E", "W"))
+        if alt is not None and alt != 0:      # 0: SmugMug's "not known"
+            props.append("   <exif:GPSAltitude>%d/1000</exif:GPSAltitude>" % round(abs(alt) * 1000))
+            props.append("   <exif:GPSAltitudeRef>%d</exif:GPSAltitudeRef>" % (alt < 0))
+    return ('<?xml version="1.0" encoding="UTF-8"?>\n'
+            '<x:xmpmeta xmlns:x="adobe:ns:meta/" x:xmptk="smugmug_download %s">\n'
+            ' <rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#">\n'
+            '  <rdf:Description rdf:about=""\n'
+            '    xmlns:dc="http://purl.org/dc/elements/1.1/"\n'
+            '    xmlns:exif="http://ns.adobe.com/exif/1.0/"\n'
+            '    xmlns:photoshop="http://ns.adobe.com/photoshop/1.0/">\n'
+            '%s\n'
+            '  </rdf:Description>\n'
+            ' </rdf:RDF>\n'
+            '</x:xmpmeta>\n') % (__version__, "\n".join(props))
+
+
+def sidecar_names(files, style, taken=()):
+    """{file name: sidecar name} for the plain files of one album folder.
+
+    files: (local name, is a video) in listing order. style "ext": IMG_1.jpg.xmp;
+    "noext": IMG_1.xmp, photos first, so that where a photo and a video share a stem
+    (IMG_1.jpg, IMG_1.mov) the photo has IMG_1.xmp and the video IMG_1.mov.xmp (the full
+    form, which the applications that read IMG_1.xmp find too: see README). A sidecar name
+    never equals a file's own name or one in taken (ignoring case); a file whose both
+    forms are taken gets none. "none": {}."""
+    if style not in ("ext", "noext"):
+        return {}
+    used = {n.casefold() for n, _ in files} | {n.casefold() for n in taken}
+    names = {}
+    for name, _video in sorted(files, key=lambda f: f[1]) if style == "noext" else files:
+        forms = ([os.path.splitext(name)[0] + ".xmp"] if style == "noext" else []) + [name + ".xmp"]
+        for form in forms:
+            if form.casefold() not in used and not form.lower().endswith(".part"):
+                used.add(form.casefold())
+                names[name] = form
+                break
+    return names
+
+
+INDEX_COLUMNS = ("status", "album", "FileName", "ImageKey", "file", "archive", "entry", "size", "MD5",
+                 "taken", "title", "caption", "keywords", "latitude", "longitude", "web address")
+INDEX_STATUS = {"deleted": "deleted on SmugMug", "replaced": "replaced"}
+
+
+def index_row(rel, item, status):
+    """One row of index.csv for a file entry of an album's manifest (rel: the album's folder)."""
+    where = {k: item.get(k) for k in ("file", "archive") if isinstance(item.get(k), str) and safe_rel(item[k])}
+    place = position(item)
+    md5 = item.get("md5") or item.get("ArchivedMD5")
+    size = int_or_none(item.get("size") if "size" in item else item.get("ArchivedSize"))
+    return [status, rel, text_field(item, "FileName"), text_field(item, "ImageKey"),
+            rel + "/" + where["file"] if "file" in where else "",
+            rel + "/" + where["archive"] if "archive" in where else "",
+            text_field(item, "entry") if "archive" in where else "",
+            "" if size is None else str(size), md5.lower() if isinstance(md5, str) else "",
+            capture_time(item)[0] or "", text_field(item, "Title"), text_field(item, "Caption"),
+            "; ".join(keywords_of(item)), "%.8f" % place[0] if place else "", "%.8f" % place[1] if place else "",
+            text_field(item, "WebUri")]
+
+
+def index_rows(doc, rel, gone=False):
+    """The rows of index.csv for one album's manifest: each listed file (current; deleted on
+    SmugMug when the album is gone from it; missing when SmugMug did not give it), then the photos its backup still holds that
+    SmugMug no longer lists or replaced (a "former" section, read tolerantly: each entry
+    with its "status" or "why", "deleted" when it says nothing)."""
+    for item in doc.get("files") or () if isinstance(doc, dict) else ():
+        if isinstance(item, dict):
+            yield index_row(rel, item, INDEX_STATUS["deleted"] if gone else "missing" if "missing" in item
+                            else "current")
+    former = doc.get("former") if isinstance(doc, dict) else None
+    for item in former if isinstance(former, list) else ():
+        if isinstance(item, dict):
+            said = str(item.get("status") or item.get("why") or "")
+            yield index_row(rel, item, INDEX_STATUS["replaced"] if "replace" in said.lower()
+                            else INDEX_STATUS["deleted"])
+
+
 def locator_payload(obj):
     """obj[obj.Locator] (a Response, or an entry of Expansions), or None when absent."""
     if not isinstance(obj, dict) or not isinstance(obj.get("Locator"), str):
@@ -2465,8 +2629,24 @@ class Store:
                   if name not in same]
         self.make_folders(rel)
         before = self.versioned
+        placing = {name for name in outcome.placed if name not in same}
+        self.set_dates(rel, {name + ".part": when for name, when in outcome.dates.items() if name in placing})
         self.apply(key, steps, outcome.record)
+        self.set_dates(rel, {name: when for name, when in outcome.dates.items() if name not in placing})
         return self.versioned - before
+
+    def set_dates(self, rel, dates):
+        """Each file's modification time in folder rel becomes the time given (when it was taken):
+        its bytes are not touched. A file not there is skipped."""
+        for name, when in dates.items():
+            path = self.abs(rel + "/" + name)
+            try:
+                if os.path.exists(path) and os.stat(path).st_mtime != when:
+                    os.utime(path, (when, when))
+            except (OverflowError, ValueError):
+                log.debug("%s: %r is no time this system can set", rel + "/" + name, when)
+            except OSError as exc:
+                raise self.error(rel + "/" + name, exc) from exc
 
     def move_album(self, record, new):
         """An album renamed or moved on SmugMug: its own files go to folder new (never the folder
@@ -4665,6 +4845,7 @@ class Outcome:
     renditions: int = 0
     record: Optional["AlbumRecord"] = None           # the album's record once committed
     same: dict = field(default_factory=dict)        # placed files the same as the ones they replace
+    dates: dict = field(default_factory=dict)       # plain file name -> when taken (epoch): its mtime
 
 
 def commit_outcome(run, folder):
@@ -4736,8 +4917,11 @@ def commit_outcome(run, folder):
         files.append(SavedFile(name, size, "file"))
     record = AlbumRecord(album.album_key, album.node_id, album.rel, album.last_updated, album.images_last_updated,
                          files, manifest_size, complete=not missing, listed=iso_now(), image_count=album.image_count)
+    taken = {f.key: capture_time(dict(f.fields))[1] for f in plan.listing}
+    dates = {where["file"]: taken[key] for key, where in locations.items()
+             if "file" in where and taken.get(key) is not None}
     return Outcome("", parts, loose, placed, replaced, text, holds, missing, renditions, record,
-                   {n: sig for n, sig in plan.same.items() if n in placed and n in replaced})
+                   {n: sig for n, sig in plan.same.items() if n in placed and n in replaced}, dates)
 
 
 # CLI ########################################################################
