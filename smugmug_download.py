@@ -115,12 +115,18 @@ CONFIG_OPTIONAL = {
     "keep_versions_days": ((int, float), 90),
     "recheck_days": ((int, float), 30),
     "unreachable_minutes": ((int, float), 15),
+    "layout": (str, "zips"),
+    "xmp_sidecars": (str, ""),
 }
 # Every number is finite and at most this (the flags too): a year for the waits, a century for
 # the days; far past any real setting, and far within what a timer can wait.
 CONFIG_MAXIMUM = {"workers": 64, "max_preparing": 1000, "archive_timeout_hours": 8760, "poll_seconds": 3600,
                   "poll_max_seconds": 86400, "keep_versions_days": 36500, "recheck_days": 36500,
                   "unreachable_minutes": 525600}
+# String keys with a fixed set of values ("" for xmp_sidecars: the layout's default).
+CONFIG_CHOICES = {"layout": ("zips", "files"), "xmp_sidecars": ("ext", "noext", "none")}
+SIDECARS_DEFAULT = {"zips": "none", "files": "ext"}   # XMP sidecars by layout, unless xmp_sidecars says
+TRANSPORT_DIR = "transport"              # in STATE_DIR: transport/<AlbumKey>/ holds a files-layout album's zips
 CONFIG_ZERO_OK = ("keep_versions_days", "recheck_days")     # 0: versions deleted at once; never recheck
 CONFIG_FLAGS = ("workers", "max_preparing", "keep_versions_days", "unreachable_minutes")   # also --flags
 SECRET_KEYS = ("app_key_secret", "access_key", "access_key_secret")
@@ -318,6 +324,12 @@ class Config:
     keep_versions_days: float = 90
     recheck_days: float = 30
     unreachable_minutes: float = 15
+    layout: str = "zips"         # "zips": the album's zip parts; "files": every file a plain file
+    xmp_sidecars: str = ""       # "ext", "noext", "none"; "": the layout's default
+
+    @property
+    def sidecars(self):
+        return self.xmp_sidecars or SIDECARS_DEFAULT[self.layout]
 
     def secrets(self):
         return [getattr(self, k) for k in SECRET_KEYS if getattr(self, k)]
@@ -427,6 +439,8 @@ class AlbumPlan:
     incomplete: str = ""         # the listing was cut short: why (then nothing old is replaced)
     same: dict = field(default_factory=dict)   # parts downloaded byte for byte the same as the file at
                                                # their name -> that file's file_signature() then
+    extracted: dict = field(default_factory=dict)   # files layout: file name -> size, unpacked from the
+                                                    # parts into NAME.part, MD5-checked
 
 
 @dataclass
@@ -2279,7 +2293,7 @@ def manifest_entries(entries, parts):
     return out
 
 
-def check_album(client, album, parts, folder, old):
+def check_album(client, album, parts, folder, old, plain=False):
     """Stage of the check pool: an AlbumPlan for an album whose parts are on disk.
 
     parts: [(part name, path)] (NAME.part files, or the final files of an
@@ -2291,6 +2305,10 @@ def check_album(client, album, parts, folder, old):
     loose file saved before that still has the listed size and MD5 is kept.
     The plan also says which files the previous backup holds (held_before),
     so that nothing it has is replaced by a backup that lacks it.
+
+    plain (the files layout): every listed file is a plain file in folder, named
+    over the whole listing; each one a part holds is unpacked into its NAME.part
+    (unless the same file is there already), and the parts are not kept.
     """
     listing, short = list_images(client, album)
     previous = previous_manifest(old.folder) if old else []
@@ -2309,11 +2327,20 @@ def check_album(client, album, parts, folder, old):
         return AlbumPlan(tuple(listing), {}, (), bad, held_before=held, incomplete=short)
     found = match_files(listing, entries)
     same = {name: file_signature(os.path.join(folder, name)) for name, path in parts   # read here, off
-            if path != os.path.join(folder, name) and same_bytes(os.path.join(folder, name), path, client.stop)}
+            if not plain and path != os.path.join(folder, name)
+            and same_bytes(os.path.join(folder, name), path, client.stop)}
     locations = {k: {"archive": e.part, "entry": e.name} for k, e in found.items()}
     lacking = [f for f in listing if f.key not in found]
-    names = loose_file_names([(f.key, f.file_name) for f in lacking],
-                             [n for n, _ in parts] + [MANIFEST_NAME, "." + MANIFEST_NAME])
+    names = loose_file_names([(f.key, f.file_name) for f in (listing if plain else lacking)],
+                             ([] if plain else [n for n, _ in parts]) + [MANIFEST_NAME, "." + MANIFEST_NAME])
+    extracted = {}
+    if plain:
+        try:
+            extracted = unpack_files(listing, found, names, dict(parts), folder, old, client.stop)
+        except BadArchive as exc:
+            return AlbumPlan(tuple(listing), {}, (), {str(exc).split(":", 1)[0]: str(exc)}, held_before=held,
+                             incomplete=short)
+        locations = {k: {"file": names[k]} for k in found}
     tasks = []
     for f in lacking:
         if f.processing:
@@ -2346,7 +2373,26 @@ def check_album(client, album, parts, folder, old):
             continue
         tasks.append(FileTask(f.key, name, url, size, md5, rendition, f.version))
     return AlbumPlan(tuple(listing), locations, tuple(tasks), {}, files_checked=len(listing),
-                     held_before=held, incomplete=short, same=same)
+                     held_before=held, incomplete=short, same=same, extracted=extracted)
+
+
+def unpack_files(listing, found, names, part_paths, folder, old, stop=None):
+    """The files layout: each listed file a part holds (found: ImageKey -> ZipEntry) unpacked
+    into folder/NAME.part (names: ImageKey -> NAME), its MD5 checked, unless the previous
+    backup has that file there already with the same size and MD5. {NAME: size} unpacked."""
+    wanted = collections.defaultdict(dict)
+    for f in listing:
+        entry = found.get(f.key)
+        if entry is None:
+            continue
+        name, md5 = names[f.key], f.archived_md5 or entry.md5
+        if old and name in old.loose and file_is(os.path.join(folder, name), entry.size, md5, stop):
+            continue
+        wanted[entry.part][entry.name] = (name, md5)
+    extracted = {}
+    for part, entries in wanted.items():
+        extracted.update(Store.unpack(part_paths[part], part, entries, folder, stop))
+    return extracted
 
 
 def ends_a_line(path):
@@ -2575,6 +2621,37 @@ class Store:
             return 0
 
     @staticmethod
+    def unpack(zip_path, part_name, entries, folder, stop=None):
+        """Entries of a zip on disk, each into folder/NAME.part ({entry name: (NAME, MD5 or "")}),
+        streamed, their MD5 checked: {NAME: size}. BadArchive names what is wrong."""
+        done = {}
+        try:
+            with zipfile.ZipFile(zip_path) as archive:
+                for info in archive.infolist():
+                    wanted = entries.get(zip_entry_names(info))
+                    if wanted is None or info.is_dir():
+                        continue
+                    name, md5 = wanted
+                    digest = hashlib.md5()
+                    with archive.open(info) as member, PartFile(os.path.join(folder, name) + ".part", False) as out:
+                        for chunk in read_chunks(member, stop):
+                            digest.update(chunk)
+                            out.write(chunk)
+                        out.sync()
+                    if md5 and digest.hexdigest() != md5:
+                        raise BadArchive("%s: entry %s is not the file listed (MD5)" % (part_name, info.filename))
+                    done[name] = info.file_size
+        except (zipfile.BadZipFile, zipfile.LargeZipFile, NotImplementedError, RuntimeError, EOFError,
+                ValueError) as exc:
+            raise BadArchive("%s: unreadable zip (%s)" % (part_name, exc))
+        except OSError as exc:                  # reading the zip (writes raise LocalWriteError)
+            raise BadArchive("%s: %s" % (part_name, exc.strerror or exc))
+        lost = set(n for n, _ in entries.values()) - set(done)
+        if lost:
+            raise BadArchive("%s: entries missing (%s)" % (part_name, ", ".join(sorted(lost)[:3])))
+        return done
+
+    @staticmethod
     def discard(path):
         """Remove a temporary file (a name ending in .part, and only such a name)."""
         if path.endswith(".part"):
@@ -2625,6 +2702,8 @@ class Store:
         if outcome.manifest is not None:
             steps.append(("place", self.write_temp(rel + "/" + MANIFEST_NAME, outcome.manifest),
                           rel + "/" + MANIFEST_NAME))
+        steps += [("place", self.write_temp(rel + "/" + name, text), rel + "/" + name)
+                  for name, text in sorted(outcome.sidecars.items())]
         steps += [("place", rel + "/" + name + ".part", rel + "/" + name) for name in outcome.placed
                   if name not in same]
         self.make_folders(rel)
@@ -2844,7 +2923,7 @@ class SavedFile:
     """One file of an album's backup, in the album's folder."""
     name: str
     size: int
-    kind: str = "archive"        # "archive" (a zip part) or "file" (saved on its own)
+    kind: str = "archive"        # "archive" (a zip part), "file" (a plain file), "sidecar" (a file's XMP)
 
 
 @dataclass
@@ -2897,7 +2976,7 @@ class AlbumRecord:
                 raise ValueError("files.name")
             if int_or_none(size) is None or isinstance(size, str):
                 raise ValueError("files.size")
-            if kind not in ("archive", "file"):
+            if kind not in ("archive", "file", "sidecar"):
                 raise ValueError("files.kind")
             files.append(SavedFile(name, size, kind))
         manifest = data.get("manifest")
@@ -3276,12 +3355,12 @@ def record_from_manifest(output_dir, album):
         return None
     parts = [{"name": p.get("file"), "size": p.get("size")} for p in listed_parts if isinstance(p, dict)]
     loose = []
-    for item in listed_files:
-        name = item.get("file") if isinstance(item, dict) else None
+    for item, kind in ((item, kind) for item in listed_files for kind in ("file", "sidecar")):
+        name = item.get(kind) if isinstance(item, dict) else None
         if isinstance(name, str) and safe_rel(name) and "/" not in name:
             try:
                 loose.append({"name": name, "size": os.path.getsize(os.path.join(os.path.dirname(path), name)),
-                              "kind": "file"})
+                              "kind": kind})
             except OSError:
                 pass            # gone: the check fetches it again
     try:
@@ -3339,6 +3418,17 @@ def recheck_due(record, days, now=None):
     return listed.timestamp() < latest
 
 
+def needs_unpack(record, plain, sidecars):
+    """Does an album backed up before need its files laid out again: the files layout asked for
+    and zip parts on disk (they are unpacked, no download), or sidecars asked for and none there?"""
+    if not record or not record.files:
+        return False
+    if plain and record.parts:
+        return True
+    files = [f for f in record.files if f.kind == "file"]
+    return sidecars != "none" and bool(files) and not any(f.kind == "sidecar" for f in record.files)
+
+
 def count_moved(album, record):
     """The album's ImageCount is not the one backed up: a change its timestamps (whole seconds)
     may not show, and one no archive SmugMug already has can be trusted with."""
@@ -3363,7 +3453,7 @@ def classify(album, record, output_dir, recheck_days=0, now=None):
     damaged_parts = {f.name for f in record.parts} & set(record.damaged)
     if damaged_parts or not file_sizes_match(folder, record.parts):
         return "changed"
-    loose = [f for f in record.files if f.kind == "file"]
+    loose = [f for f in record.files if f.kind != "archive"]
     manifest_ok = not record.files or (    # an empty album has no manifest to check
         record.manifest is not None and file_sizes_match(folder, [SavedFile(MANIFEST_NAME, record.manifest)]))
     if not manifest_ok or not record.complete or record.damaged or not file_sizes_match(folder, loose):
@@ -3958,8 +4048,8 @@ class Reporter:
         """An album's backup took its place: counted, and said in one line. Returns why the
         album still fails (files SmugMug would not give), or ""."""
         rel = run.album.rel
-        total = sum(s for _, s in outcome.parts if not run.from_disk) + sum(run.fetched.values())
-        summary.parts += 0 if run.from_disk else len(outcome.parts)
+        total = sum(run.sizes.values()) + sum(run.fetched.values())     # what was downloaded
+        summary.parts += len(run.sizes)
         summary.bytes += total
         summary.renditions += outcome.renditions
         if run.by_file:
@@ -3987,6 +4077,9 @@ class Reporter:
         notes = ["moved from %s" % record.path] if moved and status != "moved" else []
         if status == "due":
             notes.append("its rolling recheck is due")
+        if status == "unpack":
+            notes.append("laid out again from the files on disk (zips unpacked, sidecars written); "
+                         "nothing downloaded")
         if status == "changed" and record and record.files:
             count = len(record.files) + (record.manifest is not None)
             notes.append("%d old file%s to versions" % (count, plural(count)))
@@ -4144,8 +4237,8 @@ def print_dry_run(reporter, summary, options):
         options.print_line(line)
     counts = reporter.dry_counts
     counts["gone"][0] = len(summary.gone)
-    shown = [s for s in ("new", "changed", "recheck", "unchanged", "moved", "gone", "skipped")
-             if counts[s][0] or s not in ("recheck",)]
+    shown = [s for s in ("new", "changed", "recheck", "unpack", "unchanged", "moved", "gone", "skipped")
+             if counts[s][0] or s not in ("recheck", "unpack")]
     work = sum(counts[s][1] for s in ("new", "changed", "recheck"))
     options.print_line("total: %s; %d image%s in the albums to back up" % (
         ", ".join("%d %s" % (counts[s][0], s) + (" (%d image%s)" % (counts[s][1], plural(counts[s][1]))
@@ -4202,6 +4295,8 @@ class AlbumRun:
         self.fetched = {}             # loose file name -> size
         self.missing = {}             # ImageKey -> why SmugMug would not give it (refused)
         self.unfetched = {}           # ImageKey -> why it could not be fetched (retry next run)
+        self.plain = False            # the files layout: every file plain, parts downloaded to transport/
+        self.sidecars = "none"        # XMP sidecar names: ext, noext, none
 
     def to(self, state):
         """Move to state; a move the table does not allow is a bug, said loudly."""
@@ -4252,20 +4347,22 @@ class AlbumRun:
         self.outstanding -= 1
         return self.outstanding == 0
 
-    def check_inputs(self, folder):
-        """(parts, old) for the check stage: the parts just downloaded (NAME.part), those on disk
-        (a recheck) or none (file by file); what it needs of the previous backup, if any."""
+    def check_inputs(self, folder, transport):
+        """(parts, folder, old, plain) for the check stage: the parts just downloaded (NAME.part,
+        in transport for the files layout), those on disk (a recheck) or none (file by file);
+        what it needs of the previous backup, if any."""
         if self.by_file:
             parts = []
         elif self.from_disk:
             parts = [(f.name, os.path.join(folder, f.name)) for f in self.record.parts]
         else:
-            parts = [(name, os.path.join(folder, name) + ".part") for name in sorted(self.parts)]
+            parts = [(name, os.path.join(transport if self.plain else folder, name) + ".part")
+                     for name in sorted(self.parts)]
         old = None
         if self.record and self.record.path == self.album.rel:
             old = OldBackup(folder, frozenset(f.name for f in self.record.files if f.kind == "file"),
                             light=self.reason == "due")
-        return parts, folder, old
+        return parts, folder, old, self.plain
 
     # What the album does next: (action, why) for Orchestrator.act(). The actions: download,
     # wait (for its archive), again (a new archive), refresh (fresh links for the same one),
@@ -4342,6 +4439,12 @@ class DownloadTask:
 def partial_key(album, name):
     """How the state names an album's NAME.part: its path relative to output_dir."""
     return "/".join(album.path + (name,))
+
+
+def transport_rel(album, name=None):
+    """Where the files layout downloads an album's zip parts (and name, one of them): the tool's
+    own folder, not the album's."""
+    return "/".join((STATE_DIR, TRANSPORT_DIR, clean_name(album.album_key)) + ((name,) if name else ()))
 
 
 class Walk:
@@ -4580,6 +4683,7 @@ class Orchestrator:
         if album.album_key in self.store.blocked and not self.options.dry_run:
             self.runs[album.album_key] = run
             return self.fail(run, self.store.blocked[album.album_key])
+        run.plain, run.sidecars = self.config.layout == "files", self.config.sidecars
         if record and record.path != album.rel and not self.options.dry_run and not self.halt:
             self.runs[album.album_key] = run
             try:
@@ -4603,6 +4707,8 @@ class Orchestrator:
         """Decide what an album needs once its timestamps are known (or it is new)."""
         album, record = run.album, run.record
         status = classify(album, record, self.out, self.config.recheck_days) if album.has_details or record else "new"
+        if status in ("unchanged", "due", "recheck") and needs_unpack(record, run.plain, run.sidecars):
+            status = "unpack"
         if self.options.dry_run:
             return self.reporter.dry_run(run, status)
         if status == "unchanged":
@@ -4612,8 +4718,8 @@ class Orchestrator:
             self.runs[album.album_key] = run
             if album.image_count == 0:
                 self.emptied(run)
-            elif status in ("recheck", "due"):
-                run.from_disk = True
+            elif status in ("recheck", "due", "unpack") or (run.plain and record and status == "changed"):
+                run.from_disk = True         # the files layout: what changed is fetched file by file
                 self.check(run)
             else:
                 run.to("waiting")
@@ -4674,6 +4780,8 @@ class Orchestrator:
         if action == "download":
             self.scheduler.prepared_archive(run, sum(p.size or 0 for p in parts))
             self.store.make_folders(run.album.rel)
+            if run.plain:
+                self.store.make_folders(transport_rel(run.album))
             for name, part in run.take_archive(parts).items():
                 self.queue_download(run, name, part=part)
         elif action == "wait":
@@ -4713,7 +4821,7 @@ class Orchestrator:
     def queue_download(self, run, name, part=None, file=None, resume=True):
         """Queue a part or a file; a NAME.part is resumed only if the state says it holds the same
         (its identity proves it: none, no resume)."""
-        key = partial_key(run.album, name)
+        key = transport_rel(run.album, name) if part is not None and run.plain else partial_key(run.album, name)
         identity = part.identity if part else file.identity
         resume_ok = self.state.claim_partial(key, Partial(run.album.album_key, identity), resume and bool(identity))
         self.bytes_known += (part.size if part else file.size) or 0
@@ -4729,7 +4837,7 @@ class Orchestrator:
         run.to("checking")
         folder = self.store.abs(run.album.rel)
         self.submit("check", "check", (run, run.generation), check_album, self.client, run.album,
-                    *run.check_inputs(folder))
+                    *run.check_inputs(folder, self.store.abs(transport_rel(run.album))))
 
     def on_check(self, run, plan):
         if run.state != "checking":
@@ -4770,6 +4878,8 @@ class Orchestrator:
         versioned = self.store.commit(run.album.album_key, run.album.rel, outcome)
         self.state.set_requested(run.album.album_key, False)
         self.store.discard_parts(albums={run.album.album_key})
+        if run.plain:
+            self.store.prune_folder(self.store.abs(transport_rel(run.album)))
         run.to("done")
         lacking = self.reporter.committed(self.summary, run, outcome, versioned)
         if lacking:
@@ -4787,6 +4897,11 @@ class Orchestrator:
             run.to("failed")
             self.scheduler.leave(run)
             run.abandon_archive()
+            for name in run.plan.extracted if run.plan else ():
+                try:
+                    self.store.discard(self.store.abs(run.album.rel + "/" + name) + ".part")
+                except LocalWriteError as exc:
+                    log.warning("could not remove %s: %s", name + ".part", exc)
         self.summary.failed[run.album.rel] = reason
         self.reporter.album("failed: %s: %s", run.album.rel, reason)
 
@@ -4846,13 +4961,15 @@ class Outcome:
     record: Optional["AlbumRecord"] = None           # the album's record once committed
     same: dict = field(default_factory=dict)        # placed files the same as the ones they replace
     dates: dict = field(default_factory=dict)       # plain file name -> when taken (epoch): its mtime
+    sidecars: dict = field(default_factory=dict)    # XMP sidecar name -> its text, to write (new or changed)
 
 
 def commit_outcome(run, folder):
     """The rules of the commit point, decided from the run alone (no I/O but reading the old
-    manifest's text): replace only when complete, never what only the previous backup has."""
+    manifest's and sidecars' text): replace only when complete, never what only the previous
+    backup has."""
     album, plan, old = run.album, run.plan, run.record
-    locations = dict(plan.locations)
+    locations = {key: dict(where) for key, where in plan.locations.items()}
     for key, why in run.missing.items():
         locations[key] = {"missing": why}
     for key, where in list(locations.items()):
@@ -4877,16 +4994,20 @@ def commit_outcome(run, folder):
                                              "; ".join(sorted({missing[k] for k in lost}))))
     elif plan.incomplete:
         missing["(listing)"] = plan.incomplete
-    if run.from_disk:
+    if run.plain:                           # the files layout keeps no parts
+        parts = []
+    elif run.from_disk:
         parts = [(f.name, f.size) for f in old.parts]
     elif run.by_file:
         parts = []
     else:
         parts = [(name, run.sizes[name]) for name in sorted(run.parts)]
     loose = sorted({where["file"] for where in locations.values() if "file" in where})
-    placed = [n for n, _ in parts if not run.from_disk] + [n for n in loose if n in run.fetched]
+    placed = [n for n, _ in parts if not run.from_disk] + [n for n in loose
+                                                           if n in run.fetched or n in plan.extracted]
+    sidecars = sidecar_files(plan.listing, locations, run.sidecars, folder, [n for n, _ in parts])
     holds = bool(parts or loose or plan.listing)
-    kept = {n for n, _ in parts} | set(loose)
+    kept = {n for n, _ in parts} | set(loose) | set(sidecars)
     replaced = [f.name for f in (old.files if old_here else []) if f.name in placed or f.name not in kept]
     text = None
     if holds:
@@ -4908,20 +5029,43 @@ def commit_outcome(run, folder):
         manifest_size = len(text.encode("utf-8"))
     files = [SavedFile(n, s, "archive") for n, s in parts]
     for name in loose:
-        size = run.fetched.get(name)
+        size = run.fetched.get(name, plan.extracted.get(name))
         if size is None:
             try:
                 size = os.path.getsize(os.path.join(folder, name))
             except OSError:
                 size = 0
         files.append(SavedFile(name, size, "file"))
+    files += [SavedFile(name, len(text.encode("utf-8")), "sidecar") for name, (text, _) in sorted(sidecars.items())]
     record = AlbumRecord(album.album_key, album.node_id, album.rel, album.last_updated, album.images_last_updated,
                          files, manifest_size, complete=not missing, listed=iso_now(), image_count=album.image_count)
     taken = {f.key: capture_time(dict(f.fields))[1] for f in plan.listing}
     dates = {where["file"]: taken[key] for key, where in locations.items()
              if "file" in where and taken.get(key) is not None}
     return Outcome("", parts, loose, placed, replaced, text, holds, missing, renditions, record,
-                   {n: sig for n, sig in plan.same.items() if n in placed and n in replaced}, dates)
+                   {n: sig for n, sig in plan.same.items() if n in placed and n in replaced}, dates,
+                   {name: text for name, (text, changed) in sidecars.items() if changed})
+
+
+def sidecar_files(listing, locations, style, folder, taken):
+    """The XMP sidecars of an album's plain files: {sidecar name: (text, differs from the one on
+    disk)}; each file's location names its sidecar ("sidecar"). taken: names they must not have."""
+    videos = {f.key for f in listing if f.is_video}
+    plain = [(f, locations[f.key]["file"]) for f in listing if "file" in (locations.get(f.key) or {})]
+    names = sidecar_names([(name, f.key in videos) for f, name in plain], style, list(taken) + [MANIFEST_NAME])
+    out = {}
+    for f, name in plain:
+        if name not in names:
+            continue
+        locations[f.key]["sidecar"] = names[name]
+        text = xmp_sidecar(dict(f.fields))
+        try:
+            with open(os.path.join(folder, names[name]), encoding="utf-8") as existing:
+                changed = existing.read() != text
+        except (OSError, ValueError):
+            changed = True
+        out[names[name]] = (text, changed)
+    return out
 
 
 # CLI ########################################################################
@@ -5009,6 +5153,10 @@ def build_parser():
                      help="keep files a backup replaced or no longer has (in "
                           ".smugmug_download/versions/) this many days; 0 deletes them at the end of the "
                           "run, earlier runs' too (default 90)")
+    how.add_argument("--layout", choices=CONFIG_CHOICES["layout"],
+                     help="zips: each album as SmugMug's zip archive(s) (the default); files: every photo "
+                          "and video a plain file in its album's folder, dated when taken, with an XMP "
+                          "sidecar; switching a zips backup to files unpacks the zips on disk (no download)")
     how.add_argument("--unreachable-minutes", type=float, metavar="MIN",
                      help="wait this long for SmugMug to answer again before the run stops (exit 1; "
                           "default 15)")
@@ -5115,7 +5263,9 @@ def validate_config(data, path, required=CONFIG_REQUIRED, output_base=None, flag
         if problem:
             where = "--%s" % key.replace("_", "-") if key in flags else "config file %s: %s" % (path, key)
             raise UsageError("%s %s" % (where, problem))
-        values[key] = value.strip() if isinstance(value, str) else value
+        values[key] = (value.strip() or default) if isinstance(value, str) else value
+        if key in CONFIG_CHOICES and values[key] not in CONFIG_CHOICES[key] + (default,):
+            raise UsageError("config file %s: %s must be one of %s" % (path, key, ", ".join(CONFIG_CHOICES[key])))
     values["api_base"] = values["api_base"] or DEFAULT_API_BASE
     parts = urllib.parse.urlsplit(values["api_base"])
     if parts.scheme not in ("http", "https") or not parts.hostname:
@@ -5644,6 +5794,8 @@ def main(argv=None):
         data = read_config_file(args.config)
         flags = [key for key in CONFIG_FLAGS if getattr(args, key) is not None]
         data = dict(data, **{key: getattr(args, key) for key in flags})
+        if args.layout is not None:
+            data = dict(data, layout=args.layout)
         output_base = None
         if args.output_dir:            # on the command line: relative to the working directory
             data, output_base = dict(data, output_dir=args.output_dir), os.getcwd()

@@ -118,3 +118,122 @@ def test_loose_files_are_dated_when_taken(fake, run):
     path = run.out / "Mixed" / "Out.jpg"
     assert path.read_bytes() == fake.original_bytes(fake.albums[key].images[1].key)
     assert path.stat().st_mtime == epoch("2018-05-06T07:08:09+02:00")
+
+
+def library_account(fake):
+    """Albums whose photos carry what a library needs: captions with & < and accents, titles,
+    keywords, places, capture times with offsets; a video; a case-only name clash; a file the
+    zip lacks; an album in two parts. {album key: local path}."""
+    images = [
+        {"file_name": "IMG_0001.JPG", "size": 2100, "title": "Zürich <Altstadt>", "caption": CAPTION,
+         "keywords": ["été", "a&b"], "date_time_original": TAKEN, "latitude": 47.3769, "longitude": 8.5417,
+         "altitude": 408},
+        {"file_name": "IMG_0001.MOV", "size": 2600, "is_video": True, "caption": "the clip",
+         "date_time_original": None, "date_time_uploaded": "2019-01-13T10:00:00+01:00"},
+        {"file_name": "img_0001.jpg", "size": 1900, "title": "case clash", "keywords": ["x"],
+         "date_time_original": "2018-07-01T12:00:00+00:00"},
+        {"file_name": "Lacking.jpg", "size": 1500, "in_zip": False, "caption": "on its own",
+         "date_time_original": "2017-03-04T05:06:07-05:00"},
+    ]
+    trip = fake.add_folder("Trips")
+    one = fake.add_album("Zürich & Co", trip, images=images)
+    two = fake.add_album("Two Parts", images=[
+        {"file_name": "P%d.jpg" % i, "size": 1200 + i, "caption": "part photo %d" % i,
+         "date_time_original": "2016-0%d-01T08:00:00+00:00" % i} for i in range(1, 5)], part_limit=2500)
+    return {one: "Trips/Zürich & Co", two: "Two Parts"}
+
+
+def check_library(fake, out, paths, sidecar="ext"):
+    """Every listed file a plain file in its album's folder with the original's bytes, dated
+    when taken, with its sidecar read back; no zip in the album tree."""
+    for key, rel in paths.items():
+        doc = manifest_of(out / rel)
+        names = [item["file"] for item in doc["files"]]
+        assert len(set(n.casefold() for n in names)) == len(fake.albums[key].images) == len(names)
+        for item, image in zip(doc["files"], fake.albums[key].images):
+            path = out / rel / item["file"]
+            assert path.read_bytes() == fake.original_bytes(image.key), item
+            when = image.date_time_original or image.date_time_uploaded
+            assert path.stat().st_mtime == epoch(when)
+            side = out / rel / item["sidecar"]
+            assert item["sidecar"] == (item["file"] + ".xmp" if sidecar == "ext" else item["sidecar"])
+            got = read_xmp(side.read_text(encoding="utf-8"))
+            assert got.get("description") == (image.caption or None)
+            assert got.get("title") == (image.title or None)
+            assert got.get("subject") == (list(image.keywords) or None)
+            assert got["DateTimeOriginal"] == when
+    for root, _dirs, names in os.walk(out):
+        if sd.STATE_DIR not in root:
+            assert not [n for n in names if n.endswith((".zip", ".part"))], (root, names)
+
+
+def manifest_of(folder):
+    import json
+    with open(folder / sd.MANIFEST_NAME, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def read_index(out):
+    with open(out / "index.csv", encoding="utf-8-sig", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_files_layout_new_backup(fake, run):
+    """A new backup in the files layout: zips arrive in the tool's own folder and are unpacked,
+    every file plain, dated, with its sidecar; the rerun downloads nothing."""
+    paths = library_account(fake)
+    code, _, err = run("--layout", "files")
+    assert code == 0, err
+    check_library(fake, run.out, paths)
+    assert not os.path.exists(run.out / sd.STATE_DIR / sd.TRANSPORT_DIR) or not os.listdir(
+        run.out / sd.STATE_DIR / sd.TRANSPORT_DIR)
+    sent, calls = fake.download_bytes, len(fake.log)
+    code, _, err = run("--layout", "files")
+    assert code == 0, err
+    assert fake.download_bytes == sent and [e for e in fake.log[calls:] if e["kind"] != "walk"] == []
+
+
+def test_switch_zips_to_files_downloads_nothing(fake, run):
+    """A zips backup switched to files unpacks the checked zips on disk (not one download), the
+    zips go to versions; later a new photo costs only its own bytes, and a caption edited on
+    SmugMug rewrites the sidecar (the old one to versions) without downloading the photo."""
+    paths = library_account(fake)
+    assert run()[0] == 0
+    zips = sum(1 for rel in paths.values() for n in os.listdir(run.out / rel) if n.endswith(".zip"))
+    assert zips == 3
+    code, out, _ = run("--layout", "files", "--dry-run")
+    assert code == 0 and "unpack    Two Parts" in out and "2 unpack" in out
+    sent, calls = fake.download_bytes, len(fake.log)
+    code, _, err = run("--layout", "files")
+    assert code == 0, err
+    assert fake.download_bytes == sent
+    assert {e["kind"] for e in fake.log[calls:]} <= {"walk", "images", "album"}    # listed, not one download
+    check_library(fake, run.out, paths)
+    versions = run.out / sd.STATE_DIR / sd.VERSIONS_DIR
+    kept = [n for _r, _d, names in os.walk(versions) for n in names if n.endswith(".zip")]
+    assert len(kept) == 3
+    # an unchanged rerun downloads nothing
+    calls = len(fake.log)
+    assert run("--layout", "files")[0] == 0
+    assert [e for e in fake.log[calls:] if e["kind"] != "walk"] == []
+    # a photo added later costs its own bytes only
+    (key, rel), = [(k, r) for k, r in paths.items() if r == "Two Parts"]
+    added = fake.add_image(key, file_name="New.jpg", size=1777, caption="new", date_time_original=TAKEN)
+    sent = fake.download_bytes
+    code, _, err = run("--layout", "files")
+    assert code == 0, err
+    assert fake.download_bytes - sent == 1777
+    check_library(fake, run.out, paths)
+    # a caption edited on SmugMug: the sidecar rewritten, nothing downloaded
+    image = fake.albums[key].images[0]
+    old_side = (run.out / rel / "P1.jpg.xmp").read_text(encoding="utf-8")
+    image.caption = "edited: <b> & ü"
+    fake.albums[key].last_updated += datetime.timedelta(seconds=1)     # what SmugMug does on an edit
+    sent = fake.download_bytes
+    code, _, err = run("--layout", "files")
+    assert code == 0, err
+    assert fake.download_bytes == sent
+    check_library(fake, run.out, paths)
+    assert added.key in {i["ImageKey"] for i in manifest_of(run.out / rel)["files"]}
+    assert any(open(os.path.join(r, n), encoding="utf-8").read() == old_side
+               for r, _d, names in os.walk(versions) for n in names if n == "P1.jpg.xmp")
