@@ -36,6 +36,7 @@ import argparse
 import bisect
 import collections
 import concurrent.futures
+import csv
 import datetime
 import difflib
 import email.utils
@@ -141,6 +142,7 @@ VERSIONS_DIR = "versions"                # in STATE_DIR: versions/<run start>/<p
 LOCK_FILE = ".smugmug_download.lock"     # inside output_dir, flock'ed while a run lives
 STATE_VERSION = 2                        # 1: parts only; 2: files, manifest, completeness
 MANIFEST_NAME = "metadata.json"          # in every album folder: what the album holds, and where
+INDEX_NAME = "index.csv"                 # at the top of output_dir: every file of every album, and where
 RESERVED_TOP_NAMES = {STATE_DIR.casefold(), LOCK_FILE.casefold()}
 STAMP_FORMAT = "%Y-%m-%dT%H%M%SZ"        # a run's start (UTC) names its versions folder
 
@@ -828,15 +830,17 @@ INDEX_COLUMNS = ("status", "album", "FileName", "ImageKey", "file", "archive", "
 INDEX_STATUS = {"deleted": "deleted on SmugMug", "replaced": "replaced"}
 
 
-def index_row(rel, item, status):
-    """One row of index.csv for a file entry of an album's manifest (rel: the album's folder)."""
+def index_row(rel, item, status, base=None):
+    """One row of index.csv for a file entry of an album's manifest (rel: the album's path; base:
+    the folder its bytes are in, when not the album's own: a versions folder)."""
+    base = base or rel
     where = {k: item.get(k) for k in ("file", "archive") if isinstance(item.get(k), str) and safe_rel(item[k])}
     place = position(item)
     md5 = item.get("md5") or item.get("ArchivedMD5")
     size = int_or_none(item.get("size") if "size" in item else item.get("ArchivedSize"))
     return [status, rel, text_field(item, "FileName"), text_field(item, "ImageKey"),
-            rel + "/" + where["file"] if "file" in where else "",
-            rel + "/" + where["archive"] if "archive" in where else "",
+            base + "/" + where["file"] if "file" in where else "",
+            base + "/" + where["archive"] if "archive" in where else "",
             text_field(item, "entry") if "archive" in where else "",
             "" if size is None else str(size), md5.lower() if isinstance(md5, str) else "",
             capture_time(item)[0] or "", text_field(item, "Title"), text_field(item, "Caption"),
@@ -2863,6 +2867,29 @@ class Store:
                 self.blocked[data["key"]] = "a change an earlier run left half done cannot be finished " \
                     "(%s): its files are left as they are until it can be" % exc
 
+    def write_index(self, rows):
+        """index.csv at the top of output_dir, replaced atomically, written row by row (memory does
+        not grow with the account): UTF-8 with a BOM, so that spreadsheets keep accents. It is
+        derived from the manifests: not versioned."""
+        path = self.abs(INDEX_NAME)
+        temp = self.abs("." + INDEX_NAME + ".part")
+        try:
+            with open(temp, "w", encoding="utf-8-sig", newline="") as f:
+                writer = csv.writer(f)
+                writer.writerow(INDEX_COLUMNS)
+                count = 0
+                for row in rows:
+                    writer.writerow(row)
+                    count += 1
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(temp, path)
+        except OSError as exc:
+            remove_quietly(temp)
+            raise self.error(INDEX_NAME, exc) from exc
+        fsync_dir(self.root)
+        return count
+
     @staticmethod
     def prune_folder(folder):
         """Remove a folder a move left empty (only when nothing at all is left in it)."""
@@ -3461,6 +3488,54 @@ def classify(album, record, output_dir, recheck_days=0, now=None):
     if record.files and recheck_due(record, recheck_days, now):
         return "due"
     return "unchanged"
+
+
+def read_manifest(path):
+    """A metadata.json (or a versioned one) as a dict, or None (not there, unreadable)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            doc = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return doc if isinstance(doc, dict) else None
+
+
+def index_lines(output_dir, state, gone=()):
+    """The rows of index.csv, album by album in path order, one manifest read at a time: every
+    file each album lists (status current, or deleted on SmugMug for an album gone from it),
+    then the photos SmugMug no longer lists or replaced whose last copy the backup still holds:
+    a manifest's own "former" section, and the manifests in versions (newest first), each file
+    that is not the current one named where its copy is (in that versions folder, else the
+    album's), once."""
+    versioned = collections.defaultdict(list)
+    for path, vrel, _stamp in state.versions:
+        if path.rsplit("/", 1)[-1] == MANIFEST_NAME:
+            versioned[path.rsplit("/", 1)[0]].append(vrel)
+    gone = set(gone)
+    for record in sorted(state.albums.values(), key=lambda r: r.path):
+        doc = read_manifest(os.path.join(output_dir, *record.path.split("/"), MANIFEST_NAME)) or {}
+        current, seen = {}, set()
+        for row in index_rows(doc, record.path, gone=record.path in gone):
+            if row[0] in ("current", "missing"):
+                current[row[3]] = row[8]
+            else:
+                seen.add((row[3], row[8]))
+            yield row
+        for vrel in sorted(versioned.get(record.path, ()), reverse=True):
+            old = read_manifest(os.path.join(output_dir, *vrel.split("/")))
+            folder = vrel.rsplit("/", 1)[0]
+            for item in (old or {}).get("files") or ():
+                row = index_row(record.path, item, "") if isinstance(item, dict) else None
+                if row is None or not row[3] or "missing" in item or current.get(row[3], None) == row[8] \
+                        or (row[3], row[8]) in seen:
+                    continue
+                where = item.get("file") or item.get("archive")
+                base = folder if isinstance(where, str) and os.path.exists(
+                    os.path.join(output_dir, *folder.split("/"), where)) else record.path
+                row = index_row(record.path, item, INDEX_STATUS["replaced" if row[3] in current else "deleted"],
+                                base)
+                seen.add((row[3], row[8]))
+                yield row
 
 
 class RunLock:
@@ -4934,6 +5009,13 @@ class Orchestrator:
             if pruned:
                 log.info("removed %d versions folder%s older than keep_versions_days (%g)", pruned,
                          plural(pruned), self.config.keep_versions_days)
+            if not (self.options.includes or self.options.excludes):
+                try:
+                    rows = self.store.write_index(index_lines(self.out, self.state, self.summary.gone))
+                    log.info("%s lists %d file%s", INDEX_NAME, rows, plural(rows))
+                except LocalWriteError as exc:
+                    log.error("could not write %s: %s", INDEX_NAME, exc)
+                    self.summary.write_error = self.summary.write_error or "could not write %s" % INDEX_NAME
         self.summary.versioned = self.store.versioned
         self.summary.waited = {"unreachable": self.client.link.time_down(),
                                "rate limit": self.client.gate.closed_seconds}

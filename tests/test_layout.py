@@ -237,3 +237,59 @@ def test_switch_zips_to_files_downloads_nothing(fake, run):
     assert added.key in {i["ImageKey"] for i in manifest_of(run.out / rel)["files"]}
     assert any(open(os.path.join(r, n), encoding="utf-8").read() == old_side
                for r, _d, names in os.walk(versions) for n in names if n == "P1.jpg.xmp")
+
+
+def check_index(fake, out, paths):
+    """index.csv: one current row per listed file, its bytes where the row says (a plain file, or
+    an entry of a zip part), the metadata as SmugMug lists it, accents intact."""
+    import zipfile
+    rows = [r for r in read_index(out) if r["status"] == "current"]
+    listed = {(rel, im.key): im for key, rel in paths.items() for im in fake.albums[key].images}
+    assert sorted((r["album"], r["ImageKey"]) for r in rows) == sorted(listed)
+    for r in rows:
+        image = listed[(r["album"], r["ImageKey"])]
+        if r["file"]:
+            data = (out / r["file"]).read_bytes()
+        else:
+            with zipfile.ZipFile(out / r["archive"]) as z:
+                data = z.read(r["entry"])
+        assert data == fake.original_bytes(image.key)
+        assert (r["FileName"], r["caption"], r["title"]) == (image.file_name, image.caption, image.title)
+        assert r["keywords"] == "; ".join(image.keywords) and r["size"] == str(image.size)
+        assert r["taken"] == (image.date_time_original or image.date_time_uploaded)
+        assert r["web address"].endswith("/i-%s" % image.key)
+        if image.latitude:
+            assert float(r["latitude"]) == image.latitude and float(r["longitude"]) == image.longitude
+    return rows
+
+
+def test_index_in_both_layouts_and_deleted_photos(fake, run):
+    """index.csv has a row for every listed file in the zips layout and in the files layout,
+    and a photo deleted on SmugMug is still listed, with where its last copy is."""
+    paths = library_account(fake)
+    assert run()[0] == 0
+    with open(run.out / "index.csv", "rb") as f:
+        assert f.read(3) == b"\xef\xbb\xbf"          # the BOM spreadsheets look for
+    rows = check_index(fake, run.out, paths)
+    assert {r["album"] for r in rows} == {"Trips/Zürich & Co", "Two Parts"}
+    assert any(r["caption"] == CAPTION and r["archive"] for r in rows)
+    key = [k for k, r in paths.items() if r == "Two Parts"][0]
+    album = fake.albums[key]
+    removed = album.images.pop(1)
+    album.last_updated += datetime.timedelta(seconds=1)
+    album.images_last_updated = album.last_updated
+    assert run()[0] == 0
+    check_index(fake, run.out, paths)
+    (row,) = [r for r in read_index(run.out) if r["status"] != "current"]
+    assert (row["status"], row["ImageKey"]) == ("deleted on SmugMug", removed.key)
+    with zipfile_open(run.out / row["archive"]) as z:
+        assert z.read(row["entry"]) == removed.content().whole()
+    assert run("--layout", "files")[0] == 0
+    rows = check_index(fake, run.out, paths)
+    assert all(r["file"] and not r["archive"] for r in rows)
+    assert [r["ImageKey"] for r in read_index(run.out) if r["status"] == "deleted on SmugMug"] == [removed.key]
+
+
+def zipfile_open(path):
+    import zipfile
+    return zipfile.ZipFile(path)
