@@ -3480,10 +3480,12 @@ def classify(album, record, output_dir, recheck_days=0, now=None):
     damaged_parts = {f.name for f in record.parts} & set(record.damaged)
     if damaged_parts or not file_sizes_match(folder, record.parts):
         return "changed"
-    loose = [f for f in record.files if f.kind != "archive"]
+    loose = [f for f in record.files if f.kind == "file"]
+    sidecars_there = all(os.path.exists(os.path.join(folder, f.name)) for f in record.files if f.kind == "sidecar")
     manifest_ok = not record.files or (    # an empty album has no manifest to check
         record.manifest is not None and file_sizes_match(folder, [SavedFile(MANIFEST_NAME, record.manifest)]))
-    if not manifest_ok or not record.complete or record.damaged or not file_sizes_match(folder, loose):
+    if not manifest_ok or not record.complete or record.damaged or not file_sizes_match(folder, loose) \
+            or not sidecars_there:      # (a sidecar an application edited is left as it is)
         return "recheck"
     if record.files and recheck_due(record, recheck_days, now):
         return "due"
@@ -5654,8 +5656,9 @@ def verify_album(output_dir, record, stop, progress):
     """What is wrong with one backed-up album on disk: [(file name, problem)], [] when intact.
 
     Offline: every part at its recorded size and a sound zip (each entry read
-    to its end, its CRC checked and its MD5 taken), the entries and loose files
-    the manifest names present with the listed size and MD5.
+    to its end, its CRC checked and its MD5 taken), the entries and plain files
+    the manifest names present with the listed size and MD5 (in the files layout,
+    every file), and each file's XMP sidecar present.
     """
     folder = os.path.join(output_dir, *record.path.split("/"))
     problems = []
@@ -5727,6 +5730,9 @@ def verify_album(output_dir, record, stop, progress):
                     problems.append((loose, "file %s unreadable (%s)" % (loose, exc.strerror or exc)))
             elif progress:
                 progress(have)
+        side = item.get("sidecar")
+        if isinstance(side, str) and (not safe_rel(side) or not os.path.isfile(os.path.join(folder, side))):
+            problems.append((side, "sidecar %s missing" % side))
     return problems
 
 
