@@ -314,3 +314,14 @@ def test_verify_files_layout(fake, run):
     assert run("--layout", "files")[0] == 0
     assert run("--verify")[0] == 0
     check_library(fake, run.out, paths)
+
+
+def test_a_lost_sidecar_is_written_again(fake, run):
+    """A sidecar gone from the disk is written again by the next run, nothing downloaded."""
+    key = fake.add_album("Solo", images=[{"file_name": "A.jpg", "caption": "ça & là"}])
+    assert run("--layout", "files")[0] == 0
+    os.remove(run.out / "Solo" / "A.jpg.xmp")
+    sent = fake.download_bytes
+    assert run("--layout", "files")[0] == 0
+    assert read_xmp((run.out / "Solo" / "A.jpg.xmp").read_text(encoding="utf-8"))["description"] == "ça & là"
+    assert fake.download_bytes == sent and key
