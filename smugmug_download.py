@@ -4138,6 +4138,12 @@ class Reporter:
         if lacking:
             return "%d file%s missing: %s" % (len(lacking), plural(len(lacking)), "; ".join(sorted(set(lacking))))
         summary.backed_up += 1
+        if run.plain:
+            self.album("backed up %s (%s%s, %d file%s: %d unpacked, %d fetched on their own; %s downloaded%s)",
+                       rel, run.reason, ", file by file" if run.by_file else "", len(outcome.loose),
+                       plural(len(outcome.loose)), len(run.plan.extracted), len(run.fetched), human_bytes(total),
+                       ", %d to versions" % versioned if versioned else "")
+            return ""
         self.album("backed up %s (%s%s, %d part%s, %d file%s on their own, %s%s)", rel, run.reason,
                    ", file by file" if run.by_file else "", len(outcome.parts), plural(len(outcome.parts)),
                    len(outcome.loose), plural(len(outcome.loose)), human_bytes(total),

@@ -325,3 +325,17 @@ def test_a_lost_sidecar_is_written_again(fake, run):
     assert run("--layout", "files")[0] == 0
     assert read_xmp((run.out / "Solo" / "A.jpg.xmp").read_text(encoding="utf-8"))["description"] == "ça & là"
     assert fake.download_bytes == sent and key
+
+
+def test_noext_sidecars_and_bad_config(fake, run):
+    """xmp_sidecars "noext": IMG_0001.xmp for the photo, the video sharing its stem falls back to
+    IMG_0001.MOV.xmp; a layout the tool does not know is one line and exit 2."""
+    paths = library_account(fake)
+    code, _, err = run("--layout", "files", xmp_sidecars="noext")
+    assert code == 0, err
+    check_library(fake, run.out, paths, sidecar="noext")
+    folder = run.out / "Trips/Zürich & Co"
+    assert read_xmp((folder / "IMG_0001.xmp").read_text(encoding="utf-8"))["description"] == CAPTION
+    assert read_xmp((folder / "IMG_0001.MOV.xmp").read_text(encoding="utf-8"))["description"] == "the clip"
+    code, _, err = run(layout="folders")
+    assert code == 2 and err.count("\n") == 1 and "layout must be one of zips, files" in err
