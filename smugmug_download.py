@@ -850,9 +850,10 @@ def index_row(rel, item, status, base=None):
 
 def index_rows(doc, rel, gone=False):
     """The rows of index.csv for one album's manifest: each listed file (current; deleted on
-    SmugMug when the album is gone from it; missing when SmugMug did not give it), then the photos its backup still holds that
-    SmugMug no longer lists or replaced (a "former" section, read tolerantly: each entry
-    with its "status" or "why", "deleted" when it says nothing)."""
+    SmugMug when the album is gone from it; missing when SmugMug did not give it), then the
+    photos its backup still holds that SmugMug no longer lists or replaced (a "former"
+    section, read tolerantly: each entry with its "status" or "why", "deleted" when it says
+    nothing)."""
     for item in doc.get("files") or () if isinstance(doc, dict) else ():
         if isinstance(item, dict):
             yield index_row(rel, item, INDEX_STATUS["deleted"] if gone else "missing" if "missing" in item

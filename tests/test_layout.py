@@ -339,3 +339,20 @@ def test_noext_sidecars_and_bad_config(fake, run):
     assert read_xmp((folder / "IMG_0001.MOV.xmp").read_text(encoding="utf-8"))["description"] == "the clip"
     code, _, err = run(layout="folders")
     assert code == 2 and err.count("\n") == 1 and "layout must be one of zips, files" in err
+
+
+def test_files_back_to_zips_leaves_albums_until_they_change(fake, run):
+    """Turning files off: unchanged albums stay as files (nothing downloaded); a changed one is
+    backed up from a new archive, its plain files and sidecars going to versions."""
+    paths = library_account(fake)
+    assert run("--layout", "files")[0] == 0
+    sent = fake.download_bytes
+    assert run()[0] == 0
+    assert fake.download_bytes == sent
+    check_library(fake, run.out, paths)
+    key = [k for k, r in paths.items() if r == "Two Parts"][0]
+    fake.touch(key)
+    assert run()[0] == 0
+    names = sorted(os.listdir(run.out / "Two Parts"))
+    assert names == sorted(fake.expected_parts(key)) + [sd.MANIFEST_NAME]
+    check_index(fake, run.out, paths)
