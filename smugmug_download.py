@@ -4164,7 +4164,9 @@ class Reporter:
         if status == "unpack":
             notes.append("laid out again from the files on disk (zips unpacked, sidecars written); "
                          "nothing downloaded")
-        if status == "changed" and record and record.files:
+        if status == "changed" and record and record.files and run.plain:
+            notes.append("listed and compared with the files on disk; only what changed is fetched")
+        elif status == "changed" and record and record.files:
             count = len(record.files) + (record.manifest is not None)
             notes.append("%d old file%s to versions" % (count, plural(count)))
         self.dry_counts[shown][0] += 1

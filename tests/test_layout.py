@@ -288,6 +288,16 @@ def test_index_in_both_layouts_and_deleted_photos(fake, run):
     rows = check_index(fake, run.out, paths)
     assert all(r["file"] and not r["archive"] for r in rows)
     assert [r["ImageKey"] for r in read_index(run.out) if r["status"] == "deleted on SmugMug"] == [removed.key]
+    # SmugMug replaces the bytes of every photo of the album: each old copy is listed as replaced
+    before = {im.key: im.content().whole() for im in album.images}
+    fake.touch(key)
+    assert run("--layout", "files")[0] == 0
+    check_index(fake, run.out, paths)
+    replaced = [r for r in read_index(run.out) if r["status"] == "replaced"]
+    assert sorted(r["ImageKey"] for r in replaced) == sorted(before)
+    for r in replaced:
+        assert r["file"].startswith(".smugmug_download/versions/")
+        assert (run.out / r["file"]).read_bytes() == before[r["ImageKey"]]
 
 
 def zipfile_open(path):
@@ -356,3 +366,35 @@ def test_files_back_to_zips_leaves_albums_until_they_change(fake, run):
     names = sorted(os.listdir(run.out / "Two Parts"))
     assert names == sorted(fake.expected_parts(key)) + [sd.MANIFEST_NAME]
     check_index(fake, run.out, paths)
+
+
+def test_index_memory_does_not_grow_with_the_account(tmp_path):
+    """index.csv is written row by row from one manifest at a time: writing it for ten times
+    the albums takes about the same peak memory."""
+    import json
+    import tracemalloc
+
+    def peak(albums):
+        out = tmp_path / ("out%d" % albums)
+        state = sd.BackupState(str(out))
+        for i in range(albums):
+            rel = "Folder/Album %04d" % i
+            os.makedirs(out / rel)
+            files = [{"FileName": "IMG_%04d.jpg" % j, "ImageKey": "K%d_%d" % (i, j), "file": "IMG_%04d.jpg" % j,
+                      "ArchivedSize": 1000 + j, "ArchivedMD5": "%032x" % j, "Caption": CAPTION * 3,
+                      "DateTimeOriginal": TAKEN} for j in range(40)]
+            with open(out / rel / sd.MANIFEST_NAME, "w", encoding="utf-8") as f:
+                json.dump({"files": files}, f)
+            state.albums["A%d" % i] = sd.AlbumRecord("A%d" % i, "N%d" % i, rel, files=[sd.SavedFile("x", 1, "file")])
+        store = sd.Store(str(out), sd.run_stamp(), state)
+        tracemalloc.start()
+        try:
+            rows = store.write_index(sd.index_lines(str(out), state))
+            return tracemalloc.get_traced_memory()[1], rows
+        finally:
+            tracemalloc.stop()
+
+    small, rows_small = peak(10)
+    large, rows_large = peak(100)
+    assert (rows_small, rows_large) == (10 * 40, 100 * 40)
+    assert large < small * 1.5, (small, large)
