@@ -28,6 +28,9 @@ only when every listed file is accounted for. Reruns are incremental: albums
 whose timestamps and files match the state record cost no API call beyond the
 folder walk (and a rolling recheck: each album is listed again every
 `recheck_days`). --verify proves a backup against its manifests offline.
+With `layout: files` every file is a plain file instead, unpacked from the zips
+(which arrive in .smugmug_download/transport/), dated when taken, with an XMP
+sidecar; index.csv at the top lists every file of every album and where it is.
 
 Usage:  .venv/bin/python smugmug_download.py [--config config.json] [--dry-run] ...
 """
