@@ -2631,12 +2631,13 @@ class Store:
     @staticmethod
     def unpack(zip_path, part_name, entries, folder, stop=None):
         """Entries of a zip on disk, each into folder/NAME.part ({entry name: (NAME, MD5 or "")}),
-        streamed, their MD5 checked: {NAME: size}. BadArchive names what is wrong."""
-        done = {}
+        streamed, their MD5 checked: {NAME: size}. Where a zip holds two entries of one name,
+        the one with the listed MD5 is taken. BadArchive names what is wrong."""
+        done, pending = {}, dict(entries)
         try:
             with zipfile.ZipFile(zip_path) as archive:
                 for info in archive.infolist():
-                    wanted = entries.get(zip_entry_names(info))
+                    wanted = pending.get(zip_entry_names(info))
                     if wanted is None or info.is_dir():
                         continue
                     name, md5 = wanted
@@ -2647,16 +2648,17 @@ class Store:
                             out.write(chunk)
                         out.sync()
                     if md5 and digest.hexdigest() != md5:
-                        raise BadArchive("%s: entry %s is not the file listed (MD5)" % (part_name, info.filename))
+                        continue                # not the file listed (another entry of its name may be)
                     done[name] = info.file_size
+                    del pending[zip_entry_names(info)]
         except (zipfile.BadZipFile, zipfile.LargeZipFile, NotImplementedError, RuntimeError, EOFError,
                 ValueError) as exc:
             raise BadArchive("%s: unreadable zip (%s)" % (part_name, exc))
         except OSError as exc:                  # reading the zip (writes raise LocalWriteError)
             raise BadArchive("%s: %s" % (part_name, exc.strerror or exc))
-        lost = set(n for n, _ in entries.values()) - set(done)
-        if lost:
-            raise BadArchive("%s: entries missing (%s)" % (part_name, ", ".join(sorted(lost)[:3])))
+        if pending:
+            raise BadArchive("%s: %d entr%s missing or not the file listed (MD5): %s" % (
+                part_name, len(pending), "y" if len(pending) == 1 else "ies", ", ".join(sorted(pending)[:3])))
         return done
 
     @staticmethod

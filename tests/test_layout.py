@@ -398,3 +398,28 @@ def test_index_memory_does_not_grow_with_the_account(tmp_path):
     large, rows_large = peak(100)
     assert (rows_small, rows_large) == (10 * 40, 100 * 40)
     assert large < small * 1.5, (small, large)
+
+
+def test_unpack_checks_each_entry_against_the_listing(tmp_path):
+    """Store.unpack writes each wanted entry to NAME.part; of two entries of one name it takes
+    the one with the listed MD5; an entry that is not the file listed is BadArchive."""
+    import hashlib
+    import zipfile
+    import warnings
+    path = tmp_path / "a.zip"
+    with zipfile.ZipFile(path, "w") as z, warnings.catch_warnings():
+        warnings.simplefilter("ignore")             # zipfile warns of the duplicate name we want
+        z.writestr("Album/x.jpg", b"wrong bytes")
+        z.writestr("Album/x.jpg", b"right bytes")
+        z.writestr("Album/y.jpg", b"y bytes")
+    good = hashlib.md5(b"right bytes").hexdigest()
+    got = sd.Store.unpack(str(path), "a.zip", {"Album/x.jpg": ("x.jpg", good), "Album/y.jpg": ("y.jpg", "")},
+                          str(tmp_path))
+    assert got == {"x.jpg": 11, "y.jpg": 7}
+    assert (tmp_path / "x.jpg.part").read_bytes() == b"right bytes"
+    try:
+        sd.Store.unpack(str(path), "a.zip", {"Album/y.jpg": ("y.jpg", good)}, str(tmp_path))
+    except sd.BadArchive as exc:
+        assert "a.zip: 1 entry missing or not the file listed" in str(exc)
+    else:
+        raise AssertionError("an entry that is not the file listed was taken")
