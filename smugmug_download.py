@@ -5175,8 +5175,8 @@ examples (the virtualenv's Python, as cron needs it):
   what's new:  .venv/bin/python smugmug_download.py --dry-run
   check disk:  .venv/bin/python smugmug_download.py --verify
   some albums: .venv/bin/python smugmug_download.py --include 'Family/2019/*'
-  as files:    .venv/bin/python smugmug_download.py --layout files   (photos as plain files, dated,
-               with XMP sidecars; a zips backup is unpacked from disk; "layout" in the config)
+  as files:    .venv/bin/python smugmug_download.py --layout files
+               (plain files, XMP sidecars; every run: "layout" in the config)
   cron, every night at 03:00 (prints only on trouble):
     0 3 * * * cd /home/me/smugmug_download && .venv/bin/python \\
         smugmug_download.py --quiet --log-file /home/me/smugmug.log
