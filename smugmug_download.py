@@ -28,6 +28,9 @@ only when every listed file is accounted for. Reruns are incremental: albums
 whose timestamps and files match the state record cost no API call beyond the
 folder walk (and a rolling recheck: each album is listed again every
 `recheck_days`). --verify proves a backup against its manifests offline.
+With `layout: files` every file is a plain file instead, unpacked from the zips
+(which arrive in .smugmug_download/transport/), dated when taken, with an XMP
+sidecar; index.csv at the top lists every file of every album and where it is.
 
 Usage:  .venv/bin/python smugmug_download.py [--config config.json] [--dry-run] ...
 """
@@ -37,6 +40,7 @@ import bisect
 import codecs
 import collections
 import concurrent.futures
+import csv
 import datetime
 import difflib
 import email.utils
@@ -116,12 +120,18 @@ CONFIG_OPTIONAL = {
     "keep_versions_days": ((int, float), 90),
     "recheck_days": ((int, float), 30),
     "unreachable_minutes": ((int, float), 15),
+    "layout": (str, "zips"),
+    "xmp_sidecars": (str, ""),
 }
 # Every number is finite and at most this (the flags too): a year for the waits, a century for
 # the days; far past any real setting, and far within what a timer can wait.
 CONFIG_MAXIMUM = {"workers": 64, "max_preparing": 1000, "archive_timeout_hours": 8760, "poll_seconds": 3600,
                   "poll_max_seconds": 86400, "keep_versions_days": 36500, "recheck_days": 36500,
                   "unreachable_minutes": 525600}
+# String keys with a fixed set of values ("" for xmp_sidecars: the layout's default).
+CONFIG_CHOICES = {"layout": ("zips", "files"), "xmp_sidecars": ("ext", "noext", "none")}
+SIDECARS_DEFAULT = {"zips": "none", "files": "ext"}   # XMP sidecars by layout, unless xmp_sidecars says
+TRANSPORT_DIR = "transport"              # in STATE_DIR: transport/<AlbumKey>/ holds a files-layout album's zips
 CONFIG_ZERO_OK = ("keep_versions_days", "recheck_days")     # 0: versions deleted at once; never recheck
 CONFIG_FLAGS = ("workers", "max_preparing", "keep_versions_days", "unreachable_minutes")   # also --flags
 CODE_TRIES = 3                       # --authorize: how many times a mistyped code is asked for
@@ -137,6 +147,7 @@ VERSIONS_DIR = "versions"                # in STATE_DIR: versions/<run start>/<p
 LOCK_FILE = ".smugmug_download.lock"     # inside output_dir, flock'ed while a run lives
 STATE_VERSION = 2                        # 1: parts only; 2: files, manifest, completeness
 MANIFEST_NAME = "metadata.json"          # in every album folder: what the album holds, and where
+INDEX_NAME = "index.csv"                 # at the top of output_dir: every file of every album, and where
 RESERVED_TOP_NAMES = {STATE_DIR.casefold(), LOCK_FILE.casefold()}
 STAMP_FORMAT = "%Y-%m-%dT%H%M%SZ"        # a run's start (UTC) names its versions folder
 
@@ -170,7 +181,8 @@ IMAGES_PAGE_COUNT = 1000  # files asked per !images page; the server may clamp i
 MAX_PAGES = 100000        # pages of one list before its paging is taken as endless
 # The fields of !images the completeness check and the manifest use (_filter).
 IMAGE_FIELDS = ("FileName", "ImageKey", "IsVideo", "Processing", "Hidden", "ArchivedUri", "ArchivedSize",
-                "ArchivedMD5", "Title", "Caption", "Keywords", "KeywordArray", "DateTimeOriginal", "Date",
+                "ArchivedMD5", "Title", "Caption", "Keywords", "KeywordArray", "DateTimeOriginal",
+                "DateTimeUploaded", "Date", "WebUri",
                 "Latitude", "Longitude", "Altitude", "LastUpdated", "Origin", "CollectedFrom", "Serial",
                 "Format", "OriginalSize", "OriginalWidth", "OriginalHeight", "ComponentFileTypes")
 IMAGE_URIS = ("LargestImage", "LargestVideo")      # the renditions, asked for with _filteruri
@@ -319,6 +331,12 @@ class Config:
     keep_versions_days: float = 90
     recheck_days: float = 30
     unreachable_minutes: float = 15
+    layout: str = "zips"         # "zips": the album's zip parts; "files": every file a plain file
+    xmp_sidecars: str = ""       # "ext", "noext", "none"; "": the layout's default
+
+    @property
+    def sidecars(self):
+        return self.xmp_sidecars or SIDECARS_DEFAULT[self.layout]
 
     def secrets(self):
         return [getattr(self, k) for k in SECRET_KEYS if getattr(self, k)]
@@ -428,6 +446,8 @@ class AlbumPlan:
     incomplete: str = ""         # the listing was cut short: why (then nothing old is replaced)
     same: dict = field(default_factory=dict)   # parts downloaded byte for byte the same as the file at
                                                # their name -> that file's file_signature() then
+    extracted: dict = field(default_factory=dict)   # files layout: file name -> size, unpacked from the
+                                                    # parts into NAME.part, MD5-checked
 
 
 @dataclass
@@ -685,6 +705,173 @@ def manifest_document(album, plan, parts):
             "album": {k: info[k] for k in ALBUM_FIELDS if k in info}, "path": album.rel,
             "parts": [{"file": name, "size": size} for name, size in parts],
             "files": files}
+
+
+# -- capture dates, XMP sidecars, the index: pure, from a listed file's fields --
+
+def capture_time(fields):
+    """When a file was taken, as SmugMug gives it: (ISO 8601 text, epoch seconds) from
+    DateTimeOriginal, else DateTimeUploaded, else Date; (None, None) when none parses. The
+    offset is used as given (SmugMug reads a camera time without a zone as its own)."""
+    for name in ("DateTimeOriginal", "DateTimeUploaded", "Date"):
+        moment = parse_time(fields.get(name))
+        if moment is not None:
+            return fields[name].strip(), moment.timestamp()
+    return None, None
+
+
+def number_or_none(value):
+    """A finite float from an API field (a number or a numeric string), else None."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        return None
+    try:
+        number = float(value)
+    except ValueError:
+        return None
+    return number if math.isfinite(number) else None
+
+
+def position(fields):
+    """(latitude, longitude, altitude or None) where SmugMug has a place for the file, else None:
+    0, 0 is how SmugMug lists a file without one."""
+    lat, lon = number_or_none(fields.get("Latitude")), number_or_none(fields.get("Longitude"))
+    if lat is None or lon is None or (lat == 0 and lon == 0) or abs(lat) > 90 or abs(lon) > 180:
+        return None
+    return lat, lon, number_or_none(fields.get("Altitude"))
+
+
+def keywords_of(fields):
+    """The file's keywords: KeywordArray, else Keywords split on ';' (and ',')."""
+    words = fields.get("KeywordArray")
+    if not isinstance(words, list):
+        text = fields.get("Keywords")
+        words = re.split(r"[;,]", text) if isinstance(text, str) else []
+    return [w.strip() for w in words if isinstance(w, str) and w.strip()]
+
+
+def text_field(fields, name):
+    value = fields.get(name)
+    return value if isinstance(value, str) else ""
+
+
+_XML_INVALID = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ufffe\uffff]")
+
+
+def xml_text(text):
+    """text as XML element content: & < > " escaped, characters XML 1.0 cannot hold left out."""
+    text = _XML_INVALID.sub("", text)
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").replace('"', "&quot;")
+
+
+def gps_coordinate(value, positive, negative):
+    """XMP's GPSCoordinate form (XMP spec part 2, EXIF schema): DDD,MM.mmmmmmk."""
+    degrees, minutes = divmod(abs(value) * 60, 60)
+    return "%d,%.6f%s" % (degrees, minutes, positive if value >= 0 else negative)
+
+
+def xmp_sidecar(fields):
+    """The XMP sidecar of a file, from its listed fields: title (dc:title), caption
+    (dc:description), keywords (dc:subject), capture time (exif:DateTimeOriginal,
+    photoshop:DateCreated) and place (exif:GPSLatitude/GPSLongitude/GPSAltitude) where
+    SmugMug has them. UTF-8 text that any XMP reader parses."""
+    props = []
+    for tag, name in (("dc:title", "Title"), ("dc:description", "Caption")):
+        value = text_field(fields, name).strip()
+        if value:
+            props.append('   <%s>\n    <rdf:Alt>\n     <rdf:li xml:lang="x-default">%s</rdf:li>\n'
+                         '    </rdf:Alt>\n   </%s>' % (tag, xml_text(value), tag))
+    words = keywords_of(fields)
+    if words:
+        props.append("   <dc:subject>\n    <rdf:Bag>\n%s\n    </rdf:Bag>\n   </dc:subject>"
+                     % "\n".join("     <rdf:li>%s</rdf:li>" % xml_text(w) for w in words))
+    taken, _ = capture_time(fields)
+    if taken:
+        props.append("   <exif:DateTimeOriginal>%s</exif:DateTimeOriginal>" % xml_text(taken))
+        props.append("   <photoshop:DateCreated>%s</photoshop:DateCreated>" % xml_text(taken))
+    place = position(fields)
+    if place:
+        lat, lon, alt = place
+        props.append("   <exif:GPSVersionID>2.2.0.0</exif:GPSVersionID>")
+        props.append("   <exif:GPSLatitude>%s</exif:GPSLatitude>" % gps_coordinate(lat, "N", "S"))
+        props.append("   <exif:GPSLongitude>%s</exif:GPSLongitude>" % gps_coordinate(lon, "E", "W"))
+        if alt is not None and alt != 0:      # 0: SmugMug's "not known"
+            props.append("   <exif:GPSAltitude>%d/1000</exif:GPSAltitude>" % round(abs(alt) * 1000))
+            props.append("   <exif:GPSAltitudeRef>%d</exif:GPSAltitudeRef>" % (alt < 0))
+    return ('<?xml version="1.0" encoding="UTF-8"?>\n'
+            '<x:xmpmeta xmlns:x="adobe:ns:meta/" x:xmptk="smugmug_download %s">\n'
+            ' <rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#">\n'
+            '  <rdf:Description rdf:about=""\n'
+            '    xmlns:dc="http://purl.org/dc/elements/1.1/"\n'
+            '    xmlns:exif="http://ns.adobe.com/exif/1.0/"\n'
+            '    xmlns:photoshop="http://ns.adobe.com/photoshop/1.0/">\n'
+            '%s\n'
+            '  </rdf:Description>\n'
+            ' </rdf:RDF>\n'
+            '</x:xmpmeta>\n') % (__version__, "\n".join(props))
+
+
+def sidecar_names(files, style, taken=()):
+    """{file name: sidecar name} for the plain files of one album folder.
+
+    files: (local name, is a video) in listing order. style "ext": IMG_1.jpg.xmp;
+    "noext": IMG_1.xmp, photos first, so that where a photo and a video share a stem
+    (IMG_1.jpg, IMG_1.mov) the photo has IMG_1.xmp and the video IMG_1.mov.xmp (the full
+    form, which the applications that read IMG_1.xmp find too: see README). A sidecar name
+    never equals a file's own name or one in taken (ignoring case); a file whose both
+    forms are taken gets none. "none": {}."""
+    if style not in ("ext", "noext"):
+        return {}
+    used = {n.casefold() for n, _ in files} | {n.casefold() for n in taken}
+    names = {}
+    for name, _video in sorted(files, key=lambda f: f[1]) if style == "noext" else files:
+        forms = ([os.path.splitext(name)[0] + ".xmp"] if style == "noext" else []) + [name + ".xmp"]
+        for form in forms:
+            if form.casefold() not in used and not form.lower().endswith(".part"):
+                used.add(form.casefold())
+                names[name] = form
+                break
+    return names
+
+
+INDEX_COLUMNS = ("status", "album", "FileName", "ImageKey", "file", "archive", "entry", "size", "MD5",
+                 "taken", "title", "caption", "keywords", "latitude", "longitude", "web address")
+INDEX_STATUS = {"deleted": "deleted on SmugMug", "replaced": "replaced"}
+
+
+def index_row(rel, item, status, base=None):
+    """One row of index.csv for a file entry of an album's manifest (rel: the album's path; base:
+    the folder its bytes are in, when not the album's own: a versions folder)."""
+    base = base or rel
+    where = {k: item.get(k) for k in ("file", "archive") if isinstance(item.get(k), str) and safe_rel(item[k])}
+    place = position(item)
+    md5 = item.get("md5") or item.get("ArchivedMD5")
+    size = int_or_none(item.get("size") if "size" in item else item.get("ArchivedSize"))
+    return [status, rel, text_field(item, "FileName"), text_field(item, "ImageKey"),
+            base + "/" + where["file"] if "file" in where else "",
+            base + "/" + where["archive"] if "archive" in where else "",
+            text_field(item, "entry") if "archive" in where else "",
+            "" if size is None else str(size), md5.lower() if isinstance(md5, str) else "",
+            capture_time(item)[0] or "", text_field(item, "Title"), text_field(item, "Caption"),
+            "; ".join(keywords_of(item)), "%.8f" % place[0] if place else "", "%.8f" % place[1] if place else "",
+            text_field(item, "WebUri")]
+
+
+def index_rows(doc, rel, gone=False):
+    """The rows of index.csv for one album's manifest: each listed file (current; deleted on
+    SmugMug when the album is gone from it; missing when SmugMug did not give it), then the
+    photos its backup still holds that SmugMug no longer lists or replaced (a "former"
+    section, read tolerantly: each entry with its "status" or "why", "deleted" when it says
+    nothing)."""
+    for item in doc.get("files") or () if isinstance(doc, dict) else ():
+        if isinstance(item, dict):
+            yield index_row(rel, item, INDEX_STATUS["deleted"] if gone else "missing" if "missing" in item
+                            else "current")
+    former = doc.get("former") if isinstance(doc, dict) else None
+    for item in former if isinstance(former, list) else ():
+        if isinstance(item, dict):
+            said = str(item.get("status") or item.get("why") or "")
+            yield index_row(rel, item, INDEX_STATUS["replaced"] if "replace" in said.lower()
+                            else INDEX_STATUS["deleted"])
 
 
 def locator_payload(obj):
@@ -2119,7 +2306,7 @@ def manifest_entries(entries, parts):
     return out
 
 
-def check_album(client, album, parts, folder, old):
+def check_album(client, album, parts, folder, old, plain=False):
     """Stage of the check pool: an AlbumPlan for an album whose parts are on disk.
 
     parts: [(part name, path)] (NAME.part files, or the final files of an
@@ -2131,6 +2318,10 @@ def check_album(client, album, parts, folder, old):
     loose file saved before that still has the listed size and MD5 is kept.
     The plan also says which files the previous backup holds (held_before),
     so that nothing it has is replaced by a backup that lacks it.
+
+    plain (the files layout): every listed file is a plain file in folder, named
+    over the whole listing; each one a part holds is unpacked into its NAME.part
+    (unless the same file is there already), and the parts are not kept.
     """
     listing, short = list_images(client, album)
     previous = previous_manifest(old.folder) if old else []
@@ -2149,11 +2340,20 @@ def check_album(client, album, parts, folder, old):
         return AlbumPlan(tuple(listing), {}, (), bad, held_before=held, incomplete=short)
     found = match_files(listing, entries)
     same = {name: file_signature(os.path.join(folder, name)) for name, path in parts   # read here, off
-            if path != os.path.join(folder, name) and same_bytes(os.path.join(folder, name), path, client.stop)}
+            if not plain and path != os.path.join(folder, name)
+            and same_bytes(os.path.join(folder, name), path, client.stop)}
     locations = {k: {"archive": e.part, "entry": e.name} for k, e in found.items()}
     lacking = [f for f in listing if f.key not in found]
-    names = loose_file_names([(f.key, f.file_name) for f in lacking],
-                             [n for n, _ in parts] + [MANIFEST_NAME, "." + MANIFEST_NAME])
+    names = loose_file_names([(f.key, f.file_name) for f in (listing if plain else lacking)],
+                             ([] if plain else [n for n, _ in parts]) + [MANIFEST_NAME, "." + MANIFEST_NAME])
+    extracted = {}
+    if plain:
+        try:
+            extracted = unpack_files(listing, found, names, dict(parts), folder, old, client.stop)
+        except BadArchive as exc:
+            return AlbumPlan(tuple(listing), {}, (), {str(exc).split(":", 1)[0]: str(exc)}, held_before=held,
+                             incomplete=short)
+        locations = {k: {"file": names[k]} for k in found}
     tasks = []
     for f in lacking:
         if f.processing:
@@ -2186,7 +2386,26 @@ def check_album(client, album, parts, folder, old):
             continue
         tasks.append(FileTask(f.key, name, url, size, md5, rendition, f.version))
     return AlbumPlan(tuple(listing), locations, tuple(tasks), {}, files_checked=len(listing),
-                     held_before=held, incomplete=short, same=same)
+                     held_before=held, incomplete=short, same=same, extracted=extracted)
+
+
+def unpack_files(listing, found, names, part_paths, folder, old, stop=None):
+    """The files layout: each listed file a part holds (found: ImageKey -> ZipEntry) unpacked
+    into folder/NAME.part (names: ImageKey -> NAME), its MD5 checked, unless the previous
+    backup has that file there already with the same size and MD5. {NAME: size} unpacked."""
+    wanted = collections.defaultdict(dict)
+    for f in listing:
+        entry = found.get(f.key)
+        if entry is None:
+            continue
+        name, md5 = names[f.key], f.archived_md5 or entry.md5
+        if old and name in old.loose and file_is(os.path.join(folder, name), entry.size, md5, stop):
+            continue
+        wanted[entry.part][entry.name] = (name, md5)
+    extracted = {}
+    for part, entries in wanted.items():
+        extracted.update(Store.unpack(part_paths[part], part, entries, folder, stop))
+    return extracted
 
 
 def ends_a_line(path):
@@ -2438,6 +2657,39 @@ class Store:
             return 0
 
     @staticmethod
+    def unpack(zip_path, part_name, entries, folder, stop=None):
+        """Entries of a zip on disk, each into folder/NAME.part ({entry name: (NAME, MD5 or "")}),
+        streamed, their MD5 checked: {NAME: size}. Where a zip holds two entries of one name,
+        the one with the listed MD5 is taken. BadArchive names what is wrong."""
+        done, pending = {}, dict(entries)
+        try:
+            with zipfile.ZipFile(zip_path) as archive:
+                for info in archive.infolist():
+                    wanted = pending.get(zip_entry_names(info))
+                    if wanted is None or info.is_dir():
+                        continue
+                    name, md5 = wanted
+                    digest = hashlib.md5()
+                    with archive.open(info) as member, PartFile(os.path.join(folder, name) + ".part", False) as out:
+                        for chunk in read_chunks(member, stop):
+                            digest.update(chunk)
+                            out.write(chunk)
+                        out.sync()
+                    if md5 and digest.hexdigest() != md5:
+                        continue                # not the file listed (another entry of its name may be)
+                    done[name] = info.file_size
+                    del pending[zip_entry_names(info)]
+        except (zipfile.BadZipFile, zipfile.LargeZipFile, NotImplementedError, RuntimeError, EOFError,
+                ValueError) as exc:
+            raise BadArchive("%s: unreadable zip (%s)" % (part_name, exc))
+        except OSError as exc:                  # reading the zip (writes raise LocalWriteError)
+            raise BadArchive("%s: %s" % (part_name, exc.strerror or exc))
+        if pending:
+            raise BadArchive("%s: %d entr%s missing or not the file listed (MD5): %s" % (
+                part_name, len(pending), "y" if len(pending) == 1 else "ies", ", ".join(sorted(pending)[:3])))
+        return done
+
+    @staticmethod
     def discard(path):
         """Remove a temporary file (a name ending in .part, and only such a name)."""
         if path.endswith(".part"):
@@ -2488,12 +2740,30 @@ class Store:
         if outcome.manifest is not None:
             steps.append(("place", self.write_temp(rel + "/" + MANIFEST_NAME, outcome.manifest),
                           rel + "/" + MANIFEST_NAME))
+        steps += [("place", self.write_temp(rel + "/" + name, text), rel + "/" + name)
+                  for name, text in sorted(outcome.sidecars.items())]
         steps += [("place", rel + "/" + name + ".part", rel + "/" + name) for name in outcome.placed
                   if name not in same]
         self.make_folders(rel)
         before = self.versioned
+        placing = {name for name in outcome.placed if name not in same}
+        self.set_dates(rel, {name + ".part": when for name, when in outcome.dates.items() if name in placing})
         self.apply(key, steps, outcome.record)
+        self.set_dates(rel, {name: when for name, when in outcome.dates.items() if name not in placing})
         return self.versioned - before
+
+    def set_dates(self, rel, dates):
+        """Each file's modification time in folder rel becomes the time given (when it was taken):
+        its bytes are not touched. A file not there is skipped."""
+        for name, when in dates.items():
+            path = self.abs(rel + "/" + name)
+            try:
+                if os.path.exists(path) and os.stat(path).st_mtime != when:
+                    os.utime(path, (when, when))
+            except (OverflowError, ValueError):
+                log.debug("%s: %r is no time this system can set", rel + "/" + name, when)
+            except OSError as exc:
+                raise self.error(rel + "/" + name, exc) from exc
 
     def move_album(self, record, new):
         """An album renamed or moved on SmugMug: its own files go to folder new (never the folder
@@ -2654,6 +2924,29 @@ class Store:
                 self.blocked[data["key"]] = "a change an earlier run left half done cannot be finished " \
                     "(%s): its files are left as they are until it can be" % exc
 
+    def write_index(self, rows):
+        """index.csv at the top of output_dir, replaced atomically, written row by row (memory does
+        not grow with the account): UTF-8 with a BOM, so that spreadsheets keep accents. It is
+        derived from the manifests: not versioned."""
+        path = self.abs(INDEX_NAME)
+        temp = self.abs("." + INDEX_NAME + ".part")
+        try:
+            with open(temp, "w", encoding="utf-8-sig", newline="") as f:
+                writer = csv.writer(f)
+                writer.writerow(INDEX_COLUMNS)
+                count = 0
+                for row in rows:
+                    writer.writerow(row)
+                    count += 1
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(temp, path)
+        except OSError as exc:
+            remove_quietly(temp)
+            raise self.error(INDEX_NAME, exc) from exc
+        fsync_dir(self.root)
+        return count
+
     @staticmethod
     def prune_folder(folder):
         """Remove a folder a move left empty (only when nothing at all is left in it)."""
@@ -2714,7 +3007,7 @@ class SavedFile:
     """One file of an album's backup, in the album's folder."""
     name: str
     size: int
-    kind: str = "archive"        # "archive" (a zip part) or "file" (saved on its own)
+    kind: str = "archive"        # "archive" (a zip part), "file" (a plain file), "sidecar" (a file's XMP)
 
 
 @dataclass
@@ -2767,7 +3060,7 @@ class AlbumRecord:
                 raise ValueError("files.name")
             if int_or_none(size) is None or isinstance(size, str):
                 raise ValueError("files.size")
-            if kind not in ("archive", "file"):
+            if kind not in ("archive", "file", "sidecar"):
                 raise ValueError("files.kind")
             files.append(SavedFile(name, size, kind))
         manifest = data.get("manifest")
@@ -3146,12 +3439,12 @@ def record_from_manifest(output_dir, album):
         return None
     parts = [{"name": p.get("file"), "size": p.get("size")} for p in listed_parts if isinstance(p, dict)]
     loose = []
-    for item in listed_files:
-        name = item.get("file") if isinstance(item, dict) else None
+    for item, kind in ((item, kind) for item in listed_files for kind in ("file", "sidecar")):
+        name = item.get(kind) if isinstance(item, dict) else None
         if isinstance(name, str) and safe_rel(name) and "/" not in name:
             try:
                 loose.append({"name": name, "size": os.path.getsize(os.path.join(os.path.dirname(path), name)),
-                              "kind": "file"})
+                              "kind": kind})
             except OSError:
                 pass            # gone: the check fetches it again
     try:
@@ -3209,6 +3502,17 @@ def recheck_due(record, days, now=None):
     return listed.timestamp() < latest
 
 
+def needs_unpack(record, plain, sidecars):
+    """Does an album backed up before need its files laid out again: the files layout asked for
+    and zip parts on disk (they are unpacked, no download), or sidecars asked for and none there?"""
+    if not record or not record.files:
+        return False
+    if plain and record.parts:
+        return True
+    files = [f for f in record.files if f.kind == "file"]
+    return sidecars != "none" and bool(files) and not any(f.kind == "sidecar" for f in record.files)
+
+
 def count_moved(album, record):
     """The album's ImageCount is not the one backed up: a change its timestamps (whole seconds)
     may not show, and one no archive SmugMug already has can be trusted with."""
@@ -3234,13 +3538,63 @@ def classify(album, record, output_dir, recheck_days=0, now=None):
     if damaged_parts or not file_sizes_match(folder, record.parts):
         return "changed"
     loose = [f for f in record.files if f.kind == "file"]
+    sidecars_there = all(os.path.exists(os.path.join(folder, f.name)) for f in record.files if f.kind == "sidecar")
     manifest_ok = not record.files or (    # an empty album has no manifest to check
         record.manifest is not None and file_sizes_match(folder, [SavedFile(MANIFEST_NAME, record.manifest)]))
-    if not manifest_ok or not record.complete or record.damaged or not file_sizes_match(folder, loose):
+    if not manifest_ok or not record.complete or record.damaged or not file_sizes_match(folder, loose) \
+            or not sidecars_there:      # (a sidecar an application edited is left as it is)
         return "recheck"
     if record.files and recheck_due(record, recheck_days, now):
         return "due"
     return "unchanged"
+
+
+def read_manifest(path):
+    """A metadata.json (or a versioned one) as a dict, or None (not there, unreadable)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            doc = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return doc if isinstance(doc, dict) else None
+
+
+def index_lines(output_dir, state, gone=()):
+    """The rows of index.csv, album by album in path order, one manifest read at a time: every
+    file each album lists (status current, or deleted on SmugMug for an album gone from it),
+    then the photos SmugMug no longer lists or replaced whose last copy the backup still holds:
+    a manifest's own "former" section, and the manifests in versions (newest first), each file
+    that is not the current one named where its copy is (in that versions folder, else the
+    album's), once."""
+    versioned = collections.defaultdict(list)
+    for path, vrel, _stamp in state.versions:
+        if path.rsplit("/", 1)[-1] == MANIFEST_NAME:
+            versioned[path.rsplit("/", 1)[0]].append(vrel)
+    gone = set(gone)
+    for record in sorted(state.albums.values(), key=lambda r: r.path):
+        doc = read_manifest(os.path.join(output_dir, *record.path.split("/"), MANIFEST_NAME)) or {}
+        current, seen = {}, set()
+        for row in index_rows(doc, record.path, gone=record.path in gone):
+            if row[0] in ("current", "missing"):
+                current[row[3]] = row[8]
+            else:
+                seen.add((row[3], row[8]))
+            yield row
+        for vrel in sorted(versioned.get(record.path, ()), reverse=True):
+            old = read_manifest(os.path.join(output_dir, *vrel.split("/")))
+            folder = vrel.rsplit("/", 1)[0]
+            for item in (old or {}).get("files") or ():
+                row = index_row(record.path, item, "") if isinstance(item, dict) else None
+                if row is None or not row[3] or "missing" in item or current.get(row[3], None) == row[8] \
+                        or (row[3], row[8]) in seen:
+                    continue
+                where = item.get("file") or item.get("archive")
+                base = folder if isinstance(where, str) and os.path.exists(
+                    os.path.join(output_dir, *folder.split("/"), where)) else record.path
+                row = index_row(record.path, item, INDEX_STATUS["replaced" if row[3] in current else "deleted"],
+                                base)
+                seen.add((row[3], row[8]))
+                yield row
 
 
 class RunLock:
@@ -3832,7 +4186,7 @@ class Reporter:
         """An album's backup took its place: counted, and said in one line. Returns why the
         album still fails (files SmugMug would not give), or ""."""
         rel = run.album.rel
-        total = sum(s for _, s in outcome.parts if not run.from_disk) + sum(run.fetched.values())
+        total = (0 if run.from_disk else sum(run.sizes.values())) + sum(run.fetched.values())   # downloaded
         summary.renditions += outcome.renditions
         if run.by_file:
             summary.by_file.append(rel)
@@ -3843,6 +4197,13 @@ class Reporter:
         if lacking:
             return "%d file%s missing: %s" % (len(lacking), plural(len(lacking)), "; ".join(sorted(set(lacking))))
         summary.backed_up += 1
+        if run.plain:
+            self.album("backed up %s (%s%s, %d file%s: %d unpacked, %s; %s downloaded%s)",
+                       rel, run.reason, ", file by file" if run.by_file else "", len(outcome.loose),
+                       plural(len(outcome.loose)), len(run.plan.extracted), on_their_own(len(run.fetched)),
+                       human_bytes(total),
+                       ", %d to versions" % versioned if versioned else "")
+            return ""
         self.album("backed up %s (%s%s, %d part%s, %s, %s%s)", rel, run.reason,
                    ", file by file" if run.by_file else "", len(outcome.parts), plural(len(outcome.parts)),
                    on_their_own(len(outcome.loose), "file"), human_bytes(total),
@@ -3859,9 +4220,14 @@ class Reporter:
         notes = ["moved from %s" % record.path] if moved and status != "moved" else []
         if status == "due":
             notes.append("its rolling recheck is due")
+        if status == "unpack":
+            notes.append("laid out again from the files on disk (zips unpacked, sidecars written); "
+                         "nothing downloaded")
         if status == "changed" and record and record.files and album.image_count == 0:
             notes.append("empty on SmugMug now: its %d file%s are kept" % (len(record.files),
                                                                           plural(len(record.files))))
+        elif status == "changed" and record and record.files and run.plain:
+            notes.append("listed and compared with the files on disk; only what changed is fetched")
         elif status == "changed" and record and record.files:
             # only what the new backup replaces with other bytes, or no longer has, goes: the
             # dry run cannot know which (it downloads nothing), so it says how many at most
@@ -4042,8 +4408,8 @@ def print_dry_run(reporter, summary, options):
         options.print_line(line)
     counts = reporter.dry_counts
     counts["gone"][0] = len(summary.gone)
-    shown = [s for s in ("new", "changed", "recheck", "unchanged", "moved", "gone", "skipped")
-             if counts[s][0] or s not in ("recheck",)]
+    shown = [s for s in ("new", "changed", "recheck", "unpack", "unchanged", "moved", "gone", "skipped")
+             if counts[s][0] or s not in ("recheck", "unpack")]
     work = sum(counts[s][1] for s in ("new", "changed", "recheck"))
     options.print_line("total: %s; %d image%s in the albums to back up" % (
         ", ".join("%d %s" % (counts[s][0], s) + (" (%d image%s)" % (counts[s][1], plural(counts[s][1]))
@@ -4100,6 +4466,8 @@ class AlbumRun:
         self.fetched = {}             # loose file name -> size
         self.missing = {}             # ImageKey -> why SmugMug would not give it (refused)
         self.unfetched = {}           # ImageKey -> why it could not be fetched (retry next run)
+        self.plain = False            # the files layout: every file plain, parts downloaded to transport/
+        self.sidecars = "none"        # XMP sidecar names: ext, noext, none
 
     def to(self, state):
         """Move to state; a move the table does not allow is a bug, said loudly."""
@@ -4150,20 +4518,22 @@ class AlbumRun:
         self.outstanding -= 1
         return self.outstanding == 0
 
-    def check_inputs(self, folder):
-        """(parts, old) for the check stage: the parts just downloaded (NAME.part), those on disk
-        (a recheck) or none (file by file); what it needs of the previous backup, if any."""
+    def check_inputs(self, folder, transport):
+        """(parts, folder, old, plain) for the check stage: the parts just downloaded (NAME.part,
+        in transport for the files layout), those on disk (a recheck) or none (file by file);
+        what it needs of the previous backup, if any."""
         if self.by_file:
             parts = []
         elif self.from_disk:
             parts = [(f.name, os.path.join(folder, f.name)) for f in self.record.parts]
         else:
-            parts = [(name, os.path.join(folder, name) + ".part") for name in sorted(self.parts)]
+            parts = [(name, os.path.join(transport if self.plain else folder, name) + ".part")
+                     for name in sorted(self.parts)]
         old = None
         if self.record and self.record.path == self.album.rel:
             old = OldBackup(folder, frozenset(f.name for f in self.record.files if f.kind == "file"),
                             light=self.reason == "due")
-        return parts, folder, old
+        return parts, folder, old, self.plain
 
     # What the album does next: (action, why) for Orchestrator.act(). The actions: download,
     # wait (for its archive), again (a new archive), refresh (fresh links for the same one),
@@ -4240,6 +4610,12 @@ class DownloadTask:
 def partial_key(album, name):
     """How the state names an album's NAME.part: its path relative to output_dir."""
     return "/".join(album.path + (name,))
+
+
+def transport_rel(album, name=None):
+    """Where the files layout downloads an album's zip parts (and name, one of them): the tool's
+    own folder, not the album's."""
+    return "/".join((STATE_DIR, TRANSPORT_DIR, clean_name(album.album_key)) + ((name,) if name else ()))
 
 
 class Walk:
@@ -4479,6 +4855,7 @@ class Orchestrator:
         if album.album_key in self.store.blocked and not self.options.dry_run:
             self.runs[album.album_key] = run
             return self.fail(run, self.store.blocked[album.album_key])
+        run.plain, run.sidecars = self.config.layout == "files", self.config.sidecars
         if record and record.path != album.rel and not self.options.dry_run and not self.halt:
             self.runs[album.album_key] = run
             try:
@@ -4502,6 +4879,8 @@ class Orchestrator:
         """Decide what an album needs once its timestamps are known (or it is new)."""
         album, record = run.album, run.record
         status = classify(album, record, self.out, self.config.recheck_days) if album.has_details or record else "new"
+        if status in ("unchanged", "due", "recheck") and needs_unpack(record, run.plain, run.sidecars):
+            status = "unpack"
         if self.options.dry_run:
             return self.reporter.dry_run(run, status)
         if status == "unchanged":
@@ -4511,8 +4890,8 @@ class Orchestrator:
             self.runs[album.album_key] = run
             if album.image_count == 0:
                 self.emptied(run)
-            elif status in ("recheck", "due"):
-                run.from_disk = True
+            elif status in ("recheck", "due", "unpack") or (run.plain and record and status == "changed"):
+                run.from_disk = True         # the files layout: what changed is fetched file by file
                 self.check(run)
             else:
                 run.to("waiting")
@@ -4573,6 +4952,8 @@ class Orchestrator:
         if action == "download":
             self.scheduler.prepared_archive(run, sum(p.size or 0 for p in parts))
             self.store.make_folders(run.album.rel)
+            if run.plain:
+                self.store.make_folders(transport_rel(run.album))
             for name, part in run.take_archive(parts).items():
                 self.queue_download(run, name, part=part)
         elif action == "wait":
@@ -4612,7 +4993,7 @@ class Orchestrator:
     def queue_download(self, run, name, part=None, file=None, resume=True):
         """Queue a part or a file; a NAME.part is resumed only if the state says it holds the same
         (its identity proves it: none, no resume)."""
-        key = partial_key(run.album, name)
+        key = transport_rel(run.album, name) if part is not None and run.plain else partial_key(run.album, name)
         identity = part.identity if part else file.identity
         resume_ok = self.state.claim_partial(key, Partial(run.album.album_key, identity), resume and bool(identity))
         self.bytes_known += (part.size if part else file.size) or 0
@@ -4630,7 +5011,7 @@ class Orchestrator:
         run.to("checking")
         folder = self.store.abs(run.album.rel)
         self.submit("check", "check", (run, run.generation), check_album, self.client, run.album,
-                    *run.check_inputs(folder))
+                    *run.check_inputs(folder, self.store.abs(transport_rel(run.album))))
 
     def on_check(self, run, plan):
         if run.state != "checking":
@@ -4672,6 +5053,8 @@ class Orchestrator:
         versioned = self.store.commit(run.album.album_key, run.album.rel, outcome)
         self.state.set_requested(run.album.album_key, False)
         self.store.discard_parts(albums={run.album.album_key})
+        if run.plain:
+            self.store.prune_folder(self.store.abs(transport_rel(run.album)))
         run.to("done")
         lacking = self.reporter.committed(self.summary, run, outcome, versioned)
         if lacking:
@@ -4689,6 +5072,11 @@ class Orchestrator:
             run.to("failed")
             self.scheduler.leave(run)
             run.abandon_archive()
+            for name in run.plan.extracted if run.plan else ():
+                try:
+                    self.store.discard(self.store.abs(run.album.rel + "/" + name) + ".part")
+                except LocalWriteError as exc:
+                    log.warning("could not remove %s: %s", name + ".part", exc)
         self.summary.failed[run.album.rel] = reason
         self.reporter.album("failed: %s: %s", run.album.rel, reason)
 
@@ -4722,6 +5110,13 @@ class Orchestrator:
             if pruned:
                 log.info("removed %d versions folder%s older than keep_versions_days (%g)", pruned,
                          plural(pruned), self.config.keep_versions_days)
+            if not (self.options.includes or self.options.excludes):
+                try:
+                    rows = self.store.write_index(index_lines(self.out, self.state, self.summary.gone))
+                    log.info("%s lists %d file%s", INDEX_NAME, rows, plural(rows))
+                except LocalWriteError as exc:
+                    log.error("could not write %s: %s", INDEX_NAME, exc)
+                    self.summary.write_error = self.summary.write_error or "could not write %s" % INDEX_NAME
         self.summary.versioned = self.store.versioned
         self.summary.waited = {"unreachable": self.client.link.time_down(),
                                "rate limit": self.client.gate.closed_seconds}
@@ -4748,13 +5143,16 @@ class Outcome:
     renditions: int = 0
     record: Optional["AlbumRecord"] = None           # the album's record once committed
     same: dict = field(default_factory=dict)        # placed files the same as the ones they replace
+    dates: dict = field(default_factory=dict)       # plain file name -> when taken (epoch): its mtime
+    sidecars: dict = field(default_factory=dict)    # XMP sidecar name -> its text, to write (new or changed)
 
 
 def commit_outcome(run, folder):
     """The rules of the commit point, decided from the run alone (no I/O but reading the old
-    manifest's text): replace only when complete, never what only the previous backup has."""
+    manifest's and sidecars' text): replace only when complete, never what only the previous
+    backup has."""
     album, plan, old = run.album, run.plan, run.record
-    locations = dict(plan.locations)
+    locations = {key: dict(where) for key, where in plan.locations.items()}
     for key, why in run.missing.items():
         locations[key] = {"missing": why}
     for key, where in list(locations.items()):
@@ -4779,16 +5177,20 @@ def commit_outcome(run, folder):
                                              "; ".join(sorted({missing[k] for k in lost}))))
     elif plan.incomplete:
         missing["(listing)"] = plan.incomplete
-    if run.from_disk:
+    if run.plain:                           # the files layout keeps no parts
+        parts = []
+    elif run.from_disk:
         parts = [(f.name, f.size) for f in old.parts]
     elif run.by_file:
         parts = []
     else:
         parts = [(name, run.sizes[name]) for name in sorted(run.parts)]
     loose = sorted({where["file"] for where in locations.values() if "file" in where})
-    placed = [n for n, _ in parts if not run.from_disk] + [n for n in loose if n in run.fetched]
+    placed = [n for n, _ in parts if not run.from_disk] + [n for n in loose
+                                                           if n in run.fetched or n in plan.extracted]
+    sidecars = sidecar_files(plan.listing, locations, run.sidecars, folder, [n for n, _ in parts])
     holds = bool(parts or loose or plan.listing)
-    kept = {n for n, _ in parts} | set(loose)
+    kept = {n for n, _ in parts} | set(loose) | set(sidecars)
     replaced = [f.name for f in (old.files if old_here else []) if f.name in placed or f.name not in kept]
     text = None
     if holds:
@@ -4810,17 +5212,43 @@ def commit_outcome(run, folder):
         manifest_size = len(text.encode("utf-8"))
     files = [SavedFile(n, s, "archive") for n, s in parts]
     for name in loose:
-        size = run.fetched.get(name)
+        size = run.fetched.get(name, plan.extracted.get(name))
         if size is None:
             try:
                 size = os.path.getsize(os.path.join(folder, name))
             except OSError:
                 size = 0
         files.append(SavedFile(name, size, "file"))
+    files += [SavedFile(name, len(text.encode("utf-8")), "sidecar") for name, (text, _) in sorted(sidecars.items())]
     record = AlbumRecord(album.album_key, album.node_id, album.rel, album.last_updated, album.images_last_updated,
                          files, manifest_size, complete=not missing, listed=iso_now(), image_count=album.image_count)
+    taken = {f.key: capture_time(dict(f.fields))[1] for f in plan.listing}
+    dates = {where["file"]: taken[key] for key, where in locations.items()
+             if "file" in where and taken.get(key) is not None}
     return Outcome("", parts, loose, placed, replaced, text, holds, missing, renditions, record,
-                   {n: sig for n, sig in plan.same.items() if n in placed and n in replaced})
+                   {n: sig for n, sig in plan.same.items() if n in placed and n in replaced}, dates,
+                   {name: text for name, (text, changed) in sidecars.items() if changed})
+
+
+def sidecar_files(listing, locations, style, folder, taken):
+    """The XMP sidecars of an album's plain files: {sidecar name: (text, differs from the one on
+    disk)}; each file's location names its sidecar ("sidecar"). taken: names they must not have."""
+    videos = {f.key for f in listing if f.is_video}
+    plain = [(f, locations[f.key]["file"]) for f in listing if "file" in (locations.get(f.key) or {})]
+    names = sidecar_names([(name, f.key in videos) for f, name in plain], style, list(taken) + [MANIFEST_NAME])
+    out = {}
+    for f, name in plain:
+        if name not in names:
+            continue
+        locations[f.key]["sidecar"] = names[name]
+        text = xmp_sidecar(dict(f.fields))
+        try:
+            with open(os.path.join(folder, names[name]), encoding="utf-8") as existing:
+                changed = existing.read() != text
+        except (OSError, ValueError):
+            changed = True
+        out[names[name]] = (text, changed)
+    return out
 
 
 # CLI ########################################################################
@@ -4832,6 +5260,8 @@ examples (the virtualenv's Python, as cron needs it):
   what's new:  .venv/bin/python smugmug_download.py --dry-run
   check disk:  .venv/bin/python smugmug_download.py --verify
   some albums: .venv/bin/python smugmug_download.py --include 'Family/2019/*'
+  as files:    .venv/bin/python smugmug_download.py --layout files
+               (plain files, XMP sidecars; every run: "layout" in the config)
   cron, every night at 03:00 (prints only on trouble):
     0 3 * * * cd /home/me/smugmug_download && .venv/bin/python \\
         smugmug_download.py --quiet --log-file /home/me/smugmug.log
@@ -4929,6 +5359,10 @@ def build_parser():
                      help="keep files a backup replaced or no longer has (in "
                           ".smugmug_download/versions/) this many days; 0 deletes them at the end of the "
                           "run, earlier runs' too (default 90)")
+    how.add_argument("--layout", choices=CONFIG_CHOICES["layout"],
+                     help="zips: each album as SmugMug's zip archive(s) (the default); files: every photo "
+                          "and video a plain file in its album's folder, dated when taken, with an XMP "
+                          "sidecar; switching a zips backup to files unpacks the zips on disk (no download)")
     how.add_argument("--unreachable-minutes", type=float, metavar="MIN",
                      help="wait this long for SmugMug to answer again before the run stops (exit 1; "
                           "default 15)")
@@ -5035,7 +5469,9 @@ def validate_config(data, path, required=CONFIG_REQUIRED, output_base=None, flag
         if problem:
             where = "--%s" % key.replace("_", "-") if key in flags else "config file %s: %s" % (path, key)
             raise UsageError("%s %s" % (where, problem))
-        values[key] = value.strip() if isinstance(value, str) else value
+        values[key] = (value.strip() or default) if isinstance(value, str) else value
+        if key in CONFIG_CHOICES and values[key] not in CONFIG_CHOICES[key] + (default,):
+            raise UsageError("config file %s: %s must be one of %s" % (path, key, ", ".join(CONFIG_CHOICES[key])))
     values["api_base"] = values["api_base"] or DEFAULT_API_BASE
     parts = urllib.parse.urlsplit(values["api_base"])
     if parts.scheme not in ("http", "https") or not parts.hostname:
@@ -5349,8 +5785,9 @@ def verify_album(output_dir, record, stop, progress):
     """What is wrong with one backed-up album on disk: [(file name, problem)], [] when intact.
 
     Offline: every part at its recorded size and a sound zip (each entry read
-    to its end, its CRC checked and its MD5 taken), the entries and loose files
-    the manifest names present with the listed size and MD5.
+    to its end, its CRC checked and its MD5 taken), the entries and plain files
+    the manifest names present with the listed size and MD5 (in the files layout,
+    every file), and each file's XMP sidecar present.
     """
     folder = os.path.join(output_dir, *record.path.split("/"))
     problems = []
@@ -5422,6 +5859,9 @@ def verify_album(output_dir, record, stop, progress):
                     problems.append((loose, "file %s unreadable (%s)" % (loose, exc.strerror or exc)))
             elif progress:
                 progress(have)
+        side = item.get("sidecar")
+        if isinstance(side, str) and (not safe_rel(side) or not os.path.isfile(os.path.join(folder, side))):
+            problems.append((side, "sidecar %s missing" % side))
     return problems
 
 
@@ -5571,6 +6011,8 @@ def main(argv=None):
         data = read_config_file(args.config)
         flags = [key for key in CONFIG_FLAGS if getattr(args, key) is not None]
         data = dict(data, **{key: getattr(args, key) for key in flags})
+        if args.layout is not None:
+            data = dict(data, layout=args.layout)
         output_base = None
         if args.output_dir:            # on the command line: relative to the working directory
             data, output_base = dict(data, output_dir=args.output_dir), os.getcwd()

@@ -2,6 +2,7 @@
 """Speed, API economy and footprint of smugmug_download against the emulator.
 
     python tests/benchmark.py [--scenarios account,slow-prep,slow-link,big,walk] [--big-mib 1024]
+    (account: a backup, its rerun, --verify, then the switch to the files layout and its --verify)
     python tests/benchmark.py --scenarios prep-spread,outage,quota
 
 Not collected by pytest. Starts tests/fake_smugmug.py with realistic knobs (its
@@ -235,6 +236,23 @@ def scenario_account(rows, keep):
         code, wall3, _, _ = run_measured(tool(config, "--verify"))
         rows.append(("rerun", "--verify of the account", "%.2f s, exit %d" % (wall3, code),
                      "exit 0: %s" % ok(code == 0)))
+        scenario_switch(rows, fake, info, config)
+
+
+def scenario_switch(rows, fake, info, config):
+    """The account's zips backup switched to the files layout: nothing downloaded, every zip
+    unpacked from disk; then --verify of the files layout (every file by MD5, sidecars)."""
+    sent = fake.download_bytes
+    code, wall, rss, cpu = run_measured(tool(config, "--layout", "files"))
+    got = fake.download_bytes - sent
+    total = sum(size for _, size in info.values())
+    rows.append(("switch", "zips -> files (exit %d)" % code, "%.2f s, %.0f MB/s unpacked, CPU %.2f s"
+                 % (wall, total / MB / max(wall, 0.001), cpu), "exit 0: %s" % ok(code == 0)))
+    rows.append(("switch", "peak RSS", "%.1f MB" % rss, "< 150 MB: %s" % ok(rss < 150)))
+    rows.append(("switch", "bytes downloaded", "%d" % got, "0: %s" % ok(got == 0)))
+    code, vwall, vrss, _ = run_measured(tool(config, "--verify"))
+    rows.append(("switch", "--verify of the files layout", "%.2f s (%.0f MB/s), RSS %.1f MB, exit %d"
+                 % (vwall, total / MB / max(vwall, 0.001), vrss, code), "exit 0: %s" % ok(code == 0)))
 
 
 def scenario_slow_prep(rows, keep):

@@ -72,13 +72,15 @@ def run(fake, tmp_path, capsys):
 
 
 def tree(folder, manifests=False):
-    """{relative path: bytes} of every file under folder, state and lock left out (and the
-    albums' metadata.json unless manifests)."""
+    """{relative path: bytes} of every file under folder, state, lock and the top index.csv (derived,
+    rewritten by every run) left out (and the albums' metadata.json unless manifests)."""
     files = {}
     for root, dirs, names in os.walk(folder):
         dirs[:] = [d for d in dirs if d != smugmug_download.STATE_DIR]
         for name in names:
             if name == smugmug_download.LOCK_FILE or (name == "metadata.json" and not manifests):
+                continue
+            if name == smugmug_download.INDEX_NAME and os.path.samefile(root, folder):
                 continue
             full = os.path.join(root, name)
             try:

@@ -53,6 +53,7 @@ import errno
 import functools
 import hashlib
 import hmac
+import html
 import http.server
 import itertools
 import json
@@ -213,7 +214,9 @@ class FakeImage:
     title: str = ""
     caption: str = ""
     keywords: Sequence[str] = ()
-    date_time_original: str = iso(T0)
+    date_time_original: Optional[str] = iso(T0)   # None: left out of the listing (no EXIF time)
+    date_time_uploaded: Optional[str] = iso(T0)   # None: left out
+    date: str = iso(T0)                       # Date (when SmugMug took the upload in)
     latitude: float = 0
     longitude: float = 0
     altitude: int = 0
@@ -1202,12 +1205,12 @@ class FakeSmugMug:
         if image.is_video:
             uris["LargestVideo"] = _uri(image_uri + "!largestvideo", "LargestVideo", "Object")
         obj = {"Altitude": image.altitude, "CanBuy": False, "CanEdit": True, "Caption": image.caption,
-               "Collectable": True, "Date": iso(T0),
+               "Collectable": True, "Date": image.date,
                "ComponentFileTypes": {"Video" if image.is_video else "Image": [ext.lower()]}
                if self.component_file_types_object else [],
-               "DateTimeOriginal": image.date_time_original, "DateTimeUploaded": iso(T0),
+               "DateTimeOriginal": image.date_time_original, "DateTimeUploaded": image.date_time_uploaded,
                "FileName": image.file_name, "Format": ext,
-               "FormattedValues": {"Caption": {"html": image.caption, "text": image.caption},
+               "FormattedValues": {"Caption": {"html": html.escape(image.caption), "text": image.caption},
                                    "FileName": {"html": image.file_name, "text": image.file_name}},
                "Hidden": image.hidden, "ImageKey": image.key, "IsArchive": False, "IsVideo": image.is_video,
                "KeywordArray": list(image.keywords), "Keywords": "; ".join(image.keywords),
@@ -1234,6 +1237,9 @@ class FakeSmugMug:
             for name in ("ArchivedSize", "OriginalSize"):
                 if name in obj:
                     obj[name] = str(obj[name])
+        for name in ("DateTimeOriginal", "DateTimeUploaded"):
+            if obj[name] is None:
+                del obj[name]
         for name in self.image_fields_absent:
             obj.pop(name, None)
         return obj

@@ -32,11 +32,12 @@ def versions(out):
 
 
 def every_byte(out):
-    """All the bytes under out (album files, manifests and versions), as a multiset of files."""
+    """All the bytes under out (album files, manifests and versions), as a multiset of files
+    (index.csv, derived from the manifests and rewritten by every run, left out)."""
     files = []
     for root, dirs, names in os.walk(out):
         for name in names:
-            if name not in (sd.STATE_FILE, sd.JOURNAL_FILE, sd.LOCK_FILE):
+            if name not in (sd.STATE_FILE, sd.JOURNAL_FILE, sd.LOCK_FILE, sd.INDEX_NAME):
                 with open(os.path.join(root, name), "rb") as f:
                     files.append(f.read())
     return files

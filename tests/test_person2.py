@@ -133,7 +133,7 @@ def test_a_case_only_rename_renames_the_folder_and_downloads_nothing(fake, run):
     code, _, err = run()
     assert code == 0, err
     assert len(fake.calls("post")) == posts and fake.download_bytes == sent, err
-    assert sorted(os.listdir(run.out)) == sorted([sd.STATE_DIR, "Beach Day"])
+    assert sorted(os.listdir(run.out)) == sorted([sd.STATE_DIR, "Beach Day", "index.csv"])
     assert tree(run.out) == {k.replace("beach day/", "Beach Day/"): v for k, v in before.items()}
     code, _, err = run()
     assert first_line(err).endswith(": 0 albums backed up, 1 unchanged, 0 failed, 0 not attempted."), err
