@@ -2730,12 +2730,10 @@ class Store:
                                   fatal=True) from exc
 
     def set_gone(self, changes):
-        """Photos found gone from SmugMug, or no longer (BackupState.set_gone), in the journal."""
-        try:
-            self.state.set_gone(changes)
-        except OSError as exc:
-            raise LocalWriteError(getattr(exc, "filename", None) or self.state.journal_path, exc,
-                                  fatal=True) from exc
+        """Photos found gone from SmugMug, or no longer (BackupState.gone_entry), in the journal."""
+        entry = self.state.gone_entry(changes)
+        if entry:
+            self.journal(entry)
 
     def save_record(self, record):
         """An album's record changes, and no file does (emptied, gone, a recheck that found the same)."""
@@ -3402,11 +3400,11 @@ class BackupState:
         self.set_partial(path, partial)
         return False
 
-    def set_gone(self, changes):
-        """[(album key, photo identity, GonePhoto: gone from SmugMug | None: no longer)], in one entry."""
+    def gone_entry(self, changes):
+        """The journal entry for [(album key, photo identity, GonePhoto: gone from SmugMug | None: no
+        longer)], those that change something; None when none does."""
         changes = [[k, i, p.to_json() if p else None] for k, i, p in changes if self.gone.get(k, {}).get(i) != p]
-        if changes:
-            self.record({"gone": changes})
+        return {"gone": changes} if changes else None
 
     def set_requested(self, key, on):
         if (key in self.requested) != on:
