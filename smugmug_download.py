@@ -2864,7 +2864,8 @@ class Store:
             self.journal({"pruned_files": removed})
         lost = [i for i in gone if i not in held_now and i.split(" ")[0] not in listed and i not in kept
                 and not (i in newest and newest[i][0] not in old)]
-        self.set_gone([(gone[i][0], i, None) for i in lost])     # no copy left: the record goes too
+        back = [i for i in gone if i.split(" ")[0] in listed]     # listed again (in another album, say)
+        self.set_gone([(gone[i][0], i, None) for i in lost + back])   # no copy left, or not gone: forgotten
         last = len(dropped.intersection(lost))
         if summary is not None:
             summary.last_copies_removed += last
