@@ -6,7 +6,9 @@ and kept under `output_dir`: one folder per SmugMug folder and album, each
 album's photos in the zip archive(s) SmugMug prepares for it. It is a backup,
 not a mirror: a file a run once saved is never deleted or overwritten by a
 later run; what a new backup of an album replaces or no longer has goes to
-`output_dir/.smugmug_download/versions/<run start>/`, kept `keep_versions_days`.
+`output_dir/.smugmug_download/versions/<run start>/`, kept `keep_versions_days`
+(a version holding the last copy of a photo SmugMug no longer has: `keep_deleted_days`,
+by default forever).
 
 Design: a walk pool lists folders; every album found is an AlbumRun, a small
 state machine moved through the pools by one orchestrator loop that routes
@@ -66,6 +68,7 @@ import time
 import unicodedata
 import urllib.parse
 import zipfile
+import zlib
 from dataclasses import dataclass, field, replace
 from http.client import HTTPException, IncompleteRead, RemoteDisconnected
 from typing import Dict, List, Optional, Tuple
@@ -118,6 +121,7 @@ CONFIG_OPTIONAL = {
     "poll_seconds": ((int, float), 1.0),
     "poll_max_seconds": ((int, float), 30.0),
     "keep_versions_days": ((int, float), 90),
+    "keep_deleted_days": ((int, float), None),
     "recheck_days": ((int, float), 30),
     "unreachable_minutes": ((int, float), 15),
     "layout": (str, "zips"),
@@ -126,14 +130,17 @@ CONFIG_OPTIONAL = {
 # Every number is finite and at most this (the flags too): a year for the waits, a century for
 # the days; far past any real setting, and far within what a timer can wait.
 CONFIG_MAXIMUM = {"workers": 64, "max_preparing": 1000, "archive_timeout_hours": 8760, "poll_seconds": 3600,
-                  "poll_max_seconds": 86400, "keep_versions_days": 36500, "recheck_days": 36500,
-                  "unreachable_minutes": 525600}
+                  "poll_max_seconds": 86400, "keep_versions_days": 36500, "keep_deleted_days": 36500,
+                  "recheck_days": 36500, "unreachable_minutes": 525600}
 # String keys with a fixed set of values ("" for xmp_sidecars: the layout's default).
 CONFIG_CHOICES = {"layout": ("zips", "files"), "xmp_sidecars": ("ext", "noext", "none")}
 SIDECARS_DEFAULT = {"zips": "none", "files": "ext"}   # XMP sidecars by layout, unless xmp_sidecars says
 TRANSPORT_DIR = "transport"              # in STATE_DIR: transport/<AlbumKey>/ holds a files-layout album's zips
-CONFIG_ZERO_OK = ("keep_versions_days", "recheck_days")     # 0: versions deleted at once; never recheck
-CONFIG_FLAGS = ("workers", "max_preparing", "keep_versions_days", "unreachable_minutes")   # also --flags
+CONFIG_ZERO_OK = ("keep_versions_days", "recheck_days",      # 0: versions deleted at once; never recheck;
+                  "keep_deleted_days")                       # the last copy of a gone photo too
+CONFIG_NULL_OK = ("keep_deleted_days",)                      # null (or absent): forever
+CONFIG_FLAGS = ("workers", "max_preparing", "keep_versions_days", "keep_deleted_days",
+                "unreachable_minutes")                       # also --flags
 CODE_TRIES = 3                       # --authorize: how many times a mistyped code is asked for
 SECRET_KEYS = ("app_key_secret", "access_key", "access_key_secret")
 # Values shipped in config.example.json, and the shapes such placeholders take.
@@ -329,6 +336,7 @@ class Config:
     poll_seconds: float = 1.0
     poll_max_seconds: float = 30.0
     keep_versions_days: float = 90
+    keep_deleted_days: Optional[float] = None    # None: the last copy of a gone photo is kept forever
     recheck_days: float = 30
     unreachable_minutes: float = 15
     layout: str = "zips"         # "zips": the album's zip parts; "files": every file a plain file
@@ -448,6 +456,7 @@ class AlbumPlan:
                                                # their name -> that file's file_signature() then
     extracted: dict = field(default_factory=dict)   # files layout: file name -> size, unpacked from the
                                                     # parts into NAME.part, MD5-checked
+    before: tuple = ()           # (identity, FileName, holder) the previous backup holds (gone_photos)
 
 
 @dataclass
@@ -468,6 +477,8 @@ class Summary:
     emptied: List[str] = field(default_factory=list)         # albums now empty on SmugMug (files kept)
     failed: Dict[str, str] = field(default_factory=dict)     # album path -> reason
     gone: List[str] = field(default_factory=list)
+    gone_photos: list = field(default_factory=list)          # [(album path, file, where kept, kind)]
+    last_copies_removed: int = 0                             # gone photos whose keep_deleted_days ran out
     write_error: str = ""        # why the run stopped (a full disk, SmugMug unreachable...)
     reached: bool = False        # SmugMug answered the first calls (the account was found)
     cause_shown: str = ""        # the outage's cause, when a wait line on the console named it
@@ -2294,6 +2305,41 @@ def held_keys(folder, entries):
     return frozenset(held)
 
 
+def photo_identity(key, md5="", size=None):
+    """Which photo, and which bytes of it: "KEY md5:HEX", else "KEY size:N" (no MD5 given), else
+    "KEY". What retention and the gone-photo record go by."""
+    md5 = md5.lower() if isinstance(md5, str) else ""
+    size = int_or_none(size)
+    return "%s md5:%s" % (key, md5) if md5 else "%s size:%d" % (key, size) if size is not None else key
+
+
+def manifest_photos(doc, keys=None):
+    """(identity, FileName, holder) of every photo a manifest says it holds, and where: its
+    "files", and any other list of entries with an ImageKey (photos no longer listed that a kept
+    part still holds). holder: the part ("archive") or the file ("file") that has its bytes.
+    keys: only the photos with these ImageKeys."""
+    if not isinstance(doc, dict):
+        return
+    for section in doc.values():
+        for item in section if isinstance(section, list) else ():
+            if not isinstance(item, dict) or not isinstance(item.get("ImageKey"), str) or (
+                    keys is not None and item["ImageKey"] not in keys):
+                continue
+            holder = item.get("archive") if isinstance(item.get("entry"), str) else item.get("file")
+            if isinstance(holder, str) and holder and "/" not in holder and safe_rel(holder):
+                name = item.get("FileName")
+                yield (photo_identity(item["ImageKey"], item.get("ArchivedMD5"), item.get("ArchivedSize")),
+                       name if isinstance(name, str) else item["ImageKey"], holder)
+
+
+def gone_photos(before, listing):
+    """The photos an album's previous backup holds (before: (identity, FileName, holder)) that
+    SmugMug no longer lists: [(identity, FileName, holder)]. (A photo it lists with other bytes is
+    not gone: its old bytes are a version like any other.)"""
+    listed = {f.key for f in listing}
+    return [p for p in dict.fromkeys(before) if p[0].split(" ")[0] not in listed]
+
+
 def manifest_entries(entries, parts):
     """[ZipEntry] as a manifest records the zips' entries (for a rolling recheck, which does not
     read the zips): the listed size and MD5 of each file it places in one of parts."""
@@ -2385,8 +2431,11 @@ def check_album(client, album, parts, folder, old, plain=False):
                 locations[f.key]["size"] = known
             continue
         tasks.append(FileTask(f.key, name, url, size, md5, rendition, f.version))
+    before = tuple(p for p in manifest_photos({"files": previous})
+                   if os.path.exists(os.path.join(old.folder, p[2]))) if old else ()
     return AlbumPlan(tuple(listing), locations, tuple(tasks), {}, files_checked=len(listing),
-                     held_before=held, incomplete=short, same=same, extracted=extracted)
+                     held_before=held, incomplete=short, same=same, extracted=extracted,
+                     before=before)
 
 
 def unpack_files(listing, found, names, part_paths, folder, old, stop=None):
@@ -2499,6 +2548,65 @@ def same_bytes(a, b, stop=None, chunk=1 << 20):
     except OSError:
         pass
     return False
+
+
+def is_versions_manifest(name):
+    """metadata.json, or the " (2)" form a second one in one versions folder takes."""
+    return re.fullmatch(r"metadata( \(\d+\))?\.json", name) is not None
+
+
+def zip_identities(path):
+    """The identities of a zip's entries as its directory gives them ("entry:NAME crc:HEX size:N";
+    nothing decompressed), for a version no manifest describes; None when it is not a readable zip."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return {"entry:%s crc:%08x size:%d" % (zip_entry_names(i), i.CRC, i.file_size)
+                    for i in archive.infolist() if not i.is_dir()}
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, NotImplementedError, RuntimeError, EOFError,
+            ValueError, OSError):
+        return None
+
+
+def file_crc(path):
+    """The CRC-32 of a file (-1 when it cannot be read)."""
+    crc = 0
+    try:
+        with open(path, "rb") as f:
+            for chunk in read_chunks(f):
+                crc = zlib.crc32(chunk, crc)
+    except OSError:
+        return -1
+    return crc
+
+
+@dataclass(frozen=True)
+class VersionFile:
+    """A file in a versions folder, and what retention knows of it."""
+    rel: str                     # its path under output_dir
+    order: tuple                 # (run stamp, rel): later in order is newer
+    photos: Optional[list]       # [(identity, FileName)] it holds; None: no photo the tool can tell
+    album_key: str = ""          # the album its manifest names
+    album_path: str = ""         # the album folder it came from
+
+
+def retention_unheld(photos, order, held_now, listed, newest):
+    """The photos a version holds that nothing else in the backup holds: no current file holds
+    these bytes (held_now: identities), or other bytes of a photo SmugMug still lists (listed:
+    ImageKeys: the version is an old one of a live photo, kept keep_versions_days like any), and
+    no version later in order does (newest: identity -> the order of the last version holding it)."""
+    return [(i, name) for i, name in photos if i not in held_now and i.split(" ")[0] not in listed
+            and newest.get(i, order) <= order]
+
+
+def retention_may_go(unheld, since, keep_deleted_days, now):
+    """May a version go, the photos only it holds being unheld? Only when there are none, or every
+    one has been gone from SmugMug (since: identity -> when first found gone, epoch seconds) for
+    keep_deleted_days (None: forever, so never)."""
+    if not unheld:
+        return True
+    if keep_deleted_days is None:
+        return False
+    return all(i in since and now - since[i] >= keep_deleted_days * 86400 for i, _ in unheld)
 
 
 def write_atomic(path, text, mode=None):
@@ -2623,6 +2731,7 @@ class Store:
         self.owners = PathOwners(state.albums.values() if state else ())
         self.versioned = 0               # files moved to versions by this run
         self.blocked = {}                # AlbumKey -> why: a journalled change recover() could not finish
+        self.last_versioned = {}         # path -> versions path, of the last change taken
         self._ids = itertools.count(1)
 
     # -- paths --
@@ -2880,6 +2989,7 @@ class Store:
         if versioned:
             entry["versions"] = [[src, dst] for src, dst in versioned]
             self.versioned += len(versioned)
+        self.last_versioned = dict(versioned)
         self.journal(entry)
 
     def journal(self, entry):
@@ -2889,6 +2999,12 @@ class Store:
         except OSError as exc:
             raise LocalWriteError(getattr(exc, "filename", None) or self.state.journal_path, exc,
                                   fatal=True) from exc
+
+    def set_gone(self, changes):
+        """Photos found gone from SmugMug, or no longer (BackupState.gone_entry), in the journal."""
+        entry = self.state.gone_entry(changes)
+        if entry:
+            self.journal(entry)
 
     def save_record(self, record):
         """An album's record changes, and no file does (emptied, gone, a recheck that found the same)."""
@@ -2971,33 +3087,194 @@ class Store:
             else:
                 self.state.set_partial(rel, None)
 
-    def prune_versions(self, keep_days, now=None):
-        """Remove versions folders of runs older than keep_days (0: all of them). The number removed."""
-        folder = self.abs("/".join((STATE_DIR, VERSIONS_DIR)))
-        now = time.time() if now is None else now
+    def version_stamps(self):
+        """[(stamp, its time)] of the runs' versions folders, oldest first (other names: not ours)."""
         try:
-            stamps = sorted(os.listdir(folder))
+            names = sorted(os.listdir(self.abs("/".join((STATE_DIR, VERSIONS_DIR)))))
         except OSError:
-            return 0
-        removed = 0
-        for stamp in stamps:
+            return []
+        stamps = []
+        for stamp in names:
             try:                          # 2026-12-01T031500Z (-2, -3... from an earlier version)
-                if not re.fullmatch(r"(-\d+)?", stamp[18:]):
-                    raise ValueError(stamp)
-                made = stamp_time(stamp[:18])
+                if re.fullmatch(r"(-\d+)?", stamp[18:]):
+                    stamps.append((stamp, stamp_time(stamp[:18])))
             except ValueError:
-                continue                  # not ours: left alone
-            if keep_days > 0 and now - made < keep_days * 86400:
+                continue
+        return stamps
+
+    def prune_versions(self, keep_days, keep_deleted_days=None, now=None, summary=None):
+        """Retention, at the end of a run that saw the whole account: a file in a versions folder
+        older than keep_days (0: every one) is removed when every photo it holds is held elsewhere
+        in the backup (a current file, or a version later than it), or gone from SmugMug longer
+        than keep_deleted_days (None: never); a file that holds no photo the tool can tell goes by
+        its age alone. A version's manifest goes with the last file beside it. The number of
+        versions folders removed whole; gone photos found and last copies removed go to summary."""
+        now = time.time() if now is None else now
+        stamps = self.version_stamps()
+        old = {stamp for stamp, made in stamps if keep_days <= 0 or now - made >= keep_days * 86400}
+        candidates = [vf for stamp, _ in stamps if stamp in old for vf in self.version_files(stamp)]
+        if not candidates:
+            return self.prune_folders(sorted(old))
+        gone = {i: (key, photo) for key, photos in self.state.gone.items() for i, photo in photos.items()}
+        wanted = set(gone).union(*[{i for i, _ in vf.photos} for vf in candidates if vf.photos])
+        entries = {}                      # album path -> identities of zip entries no manifest names
+        for vf in candidates:
+            for identity, _ in vf.photos or ():
+                if identity.startswith("entry:"):
+                    entries.setdefault(vf.album_path, set()).add(identity)
+        held_now, listed = self.held_now(wanted, entries) if wanted else (set(), set())
+        newest = {}                       # identity -> the last version (in order) that holds it
+        for vf in candidates + [vf for stamp, _ in stamps if stamp not in old for vf in self.version_files(stamp)]:
+            for identity, _ in vf.photos or ():
+                if identity in wanted and vf.order > newest.get(identity, ()):
+                    newest[identity] = vf.order
+        since = {i: parse_time(photo.since).timestamp() for i, (_, photo) in gone.items()}
+        candidates.sort(key=lambda v: v.order)
+        unheld, found = {}, []
+        for vf in candidates:
+            unheld[vf.rel] = retention_unheld(vf.photos or (), vf.order, held_now, listed, newest)
+            for identity, name in unheld[vf.rel]:
+                if identity not in since:          # a last copy no run recorded: found gone now
+                    photo = GonePhoto(name, iso_now(now), "unlisted", vf.rel)
+                    found.append((vf.album_key, identity, photo))
+                    gone[identity], since[identity] = (vf.album_key, photo), now
+                    if summary is not None:
+                        summary.gone_photos.append((vf.album_path, name, vf.rel, photo.kind))
+        self.set_gone(found)
+        removed, kept, dropped = [], set(), set()
+        for vf in candidates:
+            if not retention_may_go(unheld[vf.rel], since, keep_deleted_days, now):
+                kept.update(i for i, _ in vf.photos or ())
                 continue
             try:
-                shutil.rmtree(os.path.join(folder, stamp))
+                os.remove(self.abs(vf.rel))
             except OSError as exc:
-                log.warning("could not remove old versions %s: %s", os.path.join(folder, stamp),
-                            exc.strerror or exc)
+                log.warning("could not remove the old version %s: %s", self.abs(vf.rel), exc.strerror or exc)
+                kept.update(i for i, _ in vf.photos or ())
+                continue
+            removed.append(vf.rel)
+            dropped.update(i for i, _ in unheld[vf.rel])
+        if removed:
+            self.journal({"pruned_files": removed})
+        lost = [i for i in gone if i not in held_now and i.split(" ")[0] not in listed and i not in kept
+                and not (i in newest and newest[i][0] not in old)]
+        back = [i for i in gone if i.split(" ")[0] in listed]     # listed again (in another album, say)
+        self.set_gone([(gone[i][0], i, None) for i in lost + back])   # no copy left, or not gone: forgotten
+        last = len(dropped.intersection(lost))
+        if summary is not None:
+            summary.last_copies_removed += last
+        if last:
+            log.info("removed the last copy of %d photo%s gone from SmugMug more than keep_deleted_days (%g) "
+                     "ago", last, plural(last), keep_deleted_days)
+        gone_from = set(removed)
+        count = sum(1 for vf in candidates if vf.photos is not None and vf.rel not in gone_from)
+        if count:
+            log.info("kept %d version%s older than keep_versions_days: %s the last copy of a photo",
+                     count, plural(count), "it holds" if count == 1 else "each holds")
+        return self.prune_folders(sorted(old))
+
+    def prune_folders(self, stamps):
+        """In the old versions folders: a manifest with no file left beside it goes (nothing needs it
+        to be understood), then every empty folder; a versions folder left empty is removed and
+        journalled. The number of versions folders removed."""
+        top = self.abs("/".join((STATE_DIR, VERSIONS_DIR)))
+        removed = 0
+        for stamp in stamps:
+            manifests = []
+            for dirpath, _dirs, names in sorted(os.walk(os.path.join(top, stamp)), reverse=True):
+                if names and all(is_versions_manifest(n) for n in names):
+                    for name in names:
+                        try:
+                            os.remove(os.path.join(dirpath, name))
+                            manifests.append(os.path.relpath(os.path.join(dirpath, name), self.root))
+                        except OSError as exc:
+                            log.warning("could not remove the old version %s: %s", os.path.join(dirpath, name),
+                                        exc.strerror or exc)
+                try:
+                    os.rmdir(dirpath)
+                except OSError:
+                    pass
+            if os.path.lexists(os.path.join(top, stamp)):
+                if manifests:
+                    self.journal({"pruned_files": [m.replace(os.sep, "/") for m in manifests]})
                 continue
             self.journal({"pruned": stamp})
             removed += 1
         return removed
+
+    def version_files(self, stamp):
+        """[VersionFile] of one versions folder, each with the photos it holds."""
+        origin = {v[1]: v[0] for v in self.state.versions if v[2] == stamp}
+        keys = {r.path: k for k, r in self.state.albums.items()}
+        found = []
+        for dirpath, dirs, names in os.walk(self.abs("/".join((STATE_DIR, VERSIONS_DIR, stamp)))):
+            dirs.sort()
+            rel = os.path.relpath(dirpath, self.root).replace(os.sep, "/")
+            manifests, holds, sizes, album_key = [n for n in names if is_versions_manifest(n)], {}, {}, ""
+            for name in manifests:
+                try:
+                    with open(os.path.join(dirpath, name), encoding="utf-8") as f:
+                        doc = json.load(f)
+                except (OSError, ValueError):
+                    continue
+                if isinstance(doc, dict) and isinstance(doc.get("album"), dict):
+                    album_key = album_key or str(doc["album"].get("AlbumKey") or "")
+                for identity, file_name, holder in manifest_photos(doc):
+                    holds.setdefault(holder, []).append((identity, file_name))
+                for part in doc.get("parts") or [] if isinstance(doc, dict) else []:
+                    if isinstance(part, dict) and isinstance(part.get("file"), str):
+                        sizes.setdefault(part["file"], set()).add(int_or_none(part.get("size")))
+            for name in sorted(n for n in names if not is_versions_manifest(n)):
+                vrel = rel + "/" + name
+                src = origin.get(vrel, rel.split("/", 3)[3] + "/" + name if rel.count("/") >= 3 else name)
+                holder, path = src.rsplit("/", 1)[-1], os.path.join(dirpath, name)
+                album_path = src.rsplit("/", 1)[0] if "/" in src else ""
+                photos = holds.get(holder)
+                if photos is not None and holder in sizes and Store.part_size(path) not in sizes[holder]:
+                    photos = None           # not the part its manifest describes
+                if photos is None:          # no manifest names it: a zip is read for its entries
+                    entries = zip_identities(path)
+                    photos = None if entries is None else [(i, i.split(" crc:")[0][6:]) for i in entries]
+                found.append(VersionFile(vrel, (stamp, vrel), photos, album_key or keys.get(album_path, ""),
+                                         album_path))
+        return found
+
+    def held_now(self, wanted, entries):
+        """(of the identities wanted, those a current file holds; the ImageKeys of theirs that
+        SmugMug lists and a current file holds, whatever its bytes): as each album's manifest says
+        (read one at a time), the file there and not found damaged; and zip entries no manifest
+        named (entries: album path -> identities), in that album's current parts or its loose files
+        of the same name, size and CRC."""
+        held, keys = set(), {i.split(" ")[0] for i in wanted}
+        listed = set()
+        for record in list(self.state.albums.values()):
+            folder = self.abs(record.path)
+            try:
+                with open(os.path.join(folder, MANIFEST_NAME), encoding="utf-8") as f:
+                    doc = json.load(f)
+            except (OSError, ValueError):
+                doc = None
+            for name, section in doc.items() if isinstance(doc, dict) else ():
+                for identity, _name, holder in manifest_photos({name: section}, keys):
+                    if holder in record.damaged or not os.path.exists(os.path.join(folder, holder)):
+                        continue
+                    if identity in wanted:
+                        held.add(identity)
+                    if name == "files":             # SmugMug lists it (other sections: no longer)
+                        listed.add(identity.split(" ")[0])
+            want = entries.get(record.path)
+            for f in record.files if want else ():
+                path = os.path.join(folder, f.name)
+                if f.name in record.damaged:
+                    continue
+                if f.kind == "archive":
+                    held.update((zip_identities(path) or set()) & want)
+                elif any(i.startswith("entry:") and i.rsplit(" size:", 1)[1] == str(f.size) and
+                         i.split(" crc:")[0][6:].rsplit("/", 1)[-1] == f.name for i in want):
+                    crc = file_crc(path)
+                    held.update(i for i in want if i == "entry:%s crc:%08x size:%d" % (
+                        i.split(" crc:")[0][6:], crc, f.size))
+        return held, listed
 
 
 # State ######################################################################
@@ -3125,7 +3402,8 @@ def journal_entry_problem(entry):
     AlbumRecord.from_json); a field it does not know is left alone (a newer version's)."""
     if not isinstance(entry, dict):
         return "not an object"
-    known = ("album", "drop", "partial", "requested", "intent", "done", "versions", "pruned")
+    known = ("album", "drop", "partial", "requested", "intent", "done", "versions", "pruned", "pruned_files",
+             "gone")
     if not any(k in entry for k in known):
         return "no field this version knows"
     if "album" in entry:
@@ -3152,7 +3430,45 @@ def journal_entry_problem(entry):
     versions = entry.get("versions", [])
     if not (isinstance(versions, list) and all(_is_str_list(x, (2, 3)) for x in versions)):
         return "versions"
+    if not _is_str_list(entry.get("pruned_files", []), range(1 << 62)):
+        return "pruned_files"
+    gone = entry.get("gone", [])          # [[AlbumKey, photo identity, GonePhoto or None]...]
+    if not (isinstance(gone, list) and all(isinstance(x, list) and len(x) == 3 and _is_str_list(x[:2], (2,))
+                                           and isinstance(x[2], (dict, type(None))) for x in gone)):
+        return "gone"
     return ""
+@dataclass(frozen=True)
+class GonePhoto:
+    """A photo (these bytes of it) SmugMug no longer has, whose copy the backup keeps: since when
+    (the run that first found it gone: keep_deleted_days counts from there), and where it was kept."""
+    file_name: str
+    since: str                   # UTC, ISO 8601
+    kind: str = "deleted"        # "deleted" on SmugMug (found by a backup of its album), or
+                                 # "unlisted": a version's photo no current file holds, found by retention
+    where: str = ""              # the file that held it then (a versions path, or a kept part)
+
+    KINDS = ("deleted", "unlisted")
+
+    @classmethod
+    def from_json(cls, identity, data):
+        """A valid record, or ValueError naming the bad field."""
+        if not isinstance(identity, str) or not identity or "\n" in identity:
+            raise ValueError("identity")
+        if not isinstance(data, dict):
+            raise ValueError("not an object")
+        name, since, kind, where = (data.get(k) for k in ("FileName", "Since", "Kind", "Where"))
+        if not isinstance(name, str):
+            raise ValueError("FileName")
+        if not isinstance(since, str) or parse_time(since) is None:
+            raise ValueError("Since")
+        if kind not in cls.KINDS:
+            raise ValueError("Kind")
+        if where is not None and not isinstance(where, str):
+            raise ValueError("Where")
+        return cls(name, since, kind, where or "")
+
+    def to_json(self):
+        return {"FileName": self.file_name, "Since": self.since, "Kind": self.kind, "Where": self.where}
 
 
 class BackupState:
@@ -3160,7 +3476,8 @@ class BackupState:
 
     albums: AlbumKey -> AlbumRecord. partials: NAME.part path -> Partial.
     requested: AlbumKeys whose archive was asked for and not yet saved (a run
-    that is stopped looks first at what SmugMug already prepared). Owned by the
+    that is stopped looks first at what SmugMug already prepared). gone: AlbumKey
+    -> {photo identity: GonePhoto}, only the photos SmugMug no longer has. Owned by the
     orchestrator thread alone. A snapshot (state.json, replaced atomically)
     plus a journal with one line per change: a crash loses at most the album
     in flight. A record that does not validate is set aside (kept in the
@@ -3183,6 +3500,8 @@ class BackupState:
         self.versions = []              # [path, versions path, run stamp] of each file moved to versions
         self.torn = []                  # journal lines set aside on load (not parsed, or of the wrong shape)
         self._versioned = set()         # the versions paths in self.versions
+        self.gone = {}                  # AlbumKey -> {identity: GonePhoto}
+        self.gone_set_aside = {}        # AlbumKey -> {identity: what did not validate}, kept as it was
         self._journal = None
 
     @property
@@ -3218,7 +3537,10 @@ class BackupState:
             entries = ([{"album": raw, "key": key} for key, raw in data["albums"].items()]
                        + [{"partial": [path, raw]} for path, raw in partials.items()]
                        + [{"intent": intent} for intent in intents.values()]
-                       + [{"versions": [item]} for item in versions])
+                       + [{"versions": [item]} for item in versions]
+                       + [{"gone": [[key, identity, photo]]} for raw in (data.get("gone"), data.get("gone_set_aside"))
+                          for key, photos in (raw if isinstance(raw, dict) else {}).items()
+                          for identity, photo in (photos if isinstance(photos, dict) else {}).items()])
             wrong = 0
             for entry in entries:
                 try:
@@ -3282,7 +3604,8 @@ class BackupState:
     def _apply(self, entry):
         """One journal entry: {"album": record} | {"drop": key} | {"partial": [path, Partial|None]}
         | {"requested": [key, bool]} | {"intent": change} | {"done": intent id, "versions": [[path,
-        versions path]...]} | {"pruned": run stamp}. A bad record is set aside with a warning; an
+        versions path]...]} | {"pruned": run stamp} | {"pruned_files": [versions path...]}
+        | {"gone": [[key, identity, GonePhoto|None]...]}. A bad record is set aside with a warning; an
         entry of the wrong shape is refused whole (ValueError), before anything changes. Applying
         an entry twice is applying it once."""
         problem = journal_entry_problem(entry)
@@ -3325,6 +3648,23 @@ class BackupState:
         if "pruned" in entry:
             self.versions = [v for v in self.versions if v[2] != entry["pruned"]]
             self._versioned = {v[1] for v in self.versions}
+        if "pruned_files" in entry:
+            pruned = set(entry["pruned_files"])
+            self.versions = [v for v in self.versions if v[1] not in pruned]
+            self._versioned = {v[1] for v in self.versions}
+        for key, identity, raw in entry.get("gone") or ():
+            photos = self.gone.setdefault(key, {})
+            if raw is None:
+                photos.pop(identity, None)
+            else:
+                try:
+                    photos[identity] = GonePhoto.from_json(identity, raw)
+                except ValueError as exc:
+                    log.warning("state record of a photo gone from album %s is damaged (bad %s): set aside",
+                                key, exc)
+                    self.gone_set_aside.setdefault(key, {})[identity] = raw
+            if not photos:
+                del self.gone[key]
 
     def record(self, entry):
         """Apply an entry and append it to the journal (flushed and fsynced). OSError: a write error."""
@@ -3355,6 +3695,12 @@ class BackupState:
         self.set_partial(path, partial)
         return False
 
+    def gone_entry(self, changes):
+        """The journal entry for [(album key, photo identity, GonePhoto: gone from SmugMug | None: no
+        longer)], those that change something; None when none does."""
+        changes = [[k, i, p.to_json() if p else None] for k, i, p in changes if self.gone.get(k, {}).get(i) != p]
+        return {"gone": changes} if changes else None
+
     def set_requested(self, key, on):
         if (key in self.requested) != on:
             self.record({"requested": [key, on]})
@@ -3374,6 +3720,10 @@ class BackupState:
             data["intents"] = self.intents
         if self.versions:
             data["versions"] = self.versions
+        if self.gone:
+            data["gone"] = {k: {i: p.to_json() for i, p in photos.items()} for k, photos in self.gone.items()}
+        if self.gone_set_aside:
+            data["gone_set_aside"] = self.gone_set_aside
         write_atomic(self.snapshot_path, json.dumps(data, ensure_ascii=False, indent=1, sort_keys=True))
         if self.torn:                   # the journal's unreadable lines outlive it, for a person
             with open(os.path.join(self.dir, SET_ASIDE_FILE), "a", encoding="utf-8") as f:
@@ -4389,6 +4739,11 @@ def print_summary(summary, options):
     if summary.emptied:
         log.info("%d album%s empty on SmugMug now (local files kept): %s", len(summary.emptied),
                  plural(len(summary.emptied)), ", ".join(summary.emptied))
+    if summary.gone_photos:
+        print_gone_photos(summary.gone_photos)
+    if summary.last_copies_removed:
+        log.info("%d photo%s gone from SmugMug longer than keep_deleted_days: the last copy removed.",
+                 summary.last_copies_removed, plural(summary.last_copies_removed))
     if summary.gone:
         log.info("%d album%s gone from SmugMug (local files kept):", len(summary.gone), plural(len(summary.gone)))
         for path in summary.gone:
@@ -4398,6 +4753,21 @@ def print_summary(summary, options):
         log.info("Waited %s in all: %s.", human_seconds(sum(s for _, s in waits)),
                  ", ".join("%s %s" % ("SmugMug unreachable" if kind == "unreachable" else "SmugMug's " + kind,
                                       human_seconds(s)) for kind, s in waits))
+
+
+def print_gone_photos(photos, groups=5, names=5):
+    """The photos a run found gone from SmugMug ([(album path, file, where kept, kind)]): how many,
+    then a line per file that keeps them (a few of each, then counts)."""
+    log.info("%d photo%s found gone from SmugMug, kept in the backup:", len(photos), plural(len(photos)))
+    held = collections.OrderedDict()
+    for album, name, where, kind in photos:
+        held.setdefault(where, []).append("%s%s" % (name, " (replaced)" if kind == "replaced" else ""))
+    for where, files in list(held.items())[:groups]:
+        log.info("  %s%s: in %s", ", ".join(files[:names]),
+                 " and %d more" % (len(files) - names) if len(files) > names else "", where)
+    if len(held) > groups:
+        rest = list(held.values())[groups:]
+        log.info("  ... and %d more in %d other file%s", sum(map(len, rest)), len(rest), plural(len(rest)))
 
 
 def print_dry_run(reporter, summary, options):
@@ -5051,6 +5421,7 @@ class Orchestrator:
         if outcome.keep:
             return self.fail(run, outcome.keep)
         versioned = self.store.commit(run.album.album_key, run.album.rel, outcome)
+        self.note_gone(run)
         self.state.set_requested(run.album.album_key, False)
         self.store.discard_parts(albums={run.album.album_key})
         if run.plain:
@@ -5059,6 +5430,26 @@ class Orchestrator:
         lacking = self.reporter.committed(self.summary, run, outcome, versioned)
         if lacking:
             self.fail(run, lacking, done=True)
+
+    def note_gone(self, run):
+        """After a commit: the photos the previous backup held that SmugMug no longer has are
+        recorded (from now: keep_deleted_days) with where they are kept, a versions path or the
+        part that stays, and named in the summary; those SmugMug lists again are no longer gone."""
+        key, rel = run.album.album_key, run.album.rel
+        if run.plan.incomplete:
+            return
+        recorded = self.state.gone.get(key, {})
+        listed = {photo_identity(f.key, f.archived_md5, f.archived_size) for f in run.plan.listing}
+        changes = [(key, identity, None) for identity in recorded if identity in listed]
+        for identity, name, holder in gone_photos(run.plan.before, run.plan.listing):
+            where = self.store.last_versioned.get(rel + "/" + holder)
+            if where is None and os.path.exists(self.store.abs(rel + "/" + holder)):
+                where = rel + "/" + holder          # a part that stays, for the photos it still holds
+            if where is None or identity in recorded:
+                continue
+            changes.append((key, identity, GonePhoto(name, iso_now(), "deleted", where)))
+            self.summary.gone_photos.append((rel, name, where, "deleted"))
+        self.store.set_gone(changes)
 
     def fail(self, run, reason, where=None, folder=True, done=False):
         """An album fails by name (or, run None, the folder or node at where)."""
@@ -5106,7 +5497,13 @@ class Orchestrator:
             self.summary.gone = self.walk.gone(self.state.albums)
         if whole and not self.options.dry_run:
             self.store.discard_parts(keep={k for k, r in self.runs.items() if r.state != "done"})
-            pruned = self.store.prune_versions(self.config.keep_versions_days)
+            try:
+                pruned = self.store.prune_versions(self.config.keep_versions_days, self.config.keep_deleted_days,
+                                                   summary=self.summary)
+            except LocalWriteError as exc:
+                log.error("retention of old versions stopped: %s", exc)
+                self.summary.write_error = self.summary.write_error or str(exc)
+                pruned = 0
             if pruned:
                 log.info("removed %d versions folder%s older than keep_versions_days (%g)", pruned,
                          plural(pruned), self.config.keep_versions_days)
@@ -5358,7 +5755,11 @@ def build_parser():
     how.add_argument("--keep-versions-days", type=float, metavar="DAYS",
                      help="keep files a backup replaced or no longer has (in "
                           ".smugmug_download/versions/) this many days; 0 deletes them at the end of the "
-                          "run, earlier runs' too (default 90)")
+                          "run, earlier runs' too (default 90); a version that holds the last copy of a "
+                          "photo is kept longer (see --keep-deleted-days)")
+    how.add_argument("--keep-deleted-days", type=float, metavar="DAYS",
+                     help="keep the last copy of a photo SmugMug no longer has this many days from the "
+                          "run that first found it gone (default: forever)")
     how.add_argument("--layout", choices=CONFIG_CHOICES["layout"],
                      help="zips: each album as SmugMug's zip archive(s) (the default); files: every photo "
                           "and video a plain file in its album's folder, dated when taken, with an XMP "
@@ -5381,7 +5782,8 @@ def number_problem(key, value):
     (0 allowed for CONFIG_ZERO_OK)."""
     kind = CONFIG_OPTIONAL[key][0]
     if isinstance(value, bool) or not isinstance(value, kind):
-        return "must be a whole number" if kind is int and isinstance(value, float) else "must be a number"
+        return "must be a whole number" if kind is int and isinstance(value, float) else "must be a number" + (
+            " of days, or null (forever)" if key in CONFIG_NULL_OK else "")
     if not math.isfinite(value):
         return "must be a finite number (%s, at most %g), not %s" % (
             "0 or more" if key in CONFIG_ZERO_OK else "above 0", CONFIG_MAXIMUM[key], value)
@@ -5464,6 +5866,9 @@ def validate_config(data, path, required=CONFIG_REQUIRED, output_base=None, flag
         value = data.get(key, default)
         if value is None:
             value = default
+        if value is None and key in CONFIG_NULL_OK:
+            values[key] = None
+            continue
         problem = number_problem(key, value) if kind is not str else "" if isinstance(value, str) \
             else "must be a string"
         if problem:
