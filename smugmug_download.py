@@ -457,6 +457,9 @@ class AlbumPlan:
     extracted: dict = field(default_factory=dict)   # files layout: file name -> size, unpacked from the
                                                     # parts into NAME.part, MD5-checked
     before: tuple = ()           # (identity, FileName, holder) the previous backup holds (gone_photos)
+    kept: Optional[tuple] = None   # planned from the manifest: (name, size) of the parts on disk kept
+    former: tuple = ()           # the manifest's former entries (what kept parts hold, no longer current)
+    archive: str = ""            # planned from the manifest: why a fresh archive costs less ("" : it does not)
 
 
 @dataclass
@@ -712,10 +715,13 @@ def manifest_document(album, plan, parts):
         entry.setdefault("ImageKey", f.key)
         entry.update(plan.locations.get(f.key) or {"missing": "not found"})
         files.append(entry)
-    return {"format": "smugmug_download manifest 1", "tool": "smugmug_download %s" % __version__,
-            "album": {k: info[k] for k in ALBUM_FIELDS if k in info}, "path": album.rel,
-            "parts": [{"file": name, "size": size} for name, size in parts],
-            "files": files}
+    doc = {"format": "smugmug_download manifest 1", "tool": "smugmug_download %s" % __version__,
+           "album": {k: info[k] for k in ALBUM_FIELDS if k in info}, "path": album.rel,
+           "parts": [{"file": name, "size": size} for name, size in parts],
+           "files": files}
+    if plan.former:     # what kept zip parts hold that is no longer current (a backup, not a mirror)
+        doc["former"] = list(plan.former)
+    return doc
 
 
 # -- capture dates, XMP sidecars, the index: pure, from a listed file's fields --
@@ -2280,18 +2286,36 @@ class OldBackup:
     """What an album's check needs of its previous backup (None for a new album)."""
     folder: str                  # where its files are now (after a move)
     loose: frozenset             # names of its files saved on their own
-    light: bool = False          # a rolling recheck: trust the manifest's record of the zips' entries
+    light: bool = False          # planned from its manifest (a change, a rolling recheck): the zips'
+                                 # entries are taken from it, and what costs more goes by an archive
+    parts: tuple = ()            # (name, size) of its zip parts, as the state records them
+    damaged: frozenset = frozenset()   # names of its files --verify found damaged (never trusted)
+
+
+# Where a file's bytes are, as the manifest says: a zip part and entry, or a file of its own
+# (a rendition with what it was checked against).
+HOLDER_KEYS = ("archive", "entry", "file", "rendition", "size", "md5", "transcode")
+# What the manifest keeps of a file a kept zip part still holds that is no longer current.
+FORMER_KEYS = ("FileName", "ImageKey", "IsVideo", "ArchivedSize", "ArchivedMD5", "Title", "Caption",
+               "Keywords", "DateTimeOriginal", "LastUpdated", "Serial")
+FORMER_DELETED, FORMER_REPLACED = "deleted on SmugMug", "replaced"
 
 
 def previous_manifest(folder):
-    """The files entries of the metadata.json in folder, or [] (none there, or unreadable)."""
+    """The files entries of the metadata.json in folder, then its former entries (files SmugMug
+    no longer lists, or replaced, that a kept zip part still holds), or [] (none, unreadable)."""
     try:
         with open(os.path.join(folder, MANIFEST_NAME), encoding="utf-8") as f:
             doc = json.load(f)
     except (OSError, ValueError):
         return []
-    files = doc.get("files") if isinstance(doc, dict) else None
-    return [item for item in files if isinstance(item, dict)] if isinstance(files, list) else []
+    if not isinstance(doc, dict):
+        return []
+    out = []
+    for section in ("files", "former"):
+        items = doc.get(section)
+        out += [item for item in items if isinstance(item, dict)] if isinstance(items, list) else []
+    return out
 
 
 def held_keys(folder, entries):
@@ -2350,6 +2374,108 @@ def manifest_entries(entries, parts):
             out.append(ZipEntry(item["archive"], item["entry"], int_or_none(item.get("ArchivedSize")) or -1,
                                 md5.lower() if isinstance(md5, str) else ""))
     return out
+def held_on_disk(listing, folder, parts, loose):
+    """The ImageKeys a previous backup without a manifest (version 1, or deleted) holds, from
+    the state's record and the disk: a file whose FileName (or SmugMug's renamed form of it) is
+    an entry of one of its zip parts on disk, or one of its files saved on their own."""
+    names = set(loose)
+    for name, _size in parts:
+        try:
+            with zipfile.ZipFile(os.path.join(folder, name)) as archive:
+                names.update(zip_entry_names(i).rsplit("/", 1)[-1] for i in archive.infolist())
+        except (OSError, zipfile.BadZipFile, ValueError, RuntimeError, NotImplementedError):
+            continue
+    return frozenset(f.key for f in listing if f.file_name and (
+        f.file_name in names or clean_name(f.file_name, keep_extension=True) in names
+        or any(is_renamed_form(n, f.file_name) for n in names)))
+
+
+def same_file(listed, item):
+    """Is this manifest entry the listed file: the same ImageKey and FileName, and the same MD5,
+    or where SmugMug gives no MD5, the same size (where given) and LastUpdated and Serial? Never
+    by its name alone."""
+    if item.get("ImageKey") != listed.key or item.get("FileName") != listed.file_name:
+        return False
+    size = int_or_none(item.get("ArchivedSize"))
+    if listed.archived_size is not None and size != listed.archived_size:
+        return False
+    if listed.archived_md5:
+        md5 = item.get("ArchivedMD5")
+        return isinstance(md5, str) and md5.lower() == listed.archived_md5
+    fields = dict(listed.fields)
+    stamps = [k for k in ("LastUpdated", "Serial") if k in fields]
+    return bool(stamps) and all(item.get(k) == fields[k] for k in stamps)
+
+
+def held_by_manifest(listing, previous, sound_parts, folder, stop=None, trusted=None):
+    """{ImageKey: where} for the listed files the previous backup holds by their identity
+    (same_file): in a zip part on disk that is sound (sound_parts: trusting the manifest's
+    record of its entries), or as a file of its own at its recorded size and MD5 (trusted(name):
+    at its recorded size, as the parts are; --verify and a recheck read its MD5)."""
+    by_key = collections.defaultdict(list)
+    for item in previous:
+        if isinstance(item.get("ImageKey"), str):
+            by_key[item["ImageKey"]].append(item)
+    held, used = {}, set()
+    for f in listing:
+        for item in by_key.get(f.key, ()):
+            if not same_file(f, item):
+                continue
+            part, entry, name = item.get("archive"), item.get("entry"), item.get("file")
+            if part in sound_parts and isinstance(entry, str) and (part, entry) not in used:
+                used.add((part, entry))
+                held[f.key] = {"archive": part, "entry": entry}
+                break
+            if isinstance(name, str) and safe_rel(name) and "/" not in name and ("file", name) not in used:
+                rendition = item.get("rendition") is True
+                size = int_or_none(item.get("size")) if rendition else f.archived_size
+                md5 = (item.get("md5") or "") if rendition else f.archived_md5
+                md5 = md5 if isinstance(md5, str) and not (trusted and trusted(name)) else ""
+                if file_is(os.path.join(folder, name), size, md5, stop):
+                    used.add(("file", name))
+                    held[f.key] = {k: item[k] for k in HOLDER_KEYS if k in item and k not in ("archive", "entry")}
+                    break
+    return held
+
+
+def former_entries(listing, locations, previous, kept):
+    """The manifest's former section: every entry of a kept zip part (kept: names) that no
+    listed file is held by now, carried forward from the previous manifest, with its status
+    (a file SmugMug no longer lists, or one whose bytes it replaced)."""
+    listed = {f.key for f in listing}
+    live = {(w.get("archive"), w.get("entry")) for w in locations.values() if "archive" in w}
+    out, seen = [], set()
+    for item in previous:
+        where = (item.get("archive"), item.get("entry"))
+        if where[0] in kept and isinstance(where[1], str) and where not in live and where not in seen:
+            seen.add(where)
+            entry = {k: item[k] for k in FORMER_KEYS if k in item}
+            entry.update(archive=where[0], entry=where[1],
+                         status=FORMER_REPLACED if item.get("ImageKey") in listed else FORMER_DELETED)
+            out.append(entry)
+    return tuple(out)
+
+
+def known_sizes(sizes):
+    """Sizes with the unknown (None) counted at the average of the known (1 when none is)."""
+    known = [s for s in sizes if s is not None]
+    average = sum(known) / len(known) if known else 1
+    return [average if s is None else s for s in sizes]
+
+
+def delta_or_archive(needed, listed, dead, kept):
+    """The rule for a changed album planned from its manifest: why it takes a fresh archive,
+    or "" (it fetches what it needs on its own). needed: bytes of the files to fetch; listed:
+    bytes of every listed file; dead: bytes of the entries of its kept zip parts that hold no
+    current file (the manifest's former); kept: bytes of those parts. An archive when the
+    files needed are more than half the album (one archive costs less than many files), or
+    when more than half of the kept parts' bytes hold no current file (compaction: the zips
+    do not fill with the dead)."""
+    if kept and dead * 2 > kept:
+        return "compaction: %s of its %s of zip parts hold no current file" % (human_bytes(dead), human_bytes(kept))
+    if listed and needed * 2 > listed:
+        return "%s of its %s to fetch" % (human_bytes(needed), human_bytes(listed))
+    return ""
 
 
 def check_album(client, album, parts, folder, old, plain=False):
@@ -2357,13 +2483,17 @@ def check_album(client, album, parts, folder, old, plain=False):
 
     parts: [(part name, path)] (NAME.part files, or the final files of an
     earlier backup). Lists the album's files, CRC-tests every entry of every
-    part (or, for a rolling recheck, takes the entries its manifest records),
-    matches listing to entries, and decides for each file the archive lacks
-    where it goes and where from: its original (ArchivedUri), else SmugMug's
-    largest rendition (a collected photo, a video without an original); a
-    loose file saved before that still has the listed size and MD5 is kept.
-    The plan also says which files the previous backup holds (held_before),
-    so that nothing it has is replaced by a backup that lacks it.
+    part (or, planned from its manifest, takes the entries the manifest
+    records in the parts on disk at their recorded size), matches listing to
+    entries, and decides for each file the archive lacks where it goes and
+    where from: its original (ArchivedUri), else SmugMug's largest rendition (a
+    collected photo, a video without an original). A file the previous backup
+    holds is found by its identity (same_file), never by its name. The plan
+    also says which files the previous backup holds (held_before, from its
+    manifest, or without one from its zips on disk), so that nothing it has is
+    replaced by a backup that lacks it; and, planned from the manifest, which
+    parts are kept, what they hold that is no longer current (former), and
+    whether a fresh archive costs less (delta_or_archive).
 
     plain (the files layout): every listed file is a plain file in folder, named
     over the whole listing; each one a part holds is unpacked into its NAME.part
@@ -2371,12 +2501,16 @@ def check_album(client, album, parts, folder, old, plain=False):
     """
     listing, short = list_images(client, album)
     previous = previous_manifest(old.folder) if old else []
-    held = held_keys(old.folder, previous) if old else frozenset()
+    if previous:
+        held = held_keys(old.folder, previous)
+    else:
+        held = held_on_disk(listing, old.folder, old.parts, old.loose) if old else frozenset()
+    light = bool(old and old.light and previous)
+    if old and old.light and not previous and not plain:      # nothing to plan from: an archive
+        return AlbumPlan(tuple(listing), {}, held_before=held, incomplete=short, archive="no manifest to plan from")
     want_md5 = any(f.archived_md5 for f in listing)
     entries, bad = [], {}
-    if old and old.light and previous:
-        entries = manifest_entries(previous, {name for name, _ in parts})
-    else:
+    if not light:
         for name, path in parts:
             try:
                 entries.extend(scan_zip(path, name, want_md5, client.stop))
@@ -2385,13 +2519,19 @@ def check_album(client, album, parts, folder, old, plain=False):
     if bad:
         return AlbumPlan(tuple(listing), {}, (), bad, held_before=held, incomplete=short)
     found = match_files(listing, entries)
+    locations = {k: {"archive": e.part, "entry": e.name} for k, e in found.items()}
+    sound = {name for name, _ in parts} if light and not plain else set()
+    locations.update(held_by_manifest([f for f in listing if f.key not in locations], previous, sound, folder,
+                                      client.stop, light and (lambda name: name not in old.damaged)))
     same = {name: file_signature(os.path.join(folder, name)) for name, path in parts   # read here, off
             if not plain and path != os.path.join(folder, name)
             and same_bytes(os.path.join(folder, name), path, client.stop)}
-    locations = {k: {"archive": e.part, "entry": e.name} for k, e in found.items()}
-    lacking = [f for f in listing if f.key not in found]
-    names = loose_file_names([(f.key, f.file_name) for f in (listing if plain else lacking)],
-                             ([] if plain else [n for n, _ in parts]) + [MANIFEST_NAME, "." + MANIFEST_NAME])
+    lacking = [f for f in listing if f.key not in locations]
+    taken = [MANIFEST_NAME, "." + MANIFEST_NAME] + [w["file"] for w in locations.values() if "file" in w]
+    if not plain:           # a file of its own is never named like a part, or over a current entry, unzipped
+        taken += [n for n, _ in parts] + [w["entry"].rsplit("/", 1)[-1] for w in locations.values() if "entry" in w]
+    names = loose_file_names([(f.key, f.file_name) for f in listing if f.key in found or f.key not in locations]
+                             if plain else [(f.key, f.file_name) for f in lacking], taken)
     extracted = {}
     if plain:
         try:
@@ -2399,7 +2539,7 @@ def check_album(client, album, parts, folder, old, plain=False):
         except BadArchive as exc:
             return AlbumPlan(tuple(listing), {}, (), {str(exc).split(":", 1)[0]: str(exc)}, held_before=held,
                              incomplete=short)
-        locations = {k: {"file": names[k]} for k in found}
+        locations.update({k: {"file": names[k]} for k in found})
     tasks = []
     for f in lacking:
         if f.processing:
@@ -2419,23 +2559,32 @@ def check_album(client, album, parts, folder, old, plain=False):
             locations[f.key].update(rendition=True, size=size, md5=md5)
             if f.is_video:
                 locations[f.key]["transcode"] = True
-        path = os.path.join(folder, name)
-        known = size
-        if rendition and size is None and old:
-            # made on the fly (no Size): the copy saved before is judged by, and keeps, the size
-            # it came with, which the old manifest records
-            known = next((int_or_none(p.get("size")) for p in previous
-                          if p.get("ImageKey") == f.key and p.get("file") == name), None)
-        if old and name in old.loose and file_is(path, known, md5, client.stop):
-            if rendition:
-                locations[f.key]["size"] = known
+        # a file saved before with no manifest to say whose it is: its MD5 proves it
+        if md5 and old and not previous and name in old.loose and file_is(os.path.join(folder, name), size, md5,
+                                                                           client.stop):
             continue
         tasks.append(FileTask(f.key, name, url, size, md5, rendition, f.version))
-    before = tuple(p for p in manifest_photos({"files": previous})
+    kept, former, archive = None, (), ""
+    if light:
+        live = {w["archive"] for w in locations.values() if "archive" in w}
+        kept = tuple((n, s) for n, s in old.parts if n in sound and n in live)
+        former = former_entries(listing, locations, previous, {n for n, _ in kept})
+        sizes = dict(zip((f.key for f in listing), known_sizes([f.archived_size for f in listing])))
+        average = sum(sizes.values()) / len(sizes) if sizes else 1
+        dead = sum(int_or_none(e.get("ArchivedSize")) or average for e in former)
+        needed = sum(t.size if t.size is not None else sizes[t.key] for t in tasks)
+        if not short:
+            archive = delta_or_archive(needed, sum(sizes.values()), dead, sum(s for _, s in kept))
+    elif previous:                  # the parts on disk (a recheck) keep what they held before
+        on_disk = {n for n, path in parts if path == os.path.join(folder, n)}
+        scanned = {(e.part, e.name) for e in entries}
+        former = tuple(e for e in former_entries(listing, locations, previous, on_disk)
+                       if (e["archive"], e["entry"]) in scanned)
+    before = tuple(p for p in manifest_photos({"files": [p for p in previous if "status" not in p]})
                    if os.path.exists(os.path.join(old.folder, p[2]))) if old else ()
     return AlbumPlan(tuple(listing), locations, tuple(tasks), {}, files_checked=len(listing),
-                     held_before=held, incomplete=short, same=same, extracted=extracted,
-                     before=before)
+                     held_before=held, incomplete=short, same=same, extracted=extracted, before=before,
+                     kept=kept, former=former, archive=archive)
 
 
 def unpack_files(listing, found, names, part_paths, folder, old, stop=None):
@@ -2455,6 +2604,16 @@ def unpack_files(listing, found, names, part_paths, folder, old, stop=None):
     for part, entries in wanted.items():
         extracted.update(Store.unpack(part_paths[part], part, entries, folder, stop))
     return extracted
+
+
+def dry_check(client, album, parts, folder, old, plain=False):
+    """A dry run's check of a changed album planned from its manifest (nothing is written: no
+    part is read, so none unpacked): its AlbumPlan, or None when its files could not be listed."""
+    try:
+        return check_album(client, album, parts, folder, old, plain)
+    except ApiError as exc:
+        log.warning("%s: could not list its files: %s", album.rel, exc)
+        return None
 
 
 def ends_a_line(path):
@@ -3869,6 +4028,14 @@ def count_moved(album, record):
     return None not in (record.image_count, album.image_count) and record.image_count != album.image_count
 
 
+def plan_from_manifest(record, output_dir):
+    """Can a changed album be planned from its listing against its manifest (and so fetch only
+    what changed), rather than from a fresh archive: a backup in place with its manifest there?"""
+    folder = os.path.join(output_dir, *record.path.split("/"))
+    return bool(record.files) and record.manifest is not None and \
+        file_sizes_match(folder, [SavedFile(MANIFEST_NAME, record.manifest)])
+
+
 def classify(album, record, output_dir, recheck_days=0, now=None):
     """What an album needs against its state record (timestamps known):
 
@@ -4560,8 +4727,10 @@ class Reporter:
                    ", %d to versions" % versioned if versioned else "")
         return ""
 
-    def dry_run(self, run, status):
-        """A dry run's line for an album (into the heap of lines, printed in path order) and its count."""
+    def dry_run(self, run, status, plan=None, on_disk=None):
+        """A dry run's line for an album (into the heap of lines, printed in path order) and its count;
+        for a changed album planned from its manifest (plan: its files listed; on_disk: the names
+        of its files there), what it would fetch."""
         album, record = run.album, run.record
         moved = record is not None and record.path != album.rel
         if status == "unchanged" and moved:
@@ -4576,9 +4745,18 @@ class Reporter:
         if status == "changed" and record and record.files and album.image_count == 0:
             notes.append("empty on SmugMug now: its %d file%s are kept" % (len(record.files),
                                                                           plural(len(record.files))))
-        elif status == "changed" and record and record.files and run.plain:
+        elif plan is not None and not plan.archive:
+            fetch = plan.fetch
+            notes.append("files listed: %d file%s to fetch on its own, no archive" % (len(fetch), plural(len(fetch))))
+            kept = {n for n, _ in plan.kept or ()} | {w["file"] for w in plan.locations.values() if "file" in w}
+            count = 1 + sum(1 for f in record.files if f.name in on_disk and (
+                f.name not in kept or f.name in {t.name for t in fetch}))
+            notes.append("%d old file%s to versions" % (count, plural(count)))
+        elif status == "changed" and record and record.files and run.plain and plan is None:
             notes.append("listed and compared with the files on disk; only what changed is fetched")
         elif status == "changed" and record and record.files:
+            if plan is not None:
+                notes.append("files listed: a fresh archive (%s)" % plan.archive)
             # only what the new backup replaces with other bytes, or no longer has, goes: the
             # dry run cannot know which (it downloads nothing), so it says how many at most
             count = len(record.files) + (record.manifest is not None)
@@ -4798,7 +4976,8 @@ class AlbumRun:
     link was refused (a fresh link is looked up); checking straight from
     requesting or preparing when SmugMug will not prepare the archive (saved
     file by file) or from new for a recheck of what is on disk; downloading
-    again from checking when a part is not a sound zip; failed from anywhere.
+    again from checking when a part is not a sound zip; waiting from checking when a changed
+    album planned from its manifest costs less through an archive; failed from anywhere.
     Every retry counter is in tries.
     """
 
@@ -4890,20 +5069,29 @@ class AlbumRun:
 
     def check_inputs(self, folder, transport):
         """(parts, folder, old, plain) for the check stage: the parts just downloaded (NAME.part,
-        in transport for the files layout), those on disk (a recheck) or none (file by file);
-        what it needs of the previous backup, if any."""
+        in transport for the files layout), those on disk (a recheck; planned from the manifest,
+        only those that are sound) or none (file by file); what it needs of the previous backup,
+        if any. The files layout unpacks parts on disk: it reads them."""
+        light = self.from_disk and self.reason in ("due", "changed") and not (self.plain and self.record.parts)
         if self.by_file:
             parts = []
-        elif self.from_disk:
-            parts = [(f.name, os.path.join(folder, f.name)) for f in self.record.parts]
+        elif self.from_disk:        # planned from the manifest: only the parts on disk that are sound
+            parts = [(f.name, os.path.join(folder, f.name)) for f in self.record.parts
+                     if not light or (f.name not in self.record.damaged and file_sizes_match(folder, [f]))]
         else:
             parts = [(name, os.path.join(transport if self.plain else folder, name) + ".part")
                      for name in sorted(self.parts)]
         old = None
         if self.record and self.record.path == self.album.rel:
             old = OldBackup(folder, frozenset(f.name for f in self.record.files if f.kind == "file"),
-                            light=self.reason == "due")
+                            light=light, parts=tuple((f.name, f.size) for f in self.record.parts),
+                            damaged=frozenset(self.record.damaged))
         return parts, folder, old, self.plain
+
+    def take_an_archive(self):
+        """Planned from its manifest, the album costs less through a fresh archive: waiting for one."""
+        self.from_disk, self.reason, self.plan = False, "changed", None
+        self.to("waiting")
 
     # What the album does next: (action, why) for Orchestrator.act(). The actions: download,
     # wait (for its archive), again (a new archive), refresh (fresh links for the same one),
@@ -4942,7 +5130,7 @@ class AlbumRun:
             return "refresh", str(exc)
         if isinstance(exc, Forbidden) and kind == "request":
             return "by_file", "SmugMug would not prepare an archive (%s)" % exc
-        if isinstance(exc, NotFound) and kind in ("request", "details"):
+        if isinstance(exc, NotFound) and kind in ("request", "details", "check"):   # (the listing's 404)
             return "vanished", ""
         return "fail", str(exc)
 
@@ -5071,7 +5259,8 @@ class Orchestrator:
         self.halt = False                       # start nothing new (a fatal write error, SmugMug unreachable)
         self.bytes_known = 0
         self.nickname = None                    # the account's, once found (the walk has begun)
-        self.handlers = {"walk": self.on_walk, "details": self.on_details, "request": self.on_request,
+        self.handlers = {"walk": self.on_walk, "details": self.on_details, "dry": self.on_dry_check,
+                         "request": self.on_request,
                          "look": self.on_look, "download": self.on_download, "check": self.on_check,
                          "fetch": self.on_fetch, "wait": lambda run, result: None}
 
@@ -5251,6 +5440,11 @@ class Orchestrator:
         status = classify(album, record, self.out, self.config.recheck_days) if album.has_details or record else "new"
         if status in ("unchanged", "due", "recheck") and needs_unpack(record, run.plain, run.sidecars):
             status = "unpack"
+        delta = status == "changed" and record.path == album.rel and plan_from_manifest(record, self.out)
+        if self.options.dry_run and delta and not (run.plain and record.parts):   # (parts to unpack: none read)
+            run.from_disk, run.reason = True, status         # its files are listed, to say what it would fetch
+            return self.submit("check", "dry", (run, run.generation), dry_check, self.client, album,
+                               *run.check_inputs(self.store.abs(album.rel), self.store.abs(transport_rel(album))))
         if self.options.dry_run:
             return self.reporter.dry_run(run, status)
         if status == "unchanged":
@@ -5260,8 +5454,8 @@ class Orchestrator:
             self.runs[album.album_key] = run
             if album.image_count == 0:
                 self.emptied(run)
-            elif status in ("recheck", "due", "unpack") or (run.plain and record and status == "changed"):
-                run.from_disk = True         # the files layout: what changed is fetched file by file
+            elif status in ("recheck", "due", "unpack") or delta or (run.plain and record and status == "changed"):
+                run.from_disk = True         # only what changed is fetched (or an archive, if it costs less)
                 self.check(run)
             else:
                 run.to("waiting")
@@ -5272,7 +5466,14 @@ class Orchestrator:
         if self.options.dry_run and not any(kind == "root" for kind, _ in self.futures.values()):
             self.reporter.dry_lines_ready([
                 tuple(payload.path) if kind == "walk" else payload[0].album.path
-                for kind, payload in self.futures.values() if kind in ("walk", "details")])
+                for kind, payload in self.futures.values() if kind in ("walk", "details", "dry")])
+
+    def on_dry_check(self, run, plan):
+        """A dry run's changed album, its files listed: what it would fetch, or an archive (and
+        how many of its files on disk would go to versions)."""
+        on_disk = {f.name for f in run.record.files if os.path.lexists(self.store.abs(run.album.rel + "/" + f.name))}
+        self.reporter.dry_run(run, "changed", plan, on_disk)
+        self.dry_lines_ready()
 
     def emptied(self, run):
         """An album with no images: its folder; the files kept from before stay (and the summary says so)."""
@@ -5386,9 +5587,14 @@ class Orchestrator:
     def on_check(self, run, plan):
         if run.state != "checking":
             return
-        self.summary.files_checked += plan.files_checked
         if plan.bad_parts:
+            self.summary.files_checked += plan.files_checked
             return self.act(run, *run.after_check(plan), plan=plan)
+        if plan.archive and run.from_disk:
+            log.debug("%s: %s: taking a fresh archive", run.album.rel, plan.archive)
+            run.take_an_archive()
+            return self.scheduler.want_archive(run)
+        self.summary.files_checked += plan.files_checked
         run.plan = plan
         if not plan.fetch:
             return self.commit(run)
@@ -5428,6 +5634,7 @@ class Orchestrator:
             self.store.prune_folder(self.store.abs(transport_rel(run.album)))
         run.to("done")
         lacking = self.reporter.committed(self.summary, run, outcome, versioned)
+        run.plan = None                     # its listing is released: memory does not grow with photos
         if lacking:
             self.fail(run, lacking, done=True)
 
@@ -5577,7 +5784,7 @@ def commit_outcome(run, folder):
     if run.plain:                           # the files layout keeps no parts
         parts = []
     elif run.from_disk:
-        parts = [(f.name, f.size) for f in old.parts]
+        parts = list(plan.kept) if plan.kept is not None else [(f.name, f.size) for f in old.parts]
     elif run.by_file:
         parts = []
     else:
@@ -6227,7 +6434,8 @@ def verify_album(output_dir, record, stop, progress):
         except BadArchive as exc:
             problems.append((saved.name, str(exc)))
     sizes = {f.name: f.size for f in record.files}
-    for item in (manifest or {}).get("files", []):
+    former = (manifest or {}).get("former")     # every holder the manifest names: the former's too
+    for item in (manifest or {}).get("files", []) + (former if isinstance(former, list) else []):
         if not isinstance(item, dict):
             continue
         name = item.get("FileName") or item.get("ImageKey") or "?"

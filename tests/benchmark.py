@@ -19,6 +19,10 @@ Not run by default (they take minutes; times on 2 cores):
                1 minute while the tool gives up, about 2.5 minutes once it waits.
   quota        120 albums against a quota of 60 API calls per 10 s: exit code, wall,
                API calls inside a closed window; about 1.5 minutes.
+  growing      one album of 60 photos (about 12 MB) and three others, five nights that
+               each add two photos and one that replaces a photo and edits a caption
+               (five seeds): per night the bytes downloaded as a share of the album and
+               the growth of versions, every photo held and --verify passing.
 These report a failing tool (MISSED) rather than stop on it.
 """
 
@@ -491,16 +495,106 @@ def scenario_recheck(rows, keep):
         shutil.rmtree(folder, ignore_errors=True)
 
 
+def folder_bytes(top):
+    total = 0
+    for root, _dirs, names in os.walk(top):
+        total += sum(os.path.getsize(os.path.join(root, n)) for n in names)
+    return total
+
+
+def album_holds(folder, fake, key):
+    """The images SmugMug lists for the album that its folder does not hold (as a file of its
+    own or inside a zip part), by their bytes' MD5: [] when it holds them all."""
+    import hashlib
+    import zipfile
+    held = set()
+    for name in os.listdir(folder):
+        path = os.path.join(folder, name)
+        if name.endswith(".zip"):
+            with zipfile.ZipFile(path) as z:
+                held.update(hashlib.md5(z.read(i)).hexdigest() for i in z.infolist())
+        elif not name.endswith(".part"):
+            with open(path, "rb") as f:
+                held.add(hashlib.md5(f.read()).hexdigest())
+    return [im.file_name for im in fake.albums[key].images if im.content().md5() not in held]
+
+
+def growing_account(seed):
+    """The growing scenario of one seed: [(night, downloaded share of the album, versions growth
+    in bytes, album bytes, listed photos missing from its folder, --verify exit code)]."""
+    rng = random.Random(seed)
+    fake = fake_smugmug.FakeSmugMug().start()
+    fake.prep_seconds = 0.2
+    folder = tempfile.mkdtemp(prefix="bench-growing-")
+    try:
+        key = fake.add_album("Family 2026", images=[{"file_name": "IMG_%04d.JPG" % i,
+                                                    "size": rng.randint(150_000, 250_000)} for i in range(60)])
+        for i in range(3):
+            fake.add_album("Other %d" % i, images=images_of(rng, rng.randint(500_000, 1_500_000), 5))
+        config = write_config(folder, fake)
+        out = os.path.join(folder, "backup")
+        versions = os.path.join(out, ".smugmug_download", "versions")
+        nights, number = [], len(fake.albums[key].images)
+        for night in range(7):
+            if 1 <= night <= 5:                 # two new photos; the others keep their bytes
+                for _ in range(2):
+                    fake.add_image(key, file_name="IMG_%04d.JPG" % number, size=rng.randint(150_000, 250_000))
+                    number += 1
+            elif night == 6:                    # one photo replaced, one caption edited
+                images = fake.albums[key].images
+                fake.replace_image(images[rng.randrange(len(images))].key)
+                fake.edit_image(images[rng.randrange(len(images))].key, caption="edited on night 6")
+            sent, kept = fake.download_bytes, folder_bytes(versions)
+            code, _, _, _ = run_measured(tool(config))
+            size = sum(im.size for im in fake.albums[key].images)
+            missing = album_holds(os.path.join(out, "Family 2026"), fake, key)
+            verify, _, _, _ = run_measured(tool(config, "--verify"))
+            nights.append((night, code, (fake.download_bytes - sent) / size, folder_bytes(versions) - kept, size,
+                           missing, verify))
+        return nights
+    finally:
+        fake.stop()
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def scenario_growing(rows, keep, seeds=(1, 2, 3, 4, 5)):
+    """One album of 60 photos (about 12 MB) and three others; five nights that each add two
+    photos, one that replaces one photo and edits one caption: per night, the bytes downloaded
+    as a share of the album (night 0: the whole account's first backup) and how much versions
+    grew; after each, every listed photo in the album's folder and --verify passing. The worst
+    over the seeds."""
+    worst = {}
+    for seed in seeds:
+        for night, code, share, grown, size, missing, verify in growing_account(seed):
+            label = ("night 0: first backup (of the whole account)" if night == 0 else "night %d: two photos added" % night
+                     if night <= 5 else "night 6: one photo replaced, one caption")
+            print("# growing seed %d %s: exit %d, downloaded %.1f %% of the album (%d B), versions +%d B, "
+                  "missing %d, verify %d" % (seed, label, code, 100 * share, size, grown, len(missing), verify),
+                  file=sys.stderr, flush=True)
+            w = worst.setdefault(night, [label, 0, 0.0, 0, size, 0, 0])
+            w[1], w[2], w[3] = max(w[1], code), max(w[2], share), max(w[3], grown)
+            w[5], w[6] = max(w[5], len(missing)), max(w[6], verify)
+    five = sum(worst[n][3] for n in range(1, 6))
+    for night, (label, code, share, grown, size, missing, verify) in sorted(worst.items()):
+        target = "" if night == 0 else "share <= 25 %%: %s" % ok(share <= 0.25) if night <= 5 else ""
+        rows.append(("growing", label, "exit %d, %.1f %% of the album, versions +%s, %d photos missing, verify %d"
+                     % (code, 100 * share, "%.2f MB" % (grown / MB), missing, verify),
+                     target + ("; all held, verify passes: %s" % ok(missing == 0 and verify == 0 and code == 0))))
+    album = worst[5][4]
+    rows.append(("growing", "versions over nights 1-5 (worst of %d seeds)" % len(seeds),
+                 "%.2f MB for an album of %.1f MB" % (five / MB, album / MB), "<= the album: %s" % ok(five <= album)))
+
+
 SCENARIOS = {"account": scenario_account, "slow-prep": scenario_slow_prep, "slow-link": scenario_slow_link,
              "walk": scenario_walk, "prep-spread": scenario_prep_spread, "outage": scenario_outage,
-             "quota": scenario_quota, "recheck": scenario_recheck}
+             "quota": scenario_quota, "recheck": scenario_recheck, "growing": scenario_growing}
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--scenarios", default="account,slow-prep,slow-link,big,walk",
                         help="comma-separated: account (with rerun and verify), slow-prep, slow-link, big, walk; "
-                             "not by default: prep-spread, outage, quota, recheck")
+                             "not by default: prep-spread, outage, quota, recheck, growing")
     parser.add_argument("--big-mib", type=int, default=1024, help="size of the big archive")
     parser.add_argument("--keep", action="store_true", help="keep the temporary backups")
     args = parser.parse_args(argv)

@@ -732,6 +732,30 @@ class FakeSmugMug:
             album.last_updated = album.images_last_updated = now_plus_one()
         return image
 
+    def replace_image(self, image_key, seed=None):
+        """A photo's bytes replaced on SmugMug (same ImageKey and FileName, new content, a new
+        LastUpdated); its album's timestamps move on. Returns the FakeImage."""
+        with self.lock:
+            album, image = self.find_image(image_key)
+            image.seed = seed or "replaced:%s:%s" % (image.seed, next(self.ids))
+            image.last_updated = album.last_updated = album.images_last_updated = self._later(album)
+        return image
+
+    def edit_image(self, image_key, **fields):
+        """A photo's caption, title or keywords edited on SmugMug (its bytes stay); its
+        LastUpdated and its album's timestamps move on."""
+        with self.lock:
+            album, image = self.find_image(image_key)
+            for name, value in fields.items():
+                setattr(image, name, value)
+            image.last_updated = album.last_updated = album.images_last_updated = self._later(album)
+        return image
+
+    @staticmethod
+    def _later(album):
+        """A time past the album's last change (whole seconds): a change is always seen."""
+        return max(now_plus_one(), album.last_updated + datetime.timedelta(seconds=1))
+
     def touch(self, key):
         """The album changed: new timestamps, new content (every image gets new bytes and a new
         LastUpdated)."""

@@ -114,7 +114,8 @@ def test_dry_run_writes_nothing_and_posts_nothing(sample, run):
     posts = len(sample.calls("post"))
     code, out, err = run("--dry-run")
     assert code == 0
-    assert "changed   Family/2019/Summer/BBQ (up to 2 old files to versions)" in out.splitlines()
+    assert "changed   Family/2019/Summer/BBQ (files listed: a fresh archive (3.0 KB of its 3.0 KB to fetch); " \
+           "up to 2 old files to versions)" in out.splitlines()
     assert "unchanged Family/Big Trip" in out.splitlines()
     albums = [line[10:].split(" (")[0] for line in out.splitlines()[:-1]]
     assert albums == sorted(albums)                      # path order: nightly dry runs compare
