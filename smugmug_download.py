@@ -2364,16 +2364,6 @@ def gone_photos(before, listing):
     return [p for p in dict.fromkeys(before) if p[0].split(" ")[0] not in listed]
 
 
-def manifest_entries(entries, parts):
-    """[ZipEntry] as a manifest records the zips' entries (for a rolling recheck, which does not
-    read the zips): the listed size and MD5 of each file it places in one of parts."""
-    out = []
-    for item in entries:
-        if item.get("archive") in parts and isinstance(item.get("entry"), str):
-            md5 = item.get("ArchivedMD5")
-            out.append(ZipEntry(item["archive"], item["entry"], int_or_none(item.get("ArchivedSize")) or -1,
-                                md5.lower() if isinstance(md5, str) else ""))
-    return out
 def held_on_disk(listing, folder, parts, loose):
     """The ImageKeys a previous backup without a manifest (version 1, or deleted) holds, from
     the state's record and the disk: a file whose FileName (or SmugMug's renamed form of it) is
@@ -2575,7 +2565,7 @@ def check_album(client, album, parts, folder, old, plain=False):
         needed = sum(t.size if t.size is not None else sizes[t.key] for t in tasks)
         if not short:
             archive = delta_or_archive(needed, sum(sizes.values()), dead, sum(s for _, s in kept))
-    elif previous:                  # the parts on disk (a recheck) keep what they held before
+    elif previous and not plain:    # the parts on disk (a recheck) keep what they held before
         on_disk = {n for n, path in parts if path == os.path.join(folder, n)}
         scanned = {(e.part, e.name) for e in entries}
         former = tuple(e for e in former_entries(listing, locations, previous, on_disk)

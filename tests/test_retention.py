@@ -84,7 +84,7 @@ def test_a_version_whose_photos_are_all_held_elsewhere_is_pruned(fake, run):
     other bytes (replaced) is held too: its old bytes are a version like any other."""
     key = fake.add_album("Grows", images=PHOTOS[:2])
     assert run()[0] == 0
-    fake.add_image(key, file_name="new.jpg", size=1234)
+    fake.add_image(key, file_name="new.jpg", size=12345)   # most of the album new: a fresh archive
     changed(fake, key)
     code, _, err = run("--keep-versions-days", "0")
     assert code == 0, err
@@ -105,7 +105,8 @@ def test_keep_deleted_days_removes_the_last_copy_only_after_its_days(fake, run):
     key = fake.add_album("Trip", images=PHOTOS[:2])
     assert run()[0] == 0
     delete_photos(fake, key, {"a.jpg"})
-    run.extra = {"keep_deleted_days": 30}
+    fake.add_image(key, file_name="big.jpg", size=12345)   # most of the album new: a fresh archive,
+    run.extra = {"keep_deleted_days": 30}                  # the old zip (a.jpg's last copy) to versions
     code, _, err = run("--keep-versions-days", "0")
     assert code == 0, err
     assert "1 photo found gone from SmugMug" in err
