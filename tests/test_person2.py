@@ -285,9 +285,10 @@ def test_the_summary_counts_parts_and_files_on_their_own_apart(fake, run):
 
 
 def test_the_dry_run_says_at_most_what_the_run_then_moves_to_versions(sample, run):
-    """A changed album whose new archive holds the same bytes (a caption changed) moves only its
-    manifest to versions; one whose photos changed moves them all: the dry run says "up to N
-    old files to versions", and the run then moves no more than that, exactly N when all changed."""
+    """A changed album whose photos are the same (a caption changed) moves only its manifest to
+    versions, and the dry run, which lists its files, says so; one whose photos all changed takes
+    an archive and moves them all: the dry run says "up to N old files to versions", and the run
+    then moves exactly N."""
     import fake_smugmug
     assert run()[0] == 0
     big = sample.keys["big"]
@@ -296,8 +297,12 @@ def test_the_dry_run_says_at_most_what_the_run_then_moves_to_versions(sample, ru
             sample.albums[big].last_updated = fake_smugmug.now_plus_one()
         else:
             sample.touch(big)
-        code, out, _ = run("--dry-run")
-        assert "changed   Family/Big Trip (up to 4 old files to versions)" in out.splitlines(), out
+        code, out, _ = run("--dry-run")         # its files listed: what it fetches, or an archive
+        line = [l for l in out.splitlines() if l.startswith("changed   Family/Big Trip (")]
+        assert line == ["changed   Family/Big Trip (files listed: 0 files to fetch on its own, no archive; "
+                        "1 old file to versions)"] if change == "caption" else \
+            line[0].startswith("changed   Family/Big Trip (files listed: a fresh archive") and \
+            line[0].endswith("; up to 4 old files to versions)"), out
         code, _, err = run()
         assert code == 0 and "(changed, 3 parts, 0 files on their own, " in err, err
         assert ", %d to versions)" % moved in err and "%d moved to versions." % moved in err, err
