@@ -216,7 +216,9 @@ def test_scarce_calls_go_to_what_moves_bytes_first():
             thread = threading.Thread(target=lambda n=name: (gate.wait(sd.PRIORITY[n]), order.append(n)))
             thread.start()
             threads.append(thread)
-            time.sleep(0.01)
+            deadline = time.monotonic() + 5               # each waits in the gate before the next asks
+            while len(gate._queue) < len(threads) and time.monotonic() < deadline:
+                time.sleep(0.001)
         for thread in threads:
             thread.join(5)
         assert order == ["check", "look", "walk", "request"]
