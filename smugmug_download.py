@@ -212,10 +212,15 @@ LOOK_FIRST_PROBES = 16    # new albums that look for an archive SmugMug already 
 # Looks at archives in preparation (see LookPlanner).
 SCOUT_GROWTH = 1.2        # before any archive is ready, scout looks at waits growing by this ...
 SCOUT_SHARE = 0.006       # ... this share of the albums waiting per second waited (at least one)
+SCOUT_EARLY = 0.08        # ... and at least this share of them / the wait (seconds) squared
+SCOUT_LIMIT = 2           # a scout round may send this many looks per free look thread
 LOOK_STOCK = 1.5          # seconds of downloading queued below which more ready archives are looked for
 LOOK_ODDS_IDLE = 0.35     # an album is looked at when its chance of being ready is at least this while
 LOOK_ODDS_BUSY = 0.9      # the link has nothing queued, rising to this once LOOK_ODDS_STOCK seconds are
 LOOK_ODDS_STOCK = 0.5     # queued (measured in a simulation against a planner told the true spread)
+READY_END_REACH = 1.5     # the last archive is not expected later than this many times the longest wait seen
+BUSY_RATE_SECONDS = 0.1   # seconds of downloading before their rate is trusted
+LOOK_SPARE = 4.0          # ... and to LOOK_ODDS_BUSY as the link's spare time before the last archive is ready grows to this
 EXPLORE_SHARE = 0.03      # none likely ready, the link idle: one look, at most once per this share of the wait
 WAIT_BINS = [0.0] + [0.25 * 1.04 ** k for k in range(500)]   # waits, in bins growing by 4 % from 0.25 s
 LOOK_TICK = 0.02          # the soonest the orchestrator wakes for a due look (a look held back is not a spin)
@@ -4254,6 +4259,15 @@ def ready_shares(spans, shares=None, rounds=ESTIMATE_ROUNDS):
     return shares
 
 
+def scout_count(wait, albums):
+    """How many albums a scout round looks at, at this wait of the oldest, with this many in
+    preparation: SCOUT_SHARE of them per second waited (few early, while archives are unlikely
+    ready), and at least SCOUT_EARLY of them / the wait squared, so that the first archives of
+    quick preparations are found within a few tenths of a second (a link idle at a wait of one
+    second is a larger share of the run; the extra looks add up to a few, whatever the wait)."""
+    return max(1, int(wait * SCOUT_SHARE * albums), math.ceil(SCOUT_EARLY * albums / max(wait, 1e-3) ** 2))
+
+
 @dataclass
 class Preparing:
     """An album whose archive SmugMug prepares, as the LookPlanner sees it."""
@@ -4295,6 +4309,7 @@ class LookPlanner:
         self.ready_spans = []        # (after, by) wait bins of the archives seen ready
         self.found = 0               # archives seen ready so far
         self.scout_wait = 0.0        # the wait of the last scout looks
+        self.scout_credit = 0.0      # scout looks due and not yet sent (a fraction of one)
         self.shares = None           # ready_shares(...) as last estimated, and their running sum
         self.cumulative = []
         self._dirty = False          # a look has come back since the last estimate
@@ -4356,9 +4371,25 @@ class LookPlanner:
             return 1.0
         return max(0.0, (self.ready_by(wait) - before) / (1.0 - before))
 
-    def plan(self, now, need, limit, stock=0.0):
+    def ready_end(self, now):
+        """When the last album in preparation should be ready, as estimated (None: nothing seen
+        ready yet). The estimate knows no wait past the longest seen; beyond it, the share of
+        archives ready is taken to grow as fast as it did from the first ready wait to there (a
+        share of 60 % ready 4 s after the first: all ready 6.7 s after it)."""
+        if not self.found or not self.albums:
+            return None
+        self.estimate()
+        top = len(self.cumulative) - 2                  # the last bin seen; beyond it: cumulative[-1]
+        first = next((k for k, f in enumerate(self.cumulative) if f > 1e-9), top)
+        low, high, share = WAIT_BINS[max(0, first - 1)], WAIT_BINS[top], self.cumulative[top]
+        end = min(low + (high - low) / max(share, 1e-3), high * READY_END_REACH)
+        return max(item.asked + max(end, now - item.asked) for item in self.albums.values())
+
+    def plan(self, now, need, limit, stock=0.0, spare=0.0):
         """The albums to look at now, the link needing about `need` more archives and holding
-        `stock` seconds of downloading: at most limit."""
+        `stock` seconds of downloading: at most limit. spare: seconds the link could stay idle
+        and still take every archive still in preparation before the last is ready (Scheduler.
+        spare_seconds): while there are LOOK_SPARE of them, only near-certain albums are looked at."""
         chosen = []
         if limit <= 0 or not self.albums:
             return chosen
@@ -4367,19 +4398,23 @@ class LookPlanner:
             waits = {run: now - item.asked for run, item in idle.items()}
             oldest = max(waits.values(), default=0.0)
             if oldest < self.scout_wait:        # the albums scouted are gone (asked again, saved): start over
-                self.scout_wait = 0.0
+                self.scout_wait, self.scout_credit = 0.0, 0.0
             if oldest and oldest >= self.scout_wait * SCOUT_GROWTH:
+                grown = math.log(oldest / self.scout_wait) if self.scout_wait else math.log(SCOUT_GROWTH)
                 self.scout_wait = oldest
-                count = max(1, int(oldest * SCOUT_SHARE * len(self.albums)))
+                self.scout_credit += scout_count(oldest, len(self.albums)) * grown / math.log(1.2)
+                count = int(self.scout_credit)
+                self.scout_credit -= count
                 due = [run for run, wait in waits.items() if wait >= self.albums[run].seen * SCOUT_GROWTH]
                 # not looked at for poll_max_seconds first, then the least looked at, the longest waiting
                 due.sort(key=lambda run: (not self.overdue(self.albums[run], now),
                                           self.albums[run].looks, -waits[run]))
-                chosen = due[:min(limit, count)]
+                chosen = due[:min(limit * SCOUT_LIMIT, count)]
         elif idle:
             self.estimate()
             odds = sorted(((self.chance(item, now), run) for run, item in idle.items()), key=lambda c: -c[0])
-            least = LOOK_ODDS_IDLE + (LOOK_ODDS_BUSY - LOOK_ODDS_IDLE) * min(1.0, (stock or 0.0) / LOOK_ODDS_STOCK)
+            fill = max((stock or 0.0) / LOOK_ODDS_STOCK, (spare or 0.0) / LOOK_SPARE)
+            least = LOOK_ODDS_IDLE + (LOOK_ODDS_BUSY - LOOK_ODDS_IDLE) * min(1.0, fill)
             expected = 0.5 * sum(1 for item in self.albums.values() if item.looking)
             for odds_of, run in odds:
                 if len(chosen) >= limit or expected >= need or odds_of < least:
@@ -4428,6 +4463,8 @@ class Scheduler:
         self.running = []                       # DownloadTasks at work
         self.in_window = set()                  # AlbumRuns requested and not yet prepared
         self.link_rate = 0.0                    # the best download rate seen: what the link takes
+        self._busy = None                       # (clock, bytes) when downloads began to run, and the
+        self._busy_sum = [0.0, 0.0]             # seconds and bytes while some ran, before (busy_rate)
         self.prepared = self.prepared_bytes = 0 # archives prepared so far, and their listed sizes
         self.probes = LOOK_FIRST_PROBES         # new albums left that look first while none has paid
         self.reused = False                     # an archive SmugMug already had was reused this run
@@ -4480,6 +4517,18 @@ class Scheduler:
     def download_done(self, task):
         if task in self.running:
             self.running.remove(task)
+            if not self.running and self._busy:
+                self._busy_sum[0] += self._clock() - self._busy[0]
+                self._busy_sum[1] += self.meter.done - self._busy[1]
+                self._busy = None
+
+    def busy_rate(self):
+        """Bytes per second while downloads run (0: not known): what the link takes when
+        preparation sets the pace, and it idles between archives."""
+        seconds, done = self._busy_sum
+        if self._busy:
+            seconds, done = seconds + self._clock() - self._busy[0], done + self.meter.done - self._busy[1]
+        return done / seconds if seconds >= BUSY_RATE_SECONDS and done else 0.0
 
     # -- what may start --
 
@@ -4515,7 +4564,19 @@ class Scheduler:
         else:                                                            # worth at a time at most
             need = float(max(1, self.workers - busy))
         looking = sum(1 for i in self.looks.albums.values() if i.looking)
-        return self.looks.plan(self._clock(), need, self.workers - looking, stock)
+        return self.looks.plan(self._clock(), need, self.workers - looking, stock, self.spare_seconds(stock))
+
+    def spare_seconds(self, stock):
+        """Seconds the link could stay idle and still download every archive in preparation (and
+        what is queued) before the last of them should be ready (LookPlanner.ready_end): 0 while
+        either is not known."""
+        end = self.looks.ready_end(self._clock())
+        rate = max(self.link_rate, self.busy_rate())
+        if end is None or not rate or not self.prepared:
+            return 0.0
+        left = sum(t.size for t in self.queue) + sum(max(0, t.size - t.done) for t in self.running)
+        coming = len(self.looks.albums) * self.prepared_bytes / self.prepared
+        return max(0.0, end - self._clock() - (left + coming) / rate)
 
     def downloads(self):
         """Queued downloads to start now on free workers: never two on one album's old and new archive."""
@@ -4530,6 +4591,8 @@ class Scheduler:
             if any(n for g, n in run.running.items() if g != run.generation):
                 skipped.append(task)                         # the old archive's downloads are still stopping
                 continue
+            if not self.running:
+                self._busy = (self._clock(), self.meter.done)
             self.running.append(task)
             started.append(task)
         self.queue.extendleft(reversed(skipped))
@@ -4992,6 +5055,7 @@ class AlbumRun:
         self.tries = collections.Counter()   # error, removed, lost, part_check, refresh
         self.asked_at = 0.0           # when the current archive was requested (monotonic)
         self.first_asked_at = 0.0     # the timeout spans every request
+        self.answered_at = 0.0        # when SmugMug answered that request: the looks' waits count from it
         self.looks = 0                # looks at the current request
         self.generation = 0           # bumped when an archive is given up: its downloads are stale
         self.cancel = threading.Event()
@@ -5482,7 +5546,7 @@ class Orchestrator:
         album, state, parts, ticket = result
         if run.state != "requesting":
             return
-        run.album, run.ticket = album, ticket
+        run.album, run.ticket, run.answered_at = album, ticket, time.monotonic()
         self.scheduler.reused = self.scheduler.reused or (not ticket.posted and state in ("complete", "preparing"))
         if ticket.posted:
             self.state.set_requested(album.album_key, True)
@@ -5520,7 +5584,7 @@ class Orchestrator:
         elif action == "wait":
             if run.state == "requesting":
                 run.to("preparing")
-            self.scheduler.preparing(run, run.asked_at, learn=run.ticket.posted)
+            self.scheduler.preparing(run, max(run.asked_at, run.answered_at), learn=run.ticket.posted)
         elif action in ("again", "recheck"):     # a new archive, a little later (DateAdded has whole
             self.scheduler.leave(run)             # seconds: the new one is told apart by its second)
             run.new_archive(given_up=action == "again")

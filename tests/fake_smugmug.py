@@ -816,6 +816,12 @@ class FakeSmugMug:
         """The bytes the !largestimage Url of an image serves."""
         return self.find_image(image_key)[1].rendition().whole()
 
+    def first_ready_at(self):
+        """The monotonic time the first archive of the run became ready (Complete), or None."""
+        with self.lock:
+            archives = list(self.archive_by_id.values())
+        return min((a.created + a.prep_seconds for a in archives if not a.forced_status), default=None)
+
     def prepared_undownloaded_bytes(self):
         """Over every archive, the bytes of its parts currently Complete not yet sent (a part's
         size minus the bytes served for it, at least 0): prepared but not yet downloaded."""
