@@ -4265,7 +4265,7 @@ def scout_count(wait, albums):
     ready), and at least SCOUT_EARLY of them / the wait squared, so that the first archives of
     quick preparations are found within a few tenths of a second (a link idle at a wait of one
     second is a larger share of the run; the extra looks add up to a few, whatever the wait)."""
-    return max(1, int(wait * SCOUT_SHARE * albums), math.ceil(SCOUT_EARLY * albums / max(wait, 1e-3) ** 2))
+    return max(1, int(wait * SCOUT_SHARE * albums), round(SCOUT_EARLY * albums / max(wait, 1e-3) ** 2))
 
 
 @dataclass
@@ -4309,7 +4309,6 @@ class LookPlanner:
         self.ready_spans = []        # (after, by) wait bins of the archives seen ready
         self.found = 0               # archives seen ready so far
         self.scout_wait = 0.0        # the wait of the last scout looks
-        self.scout_credit = 0.0      # scout looks due and not yet sent (a fraction of one)
         self.shares = None           # ready_shares(...) as last estimated, and their running sum
         self.cumulative = []
         self._dirty = False          # a look has come back since the last estimate
@@ -4398,13 +4397,10 @@ class LookPlanner:
             waits = {run: now - item.asked for run, item in idle.items()}
             oldest = max(waits.values(), default=0.0)
             if oldest < self.scout_wait:        # the albums scouted are gone (asked again, saved): start over
-                self.scout_wait, self.scout_credit = 0.0, 0.0
+                self.scout_wait = 0.0
             if oldest and oldest >= self.scout_wait * SCOUT_GROWTH:
-                grown = math.log(oldest / self.scout_wait) if self.scout_wait else math.log(SCOUT_GROWTH)
                 self.scout_wait = oldest
-                self.scout_credit += scout_count(oldest, len(self.albums)) * grown / math.log(1.2)
-                count = int(self.scout_credit)
-                self.scout_credit -= count
+                count = scout_count(oldest, len(self.albums))
                 due = [run for run, wait in waits.items() if wait >= self.albums[run].seen * SCOUT_GROWTH]
                 # not looked at for poll_max_seconds first, then the least looked at, the longest waiting
                 due.sort(key=lambda run: (not self.overdue(self.albums[run], now),
