@@ -5068,6 +5068,14 @@ class AlbumRun:
         self.plain = False            # the files layout: every file plain, parts downloaded to transport/
         self.sidecars = "none"        # XMP sidecar names: ext, noext, none
 
+    def release(self):
+        """The album is settled (done or failed): what it needed in flight (its listing and plan,
+        its parts, what it fetched) is let go. What stays of a backed-up album is its record in
+        the state, so that a run's memory does not grow with the photos it has saved."""
+        self.plan, self.parts, self.sizes, self.fetched = None, {}, {}, {}
+        self.missing, self.unfetched = {}, {}
+        self.ticket = ArchiveTicket()
+
     def to(self, state):
         """Move to state; a move the table does not allow is a bug, said loudly."""
         if state not in self.MOVES[self.state]:
@@ -5535,6 +5543,7 @@ class Orchestrator:
                                        images_last_updated=run.album.images_last_updated, image_count=0))
         self.reporter.emptied(self.summary, run.album.rel, len(record.files))
         run.to("done")
+        self.settled(run)
 
     # -- request and look --
 
@@ -5606,6 +5615,7 @@ class Orchestrator:
             run.abandon_archive()
             log.warning("%s is gone from SmugMug since the walk listed it (404): skipped%s", run.album.rel,
                         "; its files from before are kept" if run.record else "")
+            self.settled(run)
         else:
             self.fail(run, why)
 
@@ -5684,7 +5694,7 @@ class Orchestrator:
             self.store.prune_folder(self.store.abs(transport_rel(run.album)))
         run.to("done")
         lacking = self.reporter.committed(self.summary, run, outcome, versioned)
-        run.plan = None                     # its listing is released: memory does not grow with photos
+        self.settled(run)                   # its listing is released: memory does not grow with photos
         if lacking:
             self.fail(run, lacking, done=True)
 
@@ -5725,8 +5735,16 @@ class Orchestrator:
                     self.store.discard(self.store.abs(run.album.rel + "/" + name) + ".part")
                 except LocalWriteError as exc:
                     log.warning("could not remove %s: %s", name + ".part", exc)
+            self.settled(run)
         self.summary.failed[run.album.rel] = reason
         self.reporter.album("failed: %s: %s", run.album.rel, reason)
+
+    def settled(self, run):
+        """An album is done or failed: it lets go of what it held in flight, and a done one
+        leaves self.runs (a failed one stays: finish() keeps its unfinished downloads)."""
+        run.release()
+        if run.state == "done":
+            self.runs.pop(run.album.album_key, None)
 
     def stop_new_work(self, why):
         """A fatal write error, or SmugMug unreachable: start nothing new (the walk included)."""
