@@ -2764,7 +2764,7 @@ def retention_may_go(unheld, since, keep_deleted_days, now):
 
 
 def write_atomic(path, text, mode=None):
-    """Replace path with text: a temp file in the same folder, fsync, os.replace, fsync the folder.
+    """Replace path with text (a str, or str chunks written as they come): a temp file in the same folder, fsync, os.replace, fsync the folder.
 
     The temp file's name is fixed (.NAME.part: like every file not yet complete,
     it ends in .part), so one left by a killed run is taken over by the next
@@ -2774,7 +2774,7 @@ def write_atomic(path, text, mode=None):
     fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666 if mode is None else mode)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
+            f.write(text) if isinstance(text, str) else f.writelines(text)
             f.flush()
             os.fsync(f.fileno())
         if mode is not None:
@@ -3625,6 +3625,13 @@ class GonePhoto:
         return {"FileName": self.file_name, "Since": self.since, "Kind": self.kind, "Where": self.where}
 
 
+def record_json(obj):
+    """json's default for the state snapshot: an AlbumRecord as it is stored."""
+    if not isinstance(obj, AlbumRecord):
+        raise TypeError("%s is not JSON serializable" % type(obj).__name__)
+    return obj.to_json()
+
+
 class BackupState:
     """The incremental-backup record in output_dir/.smugmug_download/.
 
@@ -3865,7 +3872,7 @@ class BackupState:
             return
         os.makedirs(self.dir, exist_ok=True)
         data = {"version": STATE_VERSION, "tool": "smugmug_download %s" % __version__,
-                "albums": {k: r.to_json() for k, r in self.albums.items()},
+                "albums": self.albums,      # each record made JSON as it is written, one at a time
                 "partials": {p: v.to_json() for p, v in self.partials.items()},
                 "requested": sorted(self.requested)}
         if self.set_aside:
@@ -3878,7 +3885,8 @@ class BackupState:
             data["gone"] = {k: {i: p.to_json() for i, p in photos.items()} for k, photos in self.gone.items()}
         if self.gone_set_aside:
             data["gone_set_aside"] = self.gone_set_aside
-        write_atomic(self.snapshot_path, json.dumps(data, ensure_ascii=False, indent=1, sort_keys=True))
+        encoder = json.JSONEncoder(ensure_ascii=False, indent=1, sort_keys=True, default=record_json)
+        write_atomic(self.snapshot_path, encoder.iterencode(data))   # streamed: never the whole text
         if self.torn:                   # the journal's unreadable lines outlive it, for a person
             with open(os.path.join(self.dir, SET_ASIDE_FILE), "a", encoding="utf-8") as f:
                 f.write("".join(line + "\n" for line in self.torn))
@@ -5334,8 +5342,8 @@ class Orchestrator:
                 self.start_work()
                 done, _ = concurrent.futures.wait(list(self.futures), timeout=self.scheduler.timeout(),
                                                   return_when=concurrent.futures.FIRST_COMPLETED)
-                for future in done:
-                    self.finished(future)
+                while done:                     # popped: a result (an album's listing...) is held
+                    self.finished(done.pop())   # no longer than it is handled
                 self.reporter.tick(self)
         except Unreachable as exc:            # like a write error: stop, keep what is done
             self.stop_new_work(str(exc))

@@ -4,6 +4,7 @@
     python tests/benchmark.py [--scenarios account,slow-prep,slow-link,big,walk] [--big-mib 1024]
     (account: a backup, its rerun, --verify, then the switch to the files layout and its --verify)
     python tests/benchmark.py --scenarios account-shape,prep-bound,prep-spread,outage,quota
+    python tests/benchmark.py --scenarios huge [--huge-seeds 1,2,3]
 
 Not collected by pytest. Starts tests/fake_smugmug.py with realistic knobs (its
 archives are real zips of the albums' images), runs the real script as a
@@ -28,6 +29,9 @@ Not run by default (they take minutes; times on 2 cores):
                each add two photos and one that replaces a photo and edits a caption
                (five seeds): per night the bytes downloaded as a share of the album and
                the growth of versions, every photo held and --verify passing.
+  huge         peak RSS of a first run and an unchanged rerun of 2,000 albums of 50 photos
+               (100,000) and of 10,000 albums of 5, each against 500 albums of as many photos
+               an album, tiny photos prepared at once, three seeds: about 25 minutes.
 These report a failing tool (MISSED) rather than stop on it.
 """
 
@@ -358,6 +362,60 @@ def scenario_walk(rows, keep):
         shutil.rmtree(folder, ignore_errors=True)
 
 
+# (label, albums, photos an album): each big account and the small one it is held against
+HUGE = (("2,000 albums of 50 photos", 2000, 50, "500 albums of 50 photos", 500),
+        ("10,000 albums of 5 photos", 10000, 5, "500 albums of 5 photos", 500))
+
+
+def huge_runs(albums, photos, seed, keep):
+    """((exit, wall, peak RSS MB, CPU s) of a first run, the same of an unchanged rerun) of a
+    huge_account: tiny photos prepared at once, no added latency, the tool at its defaults."""
+    fake = fake_smugmug.FakeSmugMug().start()
+    folder = tempfile.mkdtemp(prefix="bench-huge-")
+    try:
+        fake_smugmug.huge_account(fake, albums, photos, folders=max(10, albums // 20), seed=seed)
+        config = write_config(folder, fake)
+        return run_measured(tool(config)), run_measured(tool(config))
+    finally:
+        fake.stop()
+        if not keep:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def scenario_huge(rows, keep, seeds):
+    """Peak RSS of a first run and an unchanged rerun of a 2,000-album, 100,000-photo account
+    and of a 10,000-album one (5 photos each), each against a 500-album account with as many
+    photos an album: the worst over the seeds (each seed another account), and the worst
+    difference of one seed's pair. Memory must not grow with the account: <= 100 MB, and
+    within 15 MB of the small account's."""
+    for label, albums, photos, small_label, small in HUGE:
+        worst = {}
+        for seed in seeds:
+            got = {}
+            for name, count in ((label, albums), (small_label, small)):
+                first, again = huge_runs(count, photos, seed, keep)
+                assert first[0] == 0 and again[0] == 0, "%s: exit %d, %d" % (name, first[0], again[0])
+                got[name] = (first, again)
+                print("# huge, seed %d, %s: first %.1f s %.1f MB, rerun %.1f s %.1f MB" % (
+                    seed, name, first[1], first[2], again[1], again[2]), file=sys.stderr, flush=True)
+            for i, run in enumerate(("first run", "rerun")):
+                big, little = got[label][i], got[small_label][i]
+                for key, value in (((label, run), big), ((small_label, run), little)):
+                    if key not in worst or value[2] > worst[key][2]:
+                        worst[key] = value
+                gap = big[2] - little[2]
+                if (run, "gap") not in worst or gap > worst[(run, "gap")]:
+                    worst[(run, "gap")] = gap
+        for run in ("first run", "rerun"):
+            big, little = worst[(label, run)], worst[(small_label, run)]
+            rows.append(("huge", "%s: %s, peak RSS" % (label, run), "%.1f MB (%.1f s)" % (big[2], big[1]),
+                         "<= 100 MB: %s" % ok(big[2] <= 100)))
+            rows.append(("huge", "  %s: %s" % (small_label, run), "%.1f MB (%.1f s)" % (little[2], little[1]), ""))
+            gap = worst[(run, "gap")]
+            rows.append(("huge", "  the difference (worst of %d seeds)" % len(seeds), "%.1f MB" % gap,
+                         "<= 15 MB: %s" % ok(gap <= 15)))
+
+
 def ok(flag):
     return "met" if flag else "MISSED"
 
@@ -639,8 +697,10 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--scenarios", default="account,slow-prep,slow-link,big,walk",
                         help="comma-separated: account (with rerun and verify), slow-prep, slow-link, big, walk; "
-                             "not by default: account-shape, prep-bound, prep-spread, outage, quota, recheck, growing")
+                             "not by default: account-shape, prep-bound, prep-spread, outage, quota, recheck, growing, "
+                             "huge")
     parser.add_argument("--big-mib", type=int, default=1024, help="size of the big archive")
+    parser.add_argument("--huge-seeds", default="1,2,3", help="the accounts of the huge scenario, by seed")
     parser.add_argument("--keep", action="store_true", help="keep the temporary backups")
     args = parser.parse_args(argv)
     rows = []
@@ -648,6 +708,8 @@ def main(argv=None):
         started = time.monotonic()
         if name == "big":
             scenario_big(rows, args.keep, args.big_mib)
+        elif name == "huge":
+            scenario_huge(rows, args.keep, [int(x) for x in args.huge_seeds.split(",")])
         elif name in SCENARIOS:
             SCENARIOS[name](rows, args.keep)
         else:

@@ -2091,6 +2091,20 @@ def generated_account(fake, albums, folder="Generated", seed=1):
     return keys
 
 
+def huge_account(fake, albums, photos, folders=100, seed=1):
+    """`albums` albums of `photos` tiny photos each (200-400 bytes: what is measured is the tool's
+    bookkeeping, not its bytes) in `folders` folders of two levels, prepared at once (the
+    emulator's prep_seconds set to 0): the benchmark's `huge` accounts. Returns [album key]."""
+    rng = random.Random(seed)
+    fake.prep_seconds = 0.0
+    tops = [fake.add_folder("Year %02d" % i) for i in range(max(1, folders // 10))]
+    leaves = [fake.add_folder("Event %03d" % i, tops[i % len(tops)]) for i in range(folders)]
+    return [fake.add_album("Album %05d" % i, leaves[i % folders],
+                           images=[{"file_name": "IMG_%04d.JPG" % (j + 1), "size": rng.randint(200, 400),
+                                    "title": "Photo %d of album %d" % (j + 1, i + 1)} for j in range(photos)])
+            for i in range(albums)]
+
+
 EPILOG = """example: a 5 MB/s link, 40 more albums, videos outside the zips
   python tests/fake_smugmug.py --albums 40 --bandwidth 5 --videos-outside-zips --write-config demo.json
   .venv/bin/python smugmug_download.py --config demo.json     # in another terminal
