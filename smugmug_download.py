@@ -5062,7 +5062,7 @@ class AlbumRun:
         self.answered_at = 0.0        # when SmugMug answered that request: the looks' waits count from it
         self.looks = 0                # looks at the current request
         self.generation = 0           # bumped when an archive is given up: its downloads are stale
-        self.cancel = threading.Event()
+        self._cancel = None           # set when the current archive is given up (made when first asked for)
         self.running = collections.Counter()  # downloads in flight, by generation
         self.outstanding = 0          # downloads (parts or files) of this step not finished
         self.parts = {}               # local part name -> ArchivePart of the current archive
@@ -5090,11 +5090,20 @@ class AlbumRun:
             raise RuntimeError("album %s: %s -> %s is not a move" % (self.album.rel, self.state, state))
         self.state = state
 
+    @property
+    def cancel(self):
+        """The Event the current archive's downloads stop on: made when a download first needs it
+        (an Event is a lock and a condition: not one for each of 10,000 albums waiting)."""
+        if self._cancel is None:
+            self._cancel = threading.Event()
+        return self._cancel
+
     def abandon_archive(self):
         """Give up on the current archive: its running downloads stop and are ignored."""
         self.generation += 1
-        self.cancel.set()
-        self.cancel = threading.Event()
+        if self._cancel is not None:
+            self._cancel.set()
+        self._cancel = None
         self.outstanding = 0
         self.parts, self.sizes = {}, {}
 
@@ -5257,7 +5266,8 @@ class Walk:
 
     def folders(self, folders):
         """The subfolders to list: each once, only where a selected album may be."""
-        self.paths.update("/".join(f.path) for f in folders)
+        if self.includes:
+            self.paths.update("/".join(f.path) for f in folders)
         fresh = [f for f in folders if f.node_id not in self.nodes
                  and folder_may_match("/".join(f.path), self.includes, self.excludes)]
         self.nodes.update(f.node_id for f in fresh)
@@ -5265,7 +5275,8 @@ class Walk:
 
     def albums(self, albums):
         """The albums to back up: each once, selected (not counted otherwise)."""
-        self.paths.update(a.rel for a in albums)
+        if self.includes:                   # the paths are for the message of an --include unmatched
+            self.paths.update(a.rel for a in albums)
         fresh = [a for a in albums if a.node_id not in self.nodes]
         self.nodes.update(a.node_id for a in fresh)
         fresh = [a for a in fresh if self.selected(a.rel)]
