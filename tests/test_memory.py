@@ -7,6 +7,7 @@ reporter still held), by the objects the garbage collector can reach and by the 
 tracemalloc sees allocated from the tool's own code."""
 
 import gc
+import json
 import tracemalloc
 
 import pytest
@@ -65,6 +66,10 @@ def test_committed_albums_hold_no_listing_plan_or_run(fake, run, at_finish):
     assert "failed: Refused: 1 file missing" in err and "6 albums backed up" in err
     assert seen == [{"listed": 0, "plans": 0, "tasks": 0, "runs": 0, "done runs": 0}]
     assert (run.out / "Loose" / "MOV_0001.MP4").exists()
+    # the state snapshot, written record by record as it streams, is the text json.dumps makes of it
+    text = (run.out / sd.STATE_DIR / sd.STATE_FILE).read_text(encoding="utf-8")
+    assert text == json.dumps(json.loads(text), ensure_ascii=False, indent=1, sort_keys=True)
+    assert len(json.loads(text)["albums"]) == 7
 
 
 def retained_by_the_tool(fake, runner, at_finish, albums, count):
