@@ -31,7 +31,7 @@ Not run by default (they take minutes; times on 2 cores):
                the growth of versions, every photo held and --verify passing.
   huge         peak RSS of a first run and an unchanged rerun of 2,000 albums of 50 photos
                (100,000) and of 10,000 albums of 5, each against 500 albums of as many photos
-               an album, tiny photos prepared at once, three seeds: about 25 minutes.
+               an album, tiny photos prepared at once, three seeds: about 20 minutes.
 These report a failing tool (MISSED) rather than stop on it.
 """
 
