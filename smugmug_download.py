@@ -2306,16 +2306,35 @@ FORMER_KEYS = ("FileName", "ImageKey", "IsVideo", "ArchivedSize", "ArchivedMD5",
 FORMER_DELETED, FORMER_REPLACED = "deleted on SmugMug", "replaced"
 
 
+def read_text(path):
+    """The text of a UTF-8 file (a manifest, a sidecar, the config). OSError: it cannot be read
+    (FileNotFoundError: it is not there); ValueError: it is not UTF-8."""
+    with open(path, encoding="utf-8") as f:
+        return f.read()
+
+
+def load_manifest(path):
+    """The one reader of metadata.json (an album's, or one in versions): its document, a dict.
+    OSError: it cannot be read (FileNotFoundError: it is not there); ValueError: it is not a
+    JSON object."""
+    doc = json.loads(read_text(path))
+    if not isinstance(doc, dict):
+        raise ValueError("not a JSON object")
+    return doc
+
+
+def read_manifest(path):
+    """A metadata.json as a dict, or None (not there, unreadable)."""
+    try:
+        return load_manifest(path)
+    except (OSError, ValueError):
+        return None
+
+
 def previous_manifest(folder):
     """The files entries of the metadata.json in folder, then its former entries (files SmugMug
     no longer lists, or replaced, that a kept zip part still holds), or [] (none, unreadable)."""
-    try:
-        with open(os.path.join(folder, MANIFEST_NAME), encoding="utf-8") as f:
-            doc = json.load(f)
-    except (OSError, ValueError):
-        return []
-    if not isinstance(doc, dict):
-        return []
+    doc = read_manifest(os.path.join(folder, MANIFEST_NAME)) or {}
     out = []
     for section in ("files", "former"):
         items = doc.get(section)
@@ -3366,16 +3385,14 @@ class Store:
             rel = os.path.relpath(dirpath, self.root).replace(os.sep, "/")
             manifests, holds, sizes, album_key = [n for n in names if is_versions_manifest(n)], {}, {}, ""
             for name in manifests:
-                try:
-                    with open(os.path.join(dirpath, name), encoding="utf-8") as f:
-                        doc = json.load(f)
-                except (OSError, ValueError):
+                doc = read_manifest(os.path.join(dirpath, name))
+                if doc is None:
                     continue
-                if isinstance(doc, dict) and isinstance(doc.get("album"), dict):
+                if isinstance(doc.get("album"), dict):
                     album_key = album_key or str(doc["album"].get("AlbumKey") or "")
                 for identity, file_name, holder in manifest_photos(doc):
                     holds.setdefault(holder, []).append((identity, file_name))
-                for part in doc.get("parts") or [] if isinstance(doc, dict) else []:
+                for part in doc.get("parts") or []:
                     if isinstance(part, dict) and isinstance(part.get("file"), str):
                         sizes.setdefault(part["file"], set()).add(int_or_none(part.get("size")))
             for name in sorted(n for n in names if not is_versions_manifest(n)):
@@ -3403,12 +3420,8 @@ class Store:
         listed = set()
         for record in list(self.state.albums.values()):
             folder = self.abs(record.path)
-            try:
-                with open(os.path.join(folder, MANIFEST_NAME), encoding="utf-8") as f:
-                    doc = json.load(f)
-            except (OSError, ValueError):
-                doc = None
-            for name, section in doc.items() if isinstance(doc, dict) else ():
+            doc = read_manifest(os.path.join(folder, MANIFEST_NAME)) or {}
+            for name, section in doc.items():
                 for identity, _name, holder in manifest_photos({name: section}, keys):
                     if holder in record.damaged or not os.path.exists(os.path.join(folder, holder)):
                         continue
@@ -3925,11 +3938,7 @@ def manifest_album_key(doc):
 
 def manifest_owner(output_dir, rel):
     """The AlbumKey of the metadata.json in folder rel, or None (none there, or unreadable)."""
-    try:
-        with open(os.path.join(output_dir, *rel.split("/"), MANIFEST_NAME), encoding="utf-8") as f:
-            return manifest_album_key(json.load(f))
-    except (OSError, ValueError):
-        return None
+    return manifest_album_key(read_manifest(os.path.join(output_dir, *rel.split("/"), MANIFEST_NAME)))
 
 
 def record_from_manifest(output_dir, album):
@@ -3938,8 +3947,7 @@ def record_from_manifest(output_dir, album):
     lost state costs a check of the files on disk, not a new download. None otherwise."""
     path = os.path.join(output_dir, *album.path, MANIFEST_NAME)
     try:
-        with open(path, encoding="utf-8") as f:
-            doc = json.load(f)
+        doc = load_manifest(path)
         size = os.path.getsize(path)
     except (OSError, ValueError):
         return None
@@ -4067,16 +4075,6 @@ def classify(album, record, output_dir, recheck_days=0, now=None):
     if record.files and recheck_due(record, recheck_days, now):
         return "due"
     return "unchanged"
-
-
-def read_manifest(path):
-    """A metadata.json (or a versioned one) as a dict, or None (not there, unreadable)."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            doc = json.load(f)
-    except (OSError, ValueError):
-        return None
-    return doc if isinstance(doc, dict) else None
 
 
 def index_lines(output_dir, state, gone=()):
@@ -5889,9 +5887,8 @@ def commit_outcome(run, folder):
         text = json.dumps(doc, ensure_ascii=False, indent=2) + "\n"
         if old_here and old.manifest is not None:
             try:
-                with open(os.path.join(folder, MANIFEST_NAME), encoding="utf-8") as f:
-                    same = f.read() == text
-            except OSError:
+                same = read_text(os.path.join(folder, MANIFEST_NAME)) == text
+            except (OSError, ValueError):
                 same = False
             if same:
                 text = None                 # unchanged: neither rewritten nor versioned
@@ -5934,8 +5931,7 @@ def sidecar_files(listing, locations, style, folder, taken):
         locations[f.key]["sidecar"] = names[name]
         text = xmp_sidecar(dict(f.fields))
         try:
-            with open(os.path.join(folder, names[name]), encoding="utf-8") as existing:
-                changed = existing.read() != text
+            changed = read_text(os.path.join(folder, names[name])) != text
         except (OSError, ValueError):
             changed = True
         out[names[name]] = (text, changed)
@@ -6107,8 +6103,7 @@ def read_config_file(path):
     """The config file as a dict, or UsageError naming the problem (and the absolute path)."""
     path = os.path.abspath(path)
     try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
+        text = read_text(path)
     except FileNotFoundError:
         raise UsageError("config file %s not found (copy config.example.json to config.json "
                          "and fill it in, or run --authorize)" % path)
@@ -6494,9 +6489,8 @@ def verify_album(output_dir, record, stop, progress):
     if not record.files:
         return problems          # an empty album: an empty folder, nothing to prove
     try:
-        with open(os.path.join(folder, MANIFEST_NAME), encoding="utf-8") as f:
-            manifest = json.load(f)
-        if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), list):
+        manifest = load_manifest(os.path.join(folder, MANIFEST_NAME))
+        if not isinstance(manifest.get("files"), list):
             raise ValueError("no file list")
     except FileNotFoundError:
         problems.append((MANIFEST_NAME, "manifest missing"))
