@@ -2188,13 +2188,6 @@ def body_chunks(resp):
         yield chunk
 
 
-def remove_quietly(path):
-    try:
-        os.remove(path)
-    except FileNotFoundError:
-        pass
-
-
 def read_chunks(f, stop=None, progress=None):
     """The chunks of an open file to its end, for checks in constant memory."""
     while True:
@@ -2656,9 +2649,90 @@ def file_is(path, size, md5, stop=None):
 # Storage ####################################################################
 #
 # Everything that writes, renames, moves or deletes under output_dir goes
-# through the Store (the state's own two files aside): download workers write
-# NAME.part files through it, the orchestrator thread commits, moves, versions
-# and cleans up through it. An OSError becomes a LocalWriteError naming the path.
+# through the Store: download workers write NAME.part files through it, the
+# orchestrator thread commits, moves, versions and cleans up through it. An
+# OSError becomes a LocalWriteError naming the path. Its primitives below are
+# the only code that writes or removes a file: the state's snapshot and journal,
+# the lock and the config (--authorize) are written through them too.
+
+def sync_file(f):
+    """Flush an open file to disk: what was written survives a power loss."""
+    f.flush()
+    os.fsync(f.fileno())
+
+
+def write_file(path, write, mode=None, encoding="utf-8", newline=None):
+    """The one writer of a whole file: path created or emptied (mode: its permissions), write(f)
+    fills it (a text file), then it is flushed to disk (sync_file); write's result is returned.
+    A file left half written by an error is removed. OSError: a write error."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666 if mode is None else mode)
+    try:
+        with os.fdopen(fd, "w", encoding=encoding, newline=newline) as f:
+            result = write(f)
+            sync_file(f)
+        if mode is not None:
+            os.chmod(path, mode)
+    except BaseException:
+        remove_quietly(path)
+        raise
+    return result
+
+
+def temp_name(name):
+    """.NAME.part: the temporary beside NAME a whole file is written to before it takes its name."""
+    return "." + name + ".part"
+
+
+def write_atomic(path, write, mode=None, encoding="utf-8", newline=None):
+    """Replace path: write_file into its temp_name in the same folder (write: the text, str chunks
+    written as they come, or a function that writes to the open file), os.replace, fsync the
+    folder; write's result.
+
+    The temp file's name is fixed (.NAME.part: like every file not yet complete,
+    it ends in .part), so one left by a killed run is taken over by the next
+    write rather than left behind."""
+    folder = os.path.dirname(os.path.abspath(path))
+    temp = os.path.join(folder, temp_name(os.path.basename(path)))
+    fill = write if callable(write) else (lambda f: f.write(write)) if isinstance(write, str) \
+        else (lambda f: f.writelines(write))
+    result = write_file(temp, fill, mode, encoding, newline)
+    try:
+        os.replace(temp, path)
+    except BaseException:
+        remove_quietly(temp)
+        raise
+    fsync_dir(folder)
+    return result
+
+
+def open_append(path):
+    """path opened to append lines to (made if missing), the next line starting on a fresh line
+    (a last line a crash cut short is left as it is, on its own). OSError: a write error."""
+    f = open(path, "a", encoding="utf-8")
+    try:
+        if not ends_a_line(path):
+            f.write("\n")
+    except BaseException:
+        f.close()
+        raise
+    return f
+
+
+def append_lines(f, lines):
+    """Lines (each without its newline) appended to a file from open_append, flushed to disk."""
+    f.write("".join(line + "\n" for line in lines))
+    sync_file(f)
+
+
+def remove_quietly(path):
+    """The one remover of a file: True when removed, False when it was not there. OSError: it
+    could not be removed."""
+    try:
+        os.remove(path)
+    except FileNotFoundError:
+        return False
+    return True
+
 
 def fsync_dir(folder):
     """Make renames in folder survive a power loss (a no-op where folders cannot be opened)."""
@@ -2782,29 +2856,6 @@ def retention_may_go(unheld, since, keep_deleted_days, now):
     return all(i in since and now - since[i] >= keep_deleted_days * 86400 for i, _ in unheld)
 
 
-def write_atomic(path, text, mode=None):
-    """Replace path with text (a str, or str chunks written as they come): a temp file in the same folder, fsync, os.replace, fsync the folder.
-
-    The temp file's name is fixed (.NAME.part: like every file not yet complete,
-    it ends in .part), so one left by a killed run is taken over by the next
-    write rather than left behind."""
-    folder = os.path.dirname(os.path.abspath(path))
-    temp = os.path.join(folder, "." + os.path.basename(path) + ".part")
-    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666 if mode is None else mode)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text) if isinstance(text, str) else f.writelines(text)
-            f.flush()
-            os.fsync(f.fileno())
-        if mode is not None:
-            os.chmod(temp, mode)
-        os.replace(temp, path)
-    except BaseException:
-        remove_quietly(temp)
-        raise
-    fsync_dir(folder)
-
-
 class PartFile:
     """A NAME.part open for a download worker: OSErrors become LocalWriteError naming the file."""
 
@@ -2824,8 +2875,7 @@ class PartFile:
     def sync(self):
         """Flush to disk: complete before it can take its final name."""
         try:
-            self.file.flush()
-            os.fsync(self.file.fileno())
+            sync_file(self.file)
         except OSError as exc:
             raise LocalWriteError(self.path, exc) from exc
 
@@ -2976,9 +3026,7 @@ class Store:
         """Remove a temporary file (a name ending in .part, and only such a name)."""
         if path.endswith(".part"):
             try:
-                os.remove(path)
-            except FileNotFoundError:
-                pass
+                remove_quietly(path)
             except OSError as exc:
                 raise LocalWriteError(path, exc) from exc
 
@@ -2998,13 +3046,10 @@ class Store:
     def write_temp(self, rel, text):
         """text into .NAME.part beside rel (flushed to disk), to be placed by a step: its rel."""
         folder, name = rel.rsplit("/", 1) if "/" in rel else ("", rel)
-        temp = (folder + "/" if folder else "") + "." + name + ".part"
+        temp = (folder + "/" if folder else "") + temp_name(name)
         try:
             os.makedirs(os.path.dirname(self.abs(temp)), exist_ok=True)
-            with open(self.abs(temp), "w", encoding="utf-8") as f:
-                f.write(text)
-                f.flush()
-                os.fsync(f.fileno())
+            write_file(self.abs(temp), lambda f: f.write(text))
         except OSError as exc:
             raise self.error(temp, exc) from exc
         return temp
@@ -3217,24 +3262,18 @@ class Store:
         """index.csv at the top of output_dir, replaced atomically, written row by row (memory does
         not grow with the account): UTF-8 with a BOM, so that spreadsheets keep accents. It is
         derived from the manifests: not versioned."""
-        path = self.abs(INDEX_NAME)
-        temp = self.abs("." + INDEX_NAME + ".part")
+        def write(f):
+            writer = csv.writer(f)
+            writer.writerow(INDEX_COLUMNS)
+            count = 0
+            for row in rows:
+                writer.writerow(row)
+                count += 1
+            return count
         try:
-            with open(temp, "w", encoding="utf-8-sig", newline="") as f:
-                writer = csv.writer(f)
-                writer.writerow(INDEX_COLUMNS)
-                count = 0
-                for row in rows:
-                    writer.writerow(row)
-                    count += 1
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(temp, path)
+            return write_atomic(self.abs(INDEX_NAME), write, encoding="utf-8-sig", newline="")
         except OSError as exc:
-            remove_quietly(temp)
             raise self.error(INDEX_NAME, exc) from exc
-        fsync_dir(self.root)
-        return count
 
     @staticmethod
     def prune_folder(folder):
@@ -3320,7 +3359,7 @@ class Store:
                 kept.update(i for i, _ in vf.photos or ())
                 continue
             try:
-                os.remove(self.abs(vf.rel))
+                remove_quietly(self.abs(vf.rel))
             except OSError as exc:
                 log.warning("could not remove the old version %s: %s", self.abs(vf.rel), exc.strerror or exc)
                 kept.update(i for i, _ in vf.photos or ())
@@ -3358,7 +3397,7 @@ class Store:
                 if names and all(is_versions_manifest(n) for n in names):
                     for name in names:
                         try:
-                            os.remove(os.path.join(dirpath, name))
+                            remove_quietly(os.path.join(dirpath, name))
                             manifests.append(os.path.relpath(os.path.join(dirpath, name), self.root))
                         except OSError as exc:
                             log.warning("could not remove the old version %s: %s", os.path.join(dirpath, name),
@@ -3847,12 +3886,8 @@ class BackupState:
             return
         if self._journal is None:
             os.makedirs(self.dir, exist_ok=True)
-            self._journal = open(self.journal_path, "a", encoding="utf-8")
-            if not ends_a_line(self.journal_path):     # a line cut short by a crash: ours starts anew
-                self._journal.write("\n")
-        self._journal.write(json.dumps(entry, ensure_ascii=False) + "\n")
-        self._journal.flush()
-        os.fsync(self._journal.fileno())
+            self._journal = open_append(self.journal_path)     # a line cut short by a crash: ours starts anew
+        append_lines(self._journal, [json.dumps(entry, ensure_ascii=False)])
 
     def save_album(self, record):
         self.record({"album": record.to_json()})
@@ -3901,8 +3936,8 @@ class BackupState:
         encoder = json.JSONEncoder(ensure_ascii=False, indent=1, sort_keys=True, default=record_json)
         write_atomic(self.snapshot_path, encoder.iterencode(data))   # streamed: never the whole text
         if self.torn:                   # the journal's unreadable lines outlive it, for a person
-            with open(os.path.join(self.dir, SET_ASIDE_FILE), "a", encoding="utf-8") as f:
-                f.write("".join(line + "\n" for line in self.torn))
+            with open_append(os.path.join(self.dir, SET_ASIDE_FILE)) as f:
+                append_lines(f, self.torn)
             self.torn = []
         if self._journal is not None:
             self._journal.close()
@@ -4157,14 +4192,14 @@ class RunLock:
             self.file.close()
         self.file.seek(0)
         self.file.truncate()
-        self.file.write("%d\n" % os.getpid())
-        self.file.flush()
+        self.file.write("%d\n" % os.getpid())     # through the locked handle (Windows locks its bytes)
+        sync_file(self.file)
         return self
 
     def release(self):
         if self.file is not None:
             try:
-                os.remove(self.path)    # before closing: no other run can hold it yet
+                remove_quietly(self.path)   # before closing: no other run can hold it yet
             except OSError:
                 pass
             self.file.close()           # closing drops the lock
