@@ -2054,7 +2054,7 @@ def fetch_file(client, store, task, temp, resume_ok, progress, cancel):
     for attempt in range(FILE_ATTEMPTS):
         size = download_file(client, store, task.url, temp, task.size, resume_ok and attempt == 0, progress,
                              cancel)
-        if not task.md5 or md5_of(temp, client.stop) == task.md5:
+        if file_is(temp, None, task.md5, client.stop):
             return size
         log.debug("%s: MD5 mismatch (attempt %d)", task.name, attempt + 1)
         store.discard(temp)
@@ -2403,12 +2403,12 @@ def same_file(listed, item):
     by its name alone."""
     if item.get("ImageKey") != listed.key or item.get("FileName") != listed.file_name:
         return False
-    size = int_or_none(item.get("ArchivedSize"))
-    if listed.archived_size is not None and size != listed.archived_size:
+    md5 = item.get("ArchivedMD5")
+    if bytes_differ(int_or_none(item.get("ArchivedSize")), md5.lower() if isinstance(md5, str) else "",
+                    listed.archived_size, listed.archived_md5):
         return False
     if listed.archived_md5:
-        md5 = item.get("ArchivedMD5")
-        return isinstance(md5, str) and md5.lower() == listed.archived_md5
+        return True
     fields = dict(listed.fields)
     stamps = [k for k in ("LastUpdated", "Serial") if k in fields]
     return bool(stamps) and all(item.get(k) == fields[k] for k in stamps)
@@ -2636,14 +2636,38 @@ def ends_a_line(path):
         return True
 
 
-def file_is(path, size, md5, stop=None):
-    """Does the file at path have this size and MD5 (where given)?"""
+def bytes_differ(size, md5, want_size, want_md5):
+    """The one comparison of bytes with what they should be: None when they are those, else
+    ("size", size) or ("md5", None). size, md5: what they are (md5: its hex, or a function that
+    reads it, called only when an MD5 is wanted); want_size None, want_md5 "": not compared."""
+    if want_size is not None and size != want_size:
+        return ("size", size)
+    if want_md5 and (md5() if callable(md5) else md5) != want_md5.lower():
+        return ("md5", None)
+    return None
+
+
+def file_mismatch(path, size, md5="", stop=None, progress=None):
+    """The one check of a file on disk against a size and an MD5 (each where given; the file is
+    there in any case): None when it is that file, else what is wrong: ("missing", None),
+    ("size", its size), ("md5", None) or ("unreadable", the OSError). progress(n): the bytes
+    read (all of them, when only the size is checked)."""
     try:
-        if size is not None and os.path.getsize(path) != size:
-            return False
-        return not md5 or md5_of(path, stop) == md5
+        have = os.path.getsize(path)
     except OSError:
-        return False
+        return ("missing", None)
+    try:
+        wrong = bytes_differ(have, lambda: md5_of(path, stop, progress), size, md5)
+    except OSError as exc:
+        return ("unreadable", exc)
+    if wrong is None and not md5 and progress:
+        progress(have)
+    return wrong
+
+
+def file_is(path, size, md5, stop=None):
+    """Is the file at path there, with this size and MD5 (where given)?"""
+    return file_mismatch(path, size, md5, stop) is None
 
 
 # Storage ####################################################################
@@ -3007,7 +3031,7 @@ class Store:
                             digest.update(chunk)
                             out.write(chunk)
                         out.sync()
-                    if md5 and digest.hexdigest() != md5:
+                    if bytes_differ(info.file_size, digest.hexdigest(), None, md5):
                         continue                # not the file listed (another entry of its name may be)
                     done[name] = info.file_size
                     del pending[zip_entry_names(info)]
@@ -3955,13 +3979,7 @@ class BackupState:
 
 def file_sizes_match(folder, files):
     """Is every file on disk at its recorded size?"""
-    for f in files:
-        try:
-            if os.path.getsize(os.path.join(folder, f.name)) != f.size:
-                return False
-        except OSError:
-            return False
-    return True
+    return all(file_is(os.path.join(folder, f.name), f.size, "") for f in files)
 
 
 def manifest_album_key(doc):
@@ -6536,13 +6554,10 @@ def verify_album(output_dir, record, stop, progress):
     entries = {}
     for saved in record.parts:
         path = os.path.join(folder, saved.name)
-        try:
-            size = os.path.getsize(path)
-        except OSError:
-            problems.append((saved.name, "part missing"))
-            continue
-        if size != saved.size:
-            problems.append((saved.name, "wrong size (%d bytes, %d saved)" % (size, saved.size)))
+        wrong = file_mismatch(path, saved.size)
+        if wrong:
+            problems.append((saved.name, "part missing" if wrong[0] == "missing"
+                             else "wrong size (%d bytes, %d saved)" % (wrong[1], saved.size)))
             continue
         try:
             for entry in scan_zip(path, saved.name, True, stop, progress):
@@ -6562,32 +6577,26 @@ def verify_album(output_dir, record, stop, progress):
             if any(p == part for p, _ in problems):
                 continue
             entry = entries.get((part, item.get("entry")))
+            wrong = bytes_differ(entry.size, entry.md5, size, md5) if entry else None
             if entry is None:
                 problems.append((part, "entry %s of %s missing" % (item.get("entry"), name)))
-            elif size is not None and entry.size != size:
+            elif wrong and wrong[0] == "size":
                 problems.append((part, "entry %s: %d bytes, %d listed" % (entry.name, entry.size, size)))
-            elif md5 and entry.md5 != md5.lower():
+            elif wrong:
                 problems.append((part, "MD5 mismatch for file %s" % name))
         elif "file" in item:
             loose = item.get("file")
             path = os.path.join(folder, loose) if isinstance(loose, str) and safe_rel(loose) else None
-            try:
-                have = os.path.getsize(path) if path else None
-            except OSError:
-                have = None
             want = size if size is not None else sizes.get(loose)
-            if have is None:
+            wrong = file_mismatch(path, want, md5, stop, progress) if path else ("missing", None)
+            if wrong and wrong[0] == "missing":
                 problems.append((loose, "file %s missing" % loose))
-            elif want is not None and have != want:
-                problems.append((loose, "file %s: %d bytes, %d listed" % (loose, have, want)))
-            elif md5:
-                try:
-                    if md5_of(path, stop, progress) != md5.lower():
-                        problems.append((loose, "MD5 mismatch for file %s" % loose))
-                except OSError as exc:
-                    problems.append((loose, "file %s unreadable (%s)" % (loose, exc.strerror or exc)))
-            elif progress:
-                progress(have)
+            elif wrong and wrong[0] == "size":
+                problems.append((loose, "file %s: %d bytes, %d listed" % (loose, wrong[1], want)))
+            elif wrong and wrong[0] == "md5":
+                problems.append((loose, "MD5 mismatch for file %s" % loose))
+            elif wrong:
+                problems.append((loose, "file %s unreadable (%s)" % (loose, wrong[1].strerror or wrong[1])))
         side = item.get("sidecar")
         if isinstance(side, str) and (not safe_rel(side) or not os.path.isfile(os.path.join(folder, side))):
             problems.append((side, "sidecar %s missing" % side))
