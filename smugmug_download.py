@@ -2916,15 +2916,25 @@ class PartFile:
 
 class PathOwners:
     """Who owns each path under output_dir: an album folder or file belongs to one AlbumKey.
+    The one place that decides it: from the state's records, and for a folder the state does not
+    know, from the metadata.json there (a backup the state lost).
 
     Like git's index, it is consulted before anything is written, renamed or
-    deleted, so that no album ever touches another's files, kept or live.
+    deleted, so that no album ever touches another's files, kept or live; and
+    before an album is given its folder (place, adopt).
     Paths compare ignoring case and Unicode form, as some disks do."""
 
-    def __init__(self, records=()):
+    def __init__(self, records=(), root=None):
         self._owner = {}
+        self._at_start = {}             # album folder -> AlbumKey, as the run began (begin)
+        self.root = root                # output_dir, where the manifests are read (None: not read)
         for record in records:
             self.claim(record)
+
+    def begin(self, records):
+        """The run begins (an earlier run's changes finished): the album folders the records
+        hold now stay theirs for place() the whole run, even once their album moves away."""
+        self._at_start = {self._key(r.path): r.key for r in records}
 
     @staticmethod
     def _key(rel):
@@ -2944,6 +2954,33 @@ class PathOwners:
         for rel in record.owned_paths():
             if self.owner(rel) == record.key:
                 del self._owner[self._key(rel)]
+
+    def on_disk(self, rel):
+        """The AlbumKey the metadata.json in folder rel names, or None (none there, or unreadable)."""
+        if self.root is None:
+            return None
+        return manifest_album_key(read_manifest(os.path.join(self.root, *rel.split("/"), MANIFEST_NAME)))
+
+    def place(self, album, record):
+        """The album with its local path: the walk's, unless another album owned that folder at
+        the start of the run (a kept backup, or one moving away), owns it now, or a metadata.json
+        there names another album (a backup the state lost): then with " (NodeID)"."""
+        alternative = alternative_path(album)
+        if record and record.path in (album.rel, "/".join(alternative)):
+            return album if record.path == album.rel else replace(album, path=alternative)
+        owner = self._at_start.get(self._key(album.rel)) or self.owner(album.rel) or self.on_disk(album.rel)
+        return replace(album, path=alternative) if owner not in (None, album.album_key) else album
+
+    def adopt(self, album):
+        """For an album the state does not know: a record rebuilt from its own metadata.json, at
+        its path or at its " (NodeID)" one (a lost or damaged state), claimed; or None."""
+        for path in (album.path, alternative_path(album)):
+            record = record_from_manifest(self.root, replace(album, path=path)) if self.root else None
+            if record and self.owner(record.path) in (None, record.key):
+                self.claim(record)
+                log.info("%s: not in the state; its metadata.json says what is on disk: checking that", record.path)
+                return record
+        return None
 
 
 class PathTaken(BackupError):
@@ -2975,7 +3012,7 @@ class Store:
             stamp = run_stamp(stamp_time(stamp) + 1)   # takes the next second's name
         self.stamp = stamp               # the run's start, UTC: its versions folder
         self.state = state               # the BackupState that journals each change
-        self.owners = PathOwners(state.albums.values() if state else ())
+        self.owners = PathOwners(state.albums.values() if state else (), root)
         self.versioned = 0               # files moved to versions by this run
         self.blocked = {}                # AlbumKey -> why: a journalled change recover() could not finish
         self.last_versioned = {}         # path -> versions path, of the last change taken
@@ -3989,11 +4026,6 @@ def manifest_album_key(doc):
     return key if isinstance(key, str) and key else None
 
 
-def manifest_owner(output_dir, rel):
-    """The AlbumKey of the metadata.json in folder rel, or None (none there, or unreadable)."""
-    return manifest_album_key(read_manifest(os.path.join(output_dir, *rel.split("/"), MANIFEST_NAME)))
-
-
 def record_from_manifest(output_dir, album):
     """An album the state does not know (a lost or damaged state) whose folder holds its own
     metadata.json: a record rebuilt from it, to be checked again (not complete), so that a
@@ -4032,30 +4064,6 @@ def record_from_manifest(output_dir, album):
 def alternative_path(album):
     """The album's path with " (NodeID)": where a new album goes whose folder another owns."""
     return album.path[:-1] + (with_suffix(album.path[-1], " (%s)" % clean_name(album.node_id)),)
-
-
-def place_album(album, record, owned_at_start, owners, output_dir):
-    """The album with its local path: the walk's, unless another album owned that folder at
-    the start of the run (a kept backup, or one moving away), or a metadata.json there names
-    another album (a backup the state lost): then with " (NodeID)"."""
-    alternative = alternative_path(album)
-    if record and record.path in (album.rel, "/".join(alternative)):
-        return album if record.path == album.rel else replace(album, path=alternative)
-    owner = (owned_at_start.get(PathOwners._key(album.rel)) or owners.owner(album.rel)
-             or manifest_owner(output_dir, album.rel))
-    return replace(album, path=alternative) if owner not in (None, album.album_key) else album
-
-
-def rebuilt_record(album, owners, output_dir):
-    """For an album the state does not know: a record rebuilt from its own metadata.json, at
-    its path or at its " (NodeID)" one (a lost or damaged state), claimed in owners; or None."""
-    for path in (album.path, alternative_path(album)):
-        record = record_from_manifest(output_dir, replace(album, path=path))
-        if record and owners.owner(record.path) in (None, record.key):
-            owners.claim(record)
-            log.info("%s: not in the state; its metadata.json says what is on disk: checking that", record.path)
-            return record
-    return None
 
 
 def recheck_due(record, days, now=None):
@@ -5382,7 +5390,7 @@ class Orchestrator:
         self.scheduler = Scheduler(config, workers, client.link, client.gate, reporter.meter)
         self.futures = {}                       # future -> (kind, payload)
         self.runs = {}                          # AlbumKey -> AlbumRun of this run
-        self.owned_at_start = {PathOwners._key(r.path): k for k, r in state.albums.items()}
+        store.owners.begin(state.albums.values())
         self.walk = Walk(options)
         self.halt = False                       # start nothing new (a fatal write error, SmugMug unreachable)
         self.bytes_known = 0
@@ -5536,8 +5544,8 @@ class Orchestrator:
         """An album the walk found (and --include/--exclude select): where it goes, whether it
         moved, what it needs."""
         self.summary.albums_found += 1
-        record = self.state.albums.get(album.album_key) or rebuilt_record(album, self.store.owners, self.out)
-        album = place_album(album, record, self.owned_at_start, self.store.owners, self.out)
+        record = self.state.albums.get(album.album_key) or self.store.owners.adopt(album)
+        album = self.store.owners.place(album, record)
         run = AlbumRun(album, record, "new")
         if album.album_key in self.store.blocked and not self.options.dry_run:
             self.runs[album.album_key] = run
