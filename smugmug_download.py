@@ -1012,6 +1012,12 @@ def safe_rel(rel):
     return all(piece not in ("", ".", "..") for piece in rel.split("/"))
 
 
+def own_name(value):
+    """value when it names a file in an album's own folder (a clean name, no folder in it: as a
+    manifest or the state names one), else None."""
+    return value if safe_rel(value) and "/" not in value else None
+
+
 def is_loopback_host(host):
     return (host or "").lower() in ("localhost", "::1") or (host or "").startswith("127.")
 
@@ -2220,6 +2226,17 @@ def zip_entry_names(info):
         return info.filename
 
 
+def zip_directory(path):
+    """The file entries (ZipInfo) a zip's directory lists, nothing decompressed; None when it is
+    not a readable zip."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return [i for i in archive.infolist() if not i.is_dir()]
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, NotImplementedError, RuntimeError, EOFError,
+            ValueError, OSError):
+        return None
+
+
 def scan_zip(path, part_name, want_md5, stop=None, progress=None):
     """[ZipEntry] of a zip on disk, every entry read to its end so that zipfile
     checks its CRC (and its MD5 taken when asked); nothing is extracted.
@@ -2324,24 +2341,27 @@ def read_manifest(path):
         return None
 
 
-def previous_manifest(folder):
-    """The files entries of the metadata.json in folder, then its former entries (files SmugMug
-    no longer lists, or replaced, that a kept zip part still holds), or [] (none, unreadable)."""
-    doc = read_manifest(os.path.join(folder, MANIFEST_NAME)) or {}
+def manifest_entries(doc):
+    """A manifest's file entries: its files, then its former ones (files SmugMug no longer lists,
+    or replaced, that a kept zip part still holds); [] for none."""
     out = []
     for section in ("files", "former"):
-        items = doc.get(section)
+        items = doc.get(section) if isinstance(doc, dict) else None
         out += [item for item in items if isinstance(item, dict)] if isinstance(items, list) else []
     return out
+
+
+def previous_manifest(folder):
+    """The file entries (manifest_entries) of the metadata.json in folder, or [] (none, unreadable)."""
+    return manifest_entries(read_manifest(os.path.join(folder, MANIFEST_NAME)))
 
 
 def held_keys(folder, entries):
     """The ImageKeys a previous backup holds: its manifest says where, and that file is there."""
     held = set()
     for item in entries:
-        where = item.get("archive") or item.get("file")
-        if isinstance(item.get("ImageKey"), str) and isinstance(where, str) and safe_rel(where) \
-                and "/" not in where and os.path.exists(os.path.join(folder, where)):
+        where = own_name(item.get("archive") or item.get("file"))
+        if isinstance(item.get("ImageKey"), str) and where and os.path.exists(os.path.join(folder, where)):
             held.add(item["ImageKey"])
     return frozenset(held)
 
@@ -2366,8 +2386,8 @@ def manifest_photos(doc, keys=None):
             if not isinstance(item, dict) or not isinstance(item.get("ImageKey"), str) or (
                     keys is not None and item["ImageKey"] not in keys):
                 continue
-            holder = item.get("archive") if isinstance(item.get("entry"), str) else item.get("file")
-            if isinstance(holder, str) and holder and "/" not in holder and safe_rel(holder):
+            holder = own_name(item.get("archive") if isinstance(item.get("entry"), str) else item.get("file"))
+            if holder:
                 name = item.get("FileName")
                 yield (photo_identity(item["ImageKey"], item.get("ArchivedMD5"), item.get("ArchivedSize")),
                        name if isinstance(name, str) else item["ImageKey"], holder)
@@ -2387,11 +2407,7 @@ def held_on_disk(listing, folder, parts, loose):
     an entry of one of its zip parts on disk, or one of its files saved on their own."""
     names = set(loose)
     for name, _size in parts:
-        try:
-            with zipfile.ZipFile(os.path.join(folder, name)) as archive:
-                names.update(zip_entry_names(i).rsplit("/", 1)[-1] for i in archive.infolist())
-        except (OSError, zipfile.BadZipFile, ValueError, RuntimeError, NotImplementedError):
-            continue
+        names.update(zip_entry_names(i).rsplit("/", 1)[-1] for i in zip_directory(os.path.join(folder, name)) or ())
     return frozenset(f.key for f in listing if f.file_name and (
         f.file_name in names or clean_name(f.file_name, keep_extension=True) in names
         or any(is_renamed_form(n, f.file_name) for n in names)))
@@ -2433,7 +2449,7 @@ def held_by_manifest(listing, previous, sound_parts, folder, stop=None, trusted=
                 used.add((part, entry))
                 held[f.key] = {"archive": part, "entry": entry}
                 break
-            if isinstance(name, str) and safe_rel(name) and "/" not in name and ("file", name) not in used:
+            if own_name(name) and ("file", name) not in used:
                 rendition = item.get("rendition") is True
                 size = int_or_none(item.get("size")) if rendition else f.archived_size
                 md5 = (item.get("md5") or "") if rendition else f.archived_md5
@@ -2829,13 +2845,9 @@ def is_versions_manifest(name):
 def zip_identities(path):
     """The identities of a zip's entries as its directory gives them ("entry:NAME crc:HEX size:N";
     nothing decompressed), for a version no manifest describes; None when it is not a readable zip."""
-    try:
-        with zipfile.ZipFile(path) as archive:
-            return {"entry:%s crc:%08x size:%d" % (zip_entry_names(i), i.CRC, i.file_size)
-                    for i in archive.infolist() if not i.is_dir()}
-    except (zipfile.BadZipFile, zipfile.LargeZipFile, NotImplementedError, RuntimeError, EOFError,
-            ValueError, OSError):
-        return None
+    entries = zip_directory(path)
+    return None if entries is None else {"entry:%s crc:%08x size:%d" % (zip_entry_names(i), i.CRC, i.file_size)
+                                         for i in entries}
 
 
 def file_crc(path):
@@ -3600,7 +3612,7 @@ class AlbumRecord:
             if not isinstance(item, dict):
                 raise ValueError("files")
             name, size, kind = item.get("name"), item.get("size"), item.get("kind", "archive")
-            if not isinstance(name, str) or "/" in name or not safe_rel(name):
+            if not own_name(name):
                 raise ValueError("files.name")
             if int_or_none(size) is None or isinstance(size, str):
                 raise ValueError("files.size")
@@ -3790,8 +3802,7 @@ class BackupState:
         """Read snapshot + journal; an unreadable or future state warns (unless not warn) and
         starts empty (self.unreadable says why)."""
         try:
-            with open(self.snapshot_path, encoding="utf-8") as f:
-                data = json.load(f)
+            data = json.loads(read_text(self.snapshot_path))
             if not isinstance(data, dict) or not isinstance(data.get("albums"), dict):
                 raise ValueError("not a state record")
             version = data.get("version")
@@ -4045,8 +4056,8 @@ def record_from_manifest(output_dir, album):
     parts = [{"name": p.get("file"), "size": p.get("size")} for p in listed_parts if isinstance(p, dict)]
     loose = []
     for item, kind in ((item, kind) for item in listed_files for kind in ("file", "sidecar")):
-        name = item.get(kind) if isinstance(item, dict) else None
-        if isinstance(name, str) and safe_rel(name) and "/" not in name:
+        name = own_name(item.get(kind)) if isinstance(item, dict) else None
+        if name:
             try:
                 loose.append({"name": name, "size": os.path.getsize(os.path.join(os.path.dirname(path), name)),
                               "kind": kind})
@@ -6573,10 +6584,7 @@ def verify_album(output_dir, record, stop, progress):
         except BadArchive as exc:
             problems.append((saved.name, str(exc)))
     sizes = {f.name: f.size for f in record.files}
-    former = (manifest or {}).get("former")     # every holder the manifest names: the former's too
-    for item in (manifest or {}).get("files", []) + (former if isinstance(former, list) else []):
-        if not isinstance(item, dict):
-            continue
+    for item in manifest_entries(manifest):     # every holder the manifest names: the former's too
         name = item.get("FileName") or item.get("ImageKey") or "?"
         md5 = item.get("md5") or item.get("ArchivedMD5") or ""
         size = int_or_none(item.get("size") if "size" in item else item.get("ArchivedSize"))
@@ -6594,7 +6602,7 @@ def verify_album(output_dir, record, stop, progress):
                 problems.append((part, "MD5 mismatch for file %s" % name))
         elif "file" in item:
             loose = item.get("file")
-            path = os.path.join(folder, loose) if isinstance(loose, str) and safe_rel(loose) else None
+            path = os.path.join(folder, loose) if own_name(loose) else None
             want = size if size is not None else sizes.get(loose)
             wrong = file_mismatch(path, want, md5, stop, progress) if path else ("missing", None)
             if wrong and wrong[0] == "missing":
@@ -6606,7 +6614,7 @@ def verify_album(output_dir, record, stop, progress):
             elif wrong:
                 problems.append((loose, "file %s unreadable (%s)" % (loose, wrong[1].strerror or wrong[1])))
         side = item.get("sidecar")
-        if isinstance(side, str) and (not safe_rel(side) or not os.path.isfile(os.path.join(folder, side))):
+        if isinstance(side, str) and (not own_name(side) or not os.path.isfile(os.path.join(folder, side))):
             problems.append((side, "sidecar %s missing" % side))
     return problems
 
