@@ -860,19 +860,26 @@ INDEX_COLUMNS = ("status", "album", "FileName", "ImageKey", "file", "archive", "
 INDEX_STATUS = {"deleted": "deleted on SmugMug", "replaced": "replaced"}
 
 
+def entry_bytes(item):
+    """(size or None, lowercase MD5 or "") a manifest's file entry says its bytes have: a
+    rendition's own, else SmugMug's ArchivedSize and ArchivedMD5."""
+    md5 = item.get("md5") or item.get("ArchivedMD5")
+    return (int_or_none(item.get("size") if "size" in item else item.get("ArchivedSize")),
+            md5.lower() if isinstance(md5, str) else "")
+
+
 def index_row(rel, item, status, base=None):
     """One row of index.csv for a file entry of an album's manifest (rel: the album's path; base:
     the folder its bytes are in, when not the album's own: a versions folder)."""
     base = base or rel
     where = {k: item.get(k) for k in ("file", "archive") if isinstance(item.get(k), str) and safe_rel(item[k])}
     place = position(item)
-    md5 = item.get("md5") or item.get("ArchivedMD5")
-    size = int_or_none(item.get("size") if "size" in item else item.get("ArchivedSize"))
+    size, md5 = entry_bytes(item)
     return [status, rel, text_field(item, "FileName"), text_field(item, "ImageKey"),
             base + "/" + where["file"] if "file" in where else "",
             base + "/" + where["archive"] if "archive" in where else "",
             text_field(item, "entry") if "archive" in where else "",
-            "" if size is None else str(size), md5.lower() if isinstance(md5, str) else "",
+            "" if size is None else str(size), md5,
             capture_time(item)[0] or "", text_field(item, "Title"), text_field(item, "Caption"),
             "; ".join(keywords_of(item)), "%.8f" % place[0] if place else "", "%.8f" % place[1] if place else "",
             text_field(item, "WebUri")]
@@ -6586,8 +6593,7 @@ def verify_album(output_dir, record, stop, progress):
     sizes = {f.name: f.size for f in record.files}
     for item in manifest_entries(manifest):     # every holder the manifest names: the former's too
         name = item.get("FileName") or item.get("ImageKey") or "?"
-        md5 = item.get("md5") or item.get("ArchivedMD5") or ""
-        size = int_or_none(item.get("size") if "size" in item else item.get("ArchivedSize"))
+        size, md5 = entry_bytes(item)
         if "archive" in item:
             part = item.get("archive")
             if any(p == part for p, _ in problems):
