@@ -6443,11 +6443,16 @@ def authorize(config_path, data, out=sys.stdout):
         raise UsageError("could not check the new token: %s" % exc)
     finally:
         client.close()
-    write_atomic(config_path, json.dumps(data, indent=2, ensure_ascii=False) + "\n",
-                 mode=0o600 if os.name == "posix" else None)
+    write_config(config_path, data)
     nickname = user.get("NickName") if isinstance(user, dict) else "?"
     write_text(out, "Authorized as %s; the access token is saved in %s.\n" % (nickname, config_path))
     out.flush()
+
+
+def write_config(path, data):
+    """The config file written (replaced atomically), readable by its owner alone: it holds secrets."""
+    write_atomic(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n",
+                 mode=0o600 if os.name == "posix" else None)
 
 
 def create_config(path):
@@ -6457,7 +6462,7 @@ def create_config(path):
     data = {"app_key": key, "app_key_secret": secret, "access_key": "", "access_key_secret": "",
             "output_dir": "~/SmugMug-backup"}
     validate_config(dict(data, access_key="-", access_key_secret="-"), path, required=("app_key", "app_key_secret"))
-    write_atomic(path, json.dumps(data, indent=2) + "\n", mode=0o600 if os.name == "posix" else None)
+    write_config(path, data)
     log.info("created %s (output_dir %s: edit it if you like)", path, data["output_dir"])
     return data
 
