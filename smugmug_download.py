@@ -2244,33 +2244,46 @@ def zip_directory(path):
         return None
 
 
-def scan_zip(path, part_name, want_md5, stop=None, progress=None):
-    """[ZipEntry] of a zip on disk, every entry read to its end so that zipfile
-    checks its CRC (and its MD5 taken when asked); nothing is extracted.
-    BadArchive names what is wrong."""
-    entries = []
+def read_zip(path, part_name, visit, stop=None, progress=None, wanted=None):
+    """The one reader of what a zip on disk holds: visit(info, name, chunks) for each file entry
+    (name: as listed, zip_entry_names; only those wanted(name), when given), chunks its bytes,
+    which visit reads to their end (zipfile then checks the entry's CRC). BadArchive names what
+    is wrong; anything else visit raises passes through."""
     try:
         with zipfile.ZipFile(path) as archive:
             for info in archive.infolist():
                 if info.is_dir():
                     continue
-                digest = hashlib.md5() if want_md5 else None
+                name = zip_entry_names(info)
+                if wanted is not None and not wanted(name):
+                    continue
                 try:
                     with archive.open(info) as member:
-                        for chunk in read_chunks(member, stop, progress):
-                            if digest:
-                                digest.update(chunk)
+                        visit(info, name, read_chunks(member, stop, progress))
                 except (zipfile.BadZipFile, EOFError, ValueError) as exc:
                     why = "CRC error" if "CRC" in str(exc) else "unreadable (%s)" % exc
-                    raise BadArchive("%s: %s in entry %s" % (part_name, why, zip_entry_names(info)))
-                entries.append(ZipEntry(part_name, zip_entry_names(info), info.file_size,
-                                        digest.hexdigest() if digest else ""))
+                    raise BadArchive("%s: %s in entry %s" % (part_name, why, name))
     except zipfile.BadZipFile as exc:
         raise BadArchive("%s: not a zip (%s)" % (part_name, exc))
     except (zipfile.LargeZipFile, NotImplementedError, RuntimeError, EOFError, ValueError) as exc:
         raise BadArchive("%s: unreadable zip (%s)" % (part_name, exc))
     except OSError as exc:
         raise BadArchive("%s: %s" % (part_name, exc.strerror or exc))
+
+
+def scan_zip(path, part_name, want_md5, stop=None, progress=None):
+    """[ZipEntry] of a zip on disk, every entry read to its end so that zipfile
+    checks its CRC (and its MD5 taken when asked); nothing is extracted.
+    BadArchive names what is wrong."""
+    entries = []
+
+    def visit(info, name, chunks):
+        digest = hashlib.md5() if want_md5 else None
+        for chunk in chunks:
+            if digest:
+                digest.update(chunk)
+        entries.append(ZipEntry(part_name, name, info.file_size, digest.hexdigest() if digest else ""))
+    read_zip(path, part_name, visit, stop, progress)
     return entries
 
 
@@ -3074,28 +3087,20 @@ class Store:
         streamed, their MD5 checked: {NAME: size}. Where a zip holds two entries of one name,
         the one with the listed MD5 is taken. BadArchive names what is wrong."""
         done, pending = {}, dict(entries)
-        try:
-            with zipfile.ZipFile(zip_path) as archive:
-                for info in archive.infolist():
-                    wanted = pending.get(zip_entry_names(info))
-                    if wanted is None or info.is_dir():
-                        continue
-                    name, md5 = wanted
-                    digest = hashlib.md5()
-                    with archive.open(info) as member, PartFile(os.path.join(folder, name) + ".part", False) as out:
-                        for chunk in read_chunks(member, stop):
-                            digest.update(chunk)
-                            out.write(chunk)
-                        out.sync()
-                    if bytes_differ(info.file_size, digest.hexdigest(), None, md5):
-                        continue                # not the file listed (another entry of its name may be)
-                    done[name] = info.file_size
-                    del pending[zip_entry_names(info)]
-        except (zipfile.BadZipFile, zipfile.LargeZipFile, NotImplementedError, RuntimeError, EOFError,
-                ValueError) as exc:
-            raise BadArchive("%s: unreadable zip (%s)" % (part_name, exc))
-        except OSError as exc:                  # reading the zip (writes raise LocalWriteError)
-            raise BadArchive("%s: %s" % (part_name, exc.strerror or exc))
+
+        def visit(info, entry, chunks):
+            name, md5 = pending[entry]
+            digest = hashlib.md5()
+            with PartFile(os.path.join(folder, name) + ".part", False) as out:   # (writes: LocalWriteError)
+                for chunk in chunks:
+                    digest.update(chunk)
+                    out.write(chunk)
+                out.sync()
+            if bytes_differ(info.file_size, digest.hexdigest(), None, md5):
+                return                  # not the file listed (another entry of its name may be)
+            done[name] = info.file_size
+            del pending[entry]
+        read_zip(zip_path, part_name, visit, stop, wanted=lambda entry: entry in pending)
         if pending:
             raise BadArchive("%s: %d entr%s missing or not the file listed (MD5): %s" % (
                 part_name, len(pending), "y" if len(pending) == 1 else "ies", ", ".join(sorted(pending)[:3])))
