@@ -2711,9 +2711,12 @@ def file_is(path, size, md5, stop=None):
 # Everything that writes, renames, moves or deletes under output_dir goes
 # through the Store: download workers write NAME.part files through it, the
 # orchestrator thread commits, moves, versions and cleans up through it. An
-# OSError becomes a LocalWriteError naming the path. Its primitives below are
-# the only code that writes or removes a file: the state's snapshot and journal,
-# the lock and the config (--authorize) are written through them too.
+# OSError becomes a LocalWriteError naming the path. The primitives below (and
+# PartFile, a download's stream) are the only code that writes or removes a
+# file: whole files through write_file / write_atomic, lines through
+# open_append / append_lines, flushed to disk by sync_file, removed by
+# remove_quietly. The state's snapshot and journal, index.csv, the lock and the
+# config (--authorize) are written through them too.
 
 def sync_file(f):
     """Flush an open file to disk: what was written survives a power loss."""
