@@ -155,7 +155,7 @@ LOCK_FILE = ".smugmug_download.lock"     # inside output_dir, flock'ed while a r
 STATE_VERSION = 2                        # 1: parts only; 2: files, manifest, completeness
 MANIFEST_NAME = "metadata.json"          # in every album folder: what the album holds, and where
 INDEX_NAME = "index.csv"                 # at the top of output_dir: every file of every album, and where
-RESERVED_TOP_NAMES = {STATE_DIR.casefold(), LOCK_FILE.casefold()}
+RESERVED_TOP_NAMES = {STATE_DIR.casefold(), LOCK_FILE.casefold(), INDEX_NAME.casefold()}
 STAMP_FORMAT = "%Y-%m-%dT%H%M%SZ"        # a run's start (UTC) names its versions folder
 
 # A timeout on every request: connecting should be quick; a busy server may

@@ -106,6 +106,17 @@ def test_index_rows_of_a_manifest():
 
 # -- end to end --
 
+def test_a_top_level_album_named_like_the_index_gets_its_own_folder(fake, run):
+    """index.csv at the top of output_dir is the tool's: a SmugMug album of that name (any case)
+    takes " (NodeID)", as one named like the state folder does, and the index is still written."""
+    fake.add_album("Index.CSV", sizes=(1500,))
+    code, _, err = run()
+    assert code == 0, err
+    assert os.path.isfile(run.out / "index.csv")
+    folders = [n for n in os.listdir(run.out) if n.startswith("Index.CSV")]
+    assert len(folders) == 1 and folders[0] != "Index.CSV" and os.path.isdir(run.out / folders[0]), folders
+
+
 def test_loose_files_are_dated_when_taken(fake, run):
     """A file the zip lacks, saved on its own, has its capture time as its mtime; its bytes are
     the original's."""
