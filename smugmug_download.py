@@ -4869,10 +4869,10 @@ class Reporter:
                    ", %d to versions" % versioned if versioned else "")
         return ""
 
-    def dry_run(self, run, status, plan=None, on_disk=None):
+    def dry_run(self, run, status, plan=None, on_disk=None, sidecars=None):
         """A dry run's line for an album (into the heap of lines, printed in path order) and its count;
         for a changed album planned from its manifest (plan: its files listed; on_disk: the names
-        of its files there), what it would fetch."""
+        of its files there; sidecars: sidecar_files of the new backup), what it would fetch."""
         album, record = run.album, run.record
         moved = record is not None and record.path != album.rel
         if status == "unchanged" and moved:
@@ -4891,8 +4891,10 @@ class Reporter:
             fetch = plan.fetch
             notes.append("files listed: %d file%s to fetch on its own, no archive" % (len(fetch), plural(len(fetch))))
             kept = {n for n, _ in plan.kept or ()} | {w["file"] for w in plan.locations.values() if "file" in w}
+            rewritten = {n for n, (_, changed) in (sidecars or {}).items() if changed}   # (a sidecar whose text
+            kept |= set(sidecars or ())                                                 # stays, stays)
             count = 1 + sum(1 for f in record.files if f.name in on_disk and (
-                f.name not in kept or f.name in {t.name for t in fetch}))
+                f.name not in kept or f.name in rewritten or f.name in {t.name for t in fetch}))
             notes.append("%d old file%s to versions" % (count, plural(count)))
         elif status == "changed" and record and record.files and run.plain and plan is None:
             notes.append("listed and compared with the files on disk; only what changed is fetched")
@@ -5633,8 +5635,11 @@ class Orchestrator:
     def on_dry_check(self, run, plan):
         """A dry run's changed album, its files listed: what it would fetch, or an archive (and
         how many of its files on disk would go to versions)."""
-        on_disk = {f.name for f in run.record.files if os.path.lexists(self.store.abs(run.album.rel + "/" + f.name))}
-        self.reporter.dry_run(run, "changed", plan, on_disk)
+        folder = self.store.abs(run.album.rel)
+        on_disk = {f.name for f in run.record.files if os.path.lexists(os.path.join(folder, f.name))}
+        sidecars = sidecar_files(plan.listing, {k: dict(w) for k, w in plan.locations.items()}, run.sidecars,
+                                 folder, [n for n, _ in plan.kept or ()]) if plan.listing else {}
+        self.reporter.dry_run(run, "changed", plan, on_disk, sidecars)
         self.dry_lines_ready()
 
     def emptied(self, run):
