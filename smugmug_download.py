@@ -4179,7 +4179,8 @@ def index_lines(output_dir, state, gone=()):
     for record in sorted(state.albums.values(), key=lambda r: r.path):
         doc = read_manifest(os.path.join(output_dir, *record.path.split("/"), MANIFEST_NAME)) or {}
         current, seen = {}, set()
-        for row in index_rows(doc, record.path, gone=record.path in gone):
+        emptied = record.image_count == 0           # emptied on SmugMug: its files kept are deleted there
+        for row in index_rows(doc, record.path, gone=record.path in gone or emptied):
             if row[0] in ("current", "missing"):
                 current[row[3]] = row[8]
             else:
@@ -5651,6 +5652,11 @@ class Orchestrator:
         self.store.save_record(replace(record, last_updated=run.album.last_updated,
                                        images_last_updated=run.album.images_last_updated, image_count=0))
         self.reporter.emptied(self.summary, run.album.rel, len(record.files))
+        folder = self.store.abs(record.path)        # its photos, kept where they are, are found gone
+        doc = read_manifest(os.path.join(folder, MANIFEST_NAME))
+        run.plan = AlbumPlan((), {}, before=tuple(p for p in manifest_photos(doc)
+                                                  if os.path.exists(os.path.join(folder, p[2]))))
+        self.note_gone(run, record.path)
         run.to("done")
         self.settled(run)
 
@@ -5807,11 +5813,12 @@ class Orchestrator:
         if lacking:
             self.fail(run, lacking, done=True)
 
-    def note_gone(self, run):
-        """After a commit: the photos the previous backup held that SmugMug no longer has are
-        recorded (from now: keep_deleted_days) with where they are kept, a versions path or the
-        part that stays, and named in the summary; those SmugMug lists again are no longer gone."""
-        key, rel = run.album.album_key, run.album.rel
+    def note_gone(self, run, rel=None):
+        """After a commit (or an album emptied: rel, where its files stay): the photos the previous
+        backup held that SmugMug no longer has are recorded (from now: keep_deleted_days) with
+        where they are kept, a versions path or the part or file that stays, and named in the
+        summary; those SmugMug lists again are no longer gone."""
+        key, rel = run.album.album_key, rel or run.album.rel
         if run.plan.incomplete:
             return
         recorded = self.state.gone.get(key, {})

@@ -4,6 +4,7 @@ versions in the files layout, its notes (moved from, unpack), the summary's byte
 resume, the first line of advice for a fresh config, --authorize's messages, wording, a file
 where a folder must go, --config naming the path, --help, and the status line's start."""
 
+import csv
 import json
 import os
 import re
@@ -22,6 +23,47 @@ def versions_line(out, rel):
 
 def moved_to_versions(err):
     return int(re.search(r"(\d+) moved to versions", err).group(1))
+
+
+def read_index(out):
+    with open(out / "index.csv", encoding="utf-8-sig", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def state_of(out):
+    with open(out / sd.STATE_DIR / sd.STATE_FILE, encoding="utf-8") as f:
+        return json.load(f)
+
+
+# 1. An album emptied on SmugMug ##############################################
+
+@pytest.mark.parametrize("layout", ["zips", "files"])
+def test_an_emptied_albums_kept_photos_are_deleted_on_smugmug_and_found_gone(fake, run, layout):
+    """Every photo of an album deleted on SmugMug: its files stay where they are, index.csv
+    lists them as deleted on SmugMug (not current), the summary names them found gone, and
+    the state records each as gone, where it is kept; the next run finds nothing new."""
+    key = fake.add_album("Emptied", sizes=(3000, 4000))
+    fake.add_album("Other", sizes=(2000,))
+    assert run(layout=layout)[0] == 0
+    names = sorted(im.file_name for im in fake.albums[key].images)
+    before = tree(run.out)
+    fake.albums[key].images = []
+    fake.albums[key].part_sizes = []
+    fake.albums[key].image_count = 0
+    fake.touch(key)
+    code, _, err = run(layout=layout)
+    assert code == 0, err
+    assert tree(run.out) == before
+    rows = {r["FileName"]: r["status"] for r in read_index(run.out) if r["album"] == "Emptied"}
+    assert sorted(rows) == names and set(rows.values()) == {"deleted on SmugMug"}, rows
+    assert "2 photos found gone from SmugMug, kept in the backup:" in err, err
+    gone = state_of(run.out)["gone"][key]
+    assert sorted(p["FileName"] for p in gone.values()) == names
+    assert all(p["Kind"] == "deleted" and p["Where"].startswith("Emptied/")
+               and os.path.exists(run.out / p["Where"]) for p in gone.values())
+    code, _, err = run(layout=layout)
+    assert code == 0 and "found gone" not in err, err
+    assert {r["status"] for r in read_index(run.out) if r["album"] == "Emptied"} == {"deleted on SmugMug"}
 
 
 # 2. The dry run's count of files to versions, in the files layout ##########
