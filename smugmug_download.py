@@ -4879,7 +4879,7 @@ class Reporter:
         if status == "unchanged" and moved:
             status = "moved"
         shown = "recheck" if status == "due" else status
-        notes = ["moved from %s" % record.path] if moved and status != "moved" else []
+        notes = ["moved from %s" % record.path] if moved else []
         if status == "due":
             notes.append("its rolling recheck is due")
         if status == "unpack":

@@ -123,7 +123,7 @@ def test_dry_run_writes_nothing_and_posts_nothing(sample, run):
     sample.rename(sample.albums[sample.keys["travel1"]].node_id, "Trip One")
     sample.remove_node(sample.albums[sample.keys["travel2"]].node_id)
     code, out, err = run("--dry-run")
-    assert "moved     Travel/Trip One" in out.splitlines()
+    assert "moved     Travel/Trip One (moved from Travel/Trip 01)" in out.splitlines()
     assert "gone      Travel/Trip 02" in out.splitlines()
     sample.rename(sample.albums[sample.keys["travel3"]].node_id, "Trip Three")
     sample.touch(sample.keys["travel3"])

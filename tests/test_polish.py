@@ -83,3 +83,15 @@ def test_the_dry_runs_count_of_files_to_versions_is_exact_in_the_files_layout(fa
     code, _, err = run(**layout)
     assert code == 0, err
     assert said == str(moved_to_versions(err)) == "4", (out, err)
+
+
+# 3. A pure move in the dry run ##############################################
+
+def test_the_dry_run_says_where_an_album_moved_from(fake, run):
+    """An album renamed on SmugMug, nothing else changed: the dry run's line names its old path."""
+    key = fake.add_album("Trip 1", parent=fake.add_folder("Travel"))
+    assert run()[0] == 0
+    fake.rename(fake.albums[key].node_id, "Trip Two")
+    code, out, _ = run("--dry-run")
+    assert code == 0
+    assert "moved     Travel/Trip Two (moved from Travel/Trip 1)" in out.splitlines(), out
