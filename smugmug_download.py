@@ -5747,8 +5747,9 @@ class Orchestrator:
                                                    resume_ok, part, file))
 
     def on_download(self, task, size):
-        self.summary.parts += 1
-        self.summary.bytes += size
+        if task.done or not size:           # counted as downloaded: only what came this run (a part
+            self.summary.parts += 1         # resumed, its rest; one already whole on disk, not at all)
+        self.summary.bytes += task.done
         if task.run.state == "downloading" and task.run.part_done(task.name, size):
             self.check(task.run)
 
@@ -5784,7 +5785,7 @@ class Orchestrator:
 
     def file_done(self, task, exc, size=0):
         self.summary.files_fetched += exc is None
-        self.summary.fetched_bytes += size if exc is None else 0
+        self.summary.fetched_bytes += task.done if exc is None else 0     # this run's bytes (a resume: its rest)
         if task.run.state == "fetching" and task.run.file_done(task, exc, size):
             self.commit(task.run)
 

@@ -12,7 +12,7 @@ import re
 import pytest
 
 import smugmug_download as sd
-from conftest import tree
+from conftest import spawn, tree, wait_for
 
 
 def versions_line(out, rel):
@@ -95,3 +95,31 @@ def test_the_dry_run_says_where_an_album_moved_from(fake, run):
     code, out, _ = run("--dry-run")
     assert code == 0
     assert "moved     Travel/Trip Two (moved from Travel/Trip 1)" in out.splitlines(), out
+
+
+# 4. The summary's bytes after a resume ######################################
+
+def test_the_summary_counts_only_the_bytes_downloaded_after_a_resume(fake, run):
+    """A run killed mid-download leaves a part whole and one half done: the rerun resumes the
+    half (206) and finds the whole one whole (416); its summary counts the one part it
+    downloaded from, and only the bytes that came this run."""
+    key = fake.add_album("Large", sizes=(5000, 600_000))
+    whole = fake.expected_parts(key)
+    fake.bandwidth = 300_000
+    proc = spawn(run.config())
+    folder = run.out / "Large"
+
+    def parts():
+        return {n[:-5]: (folder / n).stat().st_size for n in os.listdir(folder) if n.endswith(".part")} \
+            if folder.exists() else {}
+
+    small, big = sorted(whole, key=lambda n: len(whole[n]))
+    assert wait_for(lambda: parts().get(small) == len(whole[small]) and parts().get(big, 0) >= 150_000)
+    proc.kill()
+    proc.wait()
+    have = parts()[big]
+    fake.bandwidth = 10 ** 12          # (not None: a thread may still serve the killed run)
+    code, _, err = run()
+    assert code == 0, err
+    assert sorted(c["status"] for c in fake.calls("archive")[-2:]) == [206, 416]
+    assert "1 part (%s) downloaded" % sd.human_bytes(len(whole[big]) - have) in err, err
