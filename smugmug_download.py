@@ -6201,12 +6201,15 @@ def check_args(parser, args):
 
 def read_config_file(path):
     """The config file as a dict, or UsageError naming the problem (and the absolute path)."""
-    path = os.path.abspath(path)
+    given, path = path, os.path.abspath(path)
     try:
         text = read_text(path)
     except FileNotFoundError:
-        raise UsageError("config file %s not found (copy config.example.json to config.json "
-                         "and fill it in, or run --authorize)" % path)
+        if not os.path.isdir(os.path.dirname(path)):
+            raise UsageError("config file %s not found (its folder %s does not exist)"
+                             % (path, os.path.dirname(path)))
+        raise UsageError("config file %s not found (copy config.example.json to %s and fill it in, or run "
+                         "--authorize%s)" % (path, given, "" if given == "config.json" else " --config " + given))
     except OSError as exc:
         raise UsageError("cannot read config file %s: %s" % (path, exc.strerror or exc))
     try:
@@ -6239,6 +6242,11 @@ def validate_config(data, path, required=CONFIG_REQUIRED, output_base=None, flag
             raise UsageError("config file %s: unknown key %r%s" % (
                 path, key, " (did you mean %r?)" % near if near else " (known keys: %s)" % ", ".join(known)))
     values = {}
+    for key in CONFIG_REQUIRED:             # a placeholder first: no advice on what comes after it
+        value = data.get(key)
+        if isinstance(value, str) and value and PLACEHOLDER_RE.match(value) and key != "output_dir":
+            raise UsageError("config file %s: %s still holds the placeholder from config.example.json"
+                             % (path, key))
     for key in required:
         if key not in data or data[key] in ("", None):
             raise UsageError("config file %s: %s is missing%s" % (
@@ -6247,9 +6255,6 @@ def validate_config(data, path, required=CONFIG_REQUIRED, output_base=None, flag
         value = data.get(key, "")
         if not isinstance(value, str):
             raise UsageError("config file %s: %s must be a string" % (path, key))
-        if value and PLACEHOLDER_RE.match(value) and key != "output_dir":
-            raise UsageError("config file %s: %s still holds the placeholder from config.example.json"
-                             % (path, key))
         values[key] = value.strip()
     for key, (kind, default) in CONFIG_OPTIONAL.items():
         value = data.get(key, default)
@@ -6418,6 +6423,21 @@ def read_line(prompt, what):
     return line.strip()
 
 
+def token_refusal(exc):
+    """Why a token request failed, short: "HTTP 401, permission_denied" from the library's
+    "Token request failed with code 401, response was 'oauth_problem=permission_denied'.", else
+    its text without a closing period."""
+    text = redact_urls(getattr(exc, "description", None) or exc)
+    status = getattr(exc, "status_code", None)
+    if not isinstance(status, int):
+        found = re.search(r"\bcode (\d{3})\b", text)
+        status = int(found.group(1)) if found else None
+    problem = re.search(r"oauth_problem=([\w.-]+)", text)
+    said = ["HTTP %d" % status] if status else []
+    said += [problem.group(1)] if problem else []
+    return ", ".join(said) if said else text.strip().rstrip(".")
+
+
 def authorize(config_path, data, out=sys.stdout):
     """The OAuth 1.0a PIN flow; writes access_key/access_key_secret into the config."""
     base = (data.get("api_base") or DEFAULT_API_BASE).rstrip("/")
@@ -6439,7 +6459,9 @@ def authorize(config_path, data, out=sys.stdout):
     for tries_left in range(CODE_TRIES - 1, -1, -1):     # a mistyped code is asked for again
         code = read_line("Then type the six-digit code SmugMug shows: ", "the code")
         if not re.fullmatch(r"\d{6}", code):
-            problem = "the code must be the six digits SmugMug shows (got %d characters)" % len(code)
+            problem = "the code must be six digits (0-9), as SmugMug shows it; got %s" % (
+                "%d digit%s" % (len(code), plural(len(code))) if code.isdigit() else "nothing" if not code
+                else "%d character%s, not all digits" % (len(code), plural(len(code))))
         else:
             oauth = OAuth1Session(check.app_key, client_secret=check.app_key_secret,
                                   resource_owner_key=request.get("oauth_token"),
@@ -6448,8 +6470,7 @@ def authorize(config_path, data, out=sys.stdout):
                 token = oauth.fetch_access_token(services + "/getAccessToken", timeout=TIMEOUT)
                 break
             except (requests.RequestException, ValueError) as exc:
-                problem = "SmugMug did not accept the code (wrong or expired?): %s" % redact_urls(
-                    getattr(exc, "description", None) or exc)
+                problem = "SmugMug did not accept the code (wrong or expired? %s)" % token_refusal(exc)
         if not tries_left:
             raise UsageError("%s; run --authorize again" % problem)
         log.log(NOTICE, "%s; try again (%d more tr%s)", problem, tries_left, "y" if tries_left == 1 else "ies")

@@ -12,7 +12,8 @@ import re
 import pytest
 
 import smugmug_download as sd
-from conftest import spawn, tree, wait_for
+from conftest import ROOT, spawn, tree, wait_for, write_config
+from test_person2 import authorize_started
 
 
 def versions_line(out, rel):
@@ -123,3 +124,53 @@ def test_the_summary_counts_only_the_bytes_downloaded_after_a_resume(fake, run):
     assert code == 0, err
     assert sorted(c["status"] for c in fake.calls("archive")[-2:]) == [206, 416]
     assert "1 part (%s) downloaded" % sd.human_bytes(len(whole[big]) - have) in err, err
+
+
+# 5. A config copied from config.example.json ################################
+
+def test_a_fresh_config_from_the_example_names_the_placeholder_first(fake, tmp_path, capsys):
+    """config.example.json copied, output_dir set, nothing else: a plain run and --authorize both
+    say the API key still holds the placeholder (not that access_key is missing)."""
+    with open(os.path.join(ROOT, "config.example.json"), encoding="utf-8") as f:
+        data = json.load(f)
+    path = write_config(tmp_path / "config.json", dict(data, output_dir=str(tmp_path / "out"), api_base=fake.base))
+    for args in ([], ["--authorize"]):
+        code = sd.main(["--config", path] + args)
+        err = capsys.readouterr().err
+        assert code == sd.EXIT_USAGE
+        assert err == "Error: config file %s: app_key still holds the placeholder from config.example.json\n" % path
+
+
+# 6. --authorize's messages ####################################################
+
+def test_authorize_says_why_a_code_is_refused_in_one_clean_sentence(fake, tmp_path):
+    """A code SmugMug refuses, then one with letters, then the right one: each refusal is one
+    clean line (no library text, no ".;"), the second says digits; the flow then completes."""
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({"app_key": fake.app_key, "app_key_secret": fake.app_secret,
+                                "output_dir": str(tmp_path / "out"), "api_base": fake.base}))
+    proc, code = authorize_started(path)
+    wrong = "%06d" % ((int(code) + 1) % 1000000)
+    _, err = proc.communicate(("%s\nabcdef\n%s\n" % (wrong, code)).encode(), timeout=30)
+    err = err.decode()
+    assert proc.returncode == 0, err
+    lines = [l.split("code SmugMug shows: ")[-1] for l in err.splitlines() if "try again" in l]
+    assert lines[0] == "SmugMug did not accept the code (wrong or expired? HTTP 401, permission_denied); " \
+                       "try again (2 more tries)", err
+    assert lines[1] == "the code must be six digits (0-9), as SmugMug shows it; got 6 characters, " \
+                       "not all digits; try again (1 more try)", err
+
+
+# 11. --config naming a path that is not there ################################
+
+def test_a_missing_config_names_the_path_given(tmp_path, capsys, monkeypatch):
+    """--config nonexist/x.json: the error names that path (and its folder not there), never
+    config.json; a missing file in a folder that exists: copy the example to the path given."""
+    monkeypatch.chdir(tmp_path)
+    assert sd.main(["--config", "nonexist/x.json"]) == sd.EXIT_USAGE
+    err = capsys.readouterr().err
+    assert err == "Error: config file %s not found (its folder %s does not exist)\n" % (
+        tmp_path / "nonexist" / "x.json", tmp_path / "nonexist"), err
+    assert sd.main(["--config", "x.json"]) == sd.EXIT_USAGE
+    err = capsys.readouterr().err
+    assert "copy config.example.json to x.json and fill it in, or run --authorize --config x.json)" in err, err
