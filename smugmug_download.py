@@ -4857,11 +4857,12 @@ class Reporter:
         if lacking:
             return "%d file%s missing: %s" % (len(lacking), plural(len(lacking)), "; ".join(sorted(set(lacking))))
         summary.backed_up += 1
-        if run.plain:
-            self.album("backed up %s (%s%s, %d file%s: %d unpacked, %s; %s downloaded%s)",
+        if run.plain:                       # each file unpacked, kept as it was, or fetched
+            kept = sum(1 for n in outcome.loose if n not in run.plan.extracted and n not in run.fetched)
+            self.album("backed up %s (%s%s, %d file%s: %d unpacked, %s%s; %s downloaded%s)",
                        rel, run.reason, ", file by file" if run.by_file else "", len(outcome.loose),
-                       plural(len(outcome.loose)), len(run.plan.extracted), on_their_own(len(run.fetched)),
-                       human_bytes(total),
+                       plural(len(outcome.loose)), len(run.plan.extracted), "%d kept, " % kept if kept else "",
+                       on_their_own(len(run.fetched)), human_bytes(total),
                        ", %d to versions" % versioned if versioned else "")
             return ""
         self.album("backed up %s (%s%s, %d part%s, %s, %s%s)", rel, run.reason,
@@ -4882,9 +4883,10 @@ class Reporter:
         notes = ["moved from %s" % record.path] if moved else []
         if status == "due":
             notes.append("its rolling recheck is due")
-        if status == "unpack":
-            notes.append("laid out again from the files on disk (zips unpacked, sidecars written); "
-                         "nothing downloaded")
+        if status == "unpack":              # what needs_unpack found to do
+            done = ["zips unpacked"] if run.plain and record.parts else []
+            done += ["sidecars written"] if run.sidecars != "none" else []
+            notes.append("%s; nothing downloaded" % ", ".join(done))
         if status == "changed" and record and record.files and album.image_count == 0:
             notes.append("empty on SmugMug now: its %d file%s are kept" % (len(record.files),
                                                                           plural(len(record.files))))

@@ -174,3 +174,22 @@ def test_a_missing_config_names_the_path_given(tmp_path, capsys, monkeypatch):
     assert sd.main(["--config", "x.json"]) == sd.EXIT_USAGE
     err = capsys.readouterr().err
     assert "copy config.example.json to x.json and fill it in, or run --authorize --config x.json)" in err, err
+
+
+# 7 and 8. Sidecars turned on in the zips layout, then the switch to files ####
+
+def test_the_unpack_note_and_line_say_what_is_done(fake, run, capsys):
+    """A zips backup holding a file the zip lacks: turning on sidecars, the dry run's note says
+    sidecars are written (nothing is unpacked); switching to files, the album's line counts the
+    file already there as kept, so that its counts add up."""
+    fake.add_album("Trip", images=[{"file_name": "A.jpg", "size": 2000}, {"file_name": "B.jpg", "size": 2100},
+                                   {"file_name": "Lacking.jpg", "size": 1500, "in_zip": False}])
+    assert run()[0] == 0
+    code, out, _ = run("--dry-run", xmp_sidecars="ext")
+    assert "unpack    Trip (sidecars written; nothing downloaded)" in out.splitlines(), out
+    code, out, _ = run("--dry-run", layout="files")
+    assert "unpack    Trip (zips unpacked, sidecars written; nothing downloaded)" in out.splitlines(), out
+    code, out, err = run(layout="files", xmp_sidecars="none")
+    assert code == 0, err
+    assert "backed up Trip (unpack, 3 files: 2 unpacked, 1 kept, 0 fetched on their own; 0 B downloaded, " \
+           "2 to versions)" in out + err, out + err
