@@ -4840,7 +4840,8 @@ class Reporter:
         (counted as backed up, as an album empty from the start is), and said."""
         summary.emptied.append(rel)
         summary.backed_up += 1
-        log.warning("%s is empty on SmugMug now: its %d file%s from before are kept", rel, kept, plural(kept))
+        log.warning("%s is empty on SmugMug now: its %d file%s from before %s kept", rel, kept, plural(kept),
+                    "is" if kept == 1 else "are")
 
     def committed(self, summary, run, outcome, versioned):
         """An album's backup took its place: counted, and said in one line. Returns why the
@@ -4888,8 +4889,9 @@ class Reporter:
             done += ["sidecars written"] if run.sidecars != "none" else []
             notes.append("%s; nothing downloaded" % ", ".join(done))
         if status == "changed" and record and record.files and album.image_count == 0:
-            notes.append("empty on SmugMug now: its %d file%s are kept" % (len(record.files),
-                                                                          plural(len(record.files))))
+            count = len(record.files)
+            notes.append("empty on SmugMug now: its %d file%s %s kept" % (count, plural(count),
+                                                                         "is" if count == 1 else "are"))
         elif plan is not None and not plan.archive:
             fetch = plan.fetch
             notes.append("files listed: %d file%s to fetch on its own, no archive" % (len(fetch), plural(len(fetch))))
@@ -5053,8 +5055,8 @@ def print_summary(summary, options):
         log.info("%d album%s saved file by file: %s", len(summary.by_file), plural(len(summary.by_file)),
                  ", ".join(summary.by_file[:5]) + (" ..." if len(summary.by_file) > 5 else ""))
     if summary.moved:
-        log.info("%d album%s moved or renamed on SmugMug: their files moved along.", summary.moved,
-                 plural(summary.moved))
+        log.info("%d album%s moved or renamed on SmugMug: %s files moved along.", summary.moved,
+                 plural(summary.moved), "its" if summary.moved == 1 else "their")
     for path, files in sorted(summary.missing.items()):
         log.info("%s: %d file%s not saved:", path, len(files), plural(len(files)))
         for name, why in files[:20]:
@@ -5067,8 +5069,9 @@ def print_summary(summary, options):
     if summary.gone_photos:
         print_gone_photos(summary.gone_photos)
     if summary.last_copies_removed:
-        log.info("%d photo%s gone from SmugMug longer than keep_deleted_days: the last copy removed.",
-                 summary.last_copies_removed, plural(summary.last_copies_removed))
+        log.info("%d photo%s gone from SmugMug longer than keep_deleted_days: the last cop%s removed.",
+                 summary.last_copies_removed, plural(summary.last_copies_removed),
+                 "y" if summary.last_copies_removed == 1 else "ies")
     if summary.gone:
         log.info("%d album%s gone from SmugMug (local files kept):", len(summary.gone), plural(len(summary.gone)))
         for path in summary.gone:

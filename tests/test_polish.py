@@ -193,3 +193,24 @@ def test_the_unpack_note_and_line_say_what_is_done(fake, run, capsys):
     assert code == 0, err
     assert "backed up Trip (unpack, 3 files: 2 unpacked, 1 kept, 0 fetched on their own; 0 B downloaded, " \
            "2 to versions)" in out + err, out + err
+
+
+# 9. Wording: one file, one album ##############################################
+
+def test_one_file_and_one_album_are_said_in_the_singular(fake, run):
+    """An album of one photo emptied on SmugMug, another renamed: "its 1 file is kept" (dry
+    run), "its 1 file from before is kept", "1 album moved or renamed ...: its files moved along"."""
+    key = fake.add_album("Emptied", sizes=(3000,))
+    other = fake.add_album("Old Name", sizes=(2000,))
+    assert run()[0] == 0
+    fake.albums[key].images = []
+    fake.albums[key].part_sizes = []
+    fake.albums[key].image_count = 0
+    fake.touch(key)
+    fake.rename(fake.albums[other].node_id, "New Name")
+    code, out, _ = run("--dry-run")
+    assert "changed   Emptied (empty on SmugMug now: its 1 file is kept)" in out.splitlines(), out
+    code, out, err = run()
+    assert code == 0, err
+    assert "Emptied is empty on SmugMug now: its 1 file from before is kept" in err, err
+    assert "1 album moved or renamed on SmugMug: its files moved along." in err.splitlines(), err
