@@ -2797,6 +2797,23 @@ def remove_quietly(path):
     return True
 
 
+def file_in_the_way(root, rel):
+    """The first path on the way to folder rel (relative to root, with /) that is there and is
+    no folder (a file where a folder must go), or None."""
+    path = root
+    for name in rel.split("/") if rel else ():
+        path = os.path.join(path, name)
+        if not os.path.lexists(path):
+            return None
+        if not os.path.isdir(path):
+            return path
+    return None
+
+
+def in_the_way_message(path):
+    return "a file is in the way: %s is where a folder must go" % path
+
+
 def fsync_dir(folder):
     """Make renames in folder survive a power loss (a no-op where folders cannot be opened)."""
     try:
@@ -3129,7 +3146,11 @@ class Store:
             error = self.error(rel, exc)
             if error.fatal or not quiet:
                 raise error from exc
-            log.error("could not make folder %s", error)
+            in_way = file_in_the_way(self.root, rel)
+            if in_way is None:
+                log.error("could not make folder %s", error)
+            elif in_way == self.abs(rel):       # (one above it: said for that one already)
+                log.error("%s; the albums in it fail", in_the_way_message(in_way))
 
     def write_temp(self, rel, text):
         """text into .NAME.part beside rel (flushed to disk), to be placed by a step: its rel."""
@@ -5585,6 +5606,10 @@ class Orchestrator:
             self.runs[album.album_key] = run
             return self.fail(run, self.store.blocked[album.album_key])
         run.plain, run.sidecars = self.config.layout == "files", self.config.sidecars
+        in_way = None if self.options.dry_run else file_in_the_way(self.out, album.rel)
+        if in_way is not None:                  # it cannot be placed: nothing is asked for
+            self.runs[album.album_key] = run
+            return self.fail(run, in_the_way_message(in_way))
         if record and record.path != album.rel and not self.options.dry_run and not self.halt:
             self.runs[album.album_key] = run
             try:

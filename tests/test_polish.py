@@ -214,3 +214,27 @@ def test_one_file_and_one_album_are_said_in_the_singular(fake, run):
     assert code == 0, err
     assert "Emptied is empty on SmugMug now: its 1 file from before is kept" in err, err
     assert "1 album moved or renamed on SmugMug: its files moved along." in err.splitlines(), err
+
+
+# 10. A file where a folder must go ##########################################
+
+def test_a_file_where_a_folder_must_go_is_named_and_nothing_is_asked_for_its_albums(fake, run):
+    """A file Travel where the folder Travel must go: one line names it; its albums fail, each
+    saying a file is in the way, before any archive of theirs is requested or downloaded; the
+    other albums are backed up; the file stays."""
+    travel = fake.add_folder("Travel")
+    keys = [fake.add_album("Trip %d" % i, travel, sizes=(2000,)) for i in range(3)]
+    fake.add_album("Home", sizes=(2000,))
+    run.out.mkdir()
+    (run.out / "Travel").write_text("not a folder")
+    code, out, err = run()
+    assert code == sd.EXIT_ALBUMS_FAILED
+    said = "a file is in the way: %s is where a folder must go" % (run.out / "Travel")
+    assert "Error: %s; the albums in it fail" % said in err.splitlines(), err
+    assert "File exists" not in err and "Not a directory" not in err, err
+    for i in range(3):
+        assert "  failed: Travel/Trip %d: %s" % (i, said) in err.splitlines(), err
+    asked = " ".join(c["path"] for c in fake.calls("post"))
+    assert not any(k in asked for k in keys) and len(fake.calls("post")) == 1, fake.calls("post")
+    assert (run.out / "Travel").read_text() == "not a folder"
+    assert any(p.startswith("Home/") and p.endswith(".zip") for p in tree(run.out)), tree(run.out)
