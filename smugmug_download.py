@@ -1,9 +1,10 @@
 #!/usr/bin/env python3
-"""Back up a whole SmugMug account to a local disk as album zip archives.
+"""Back up a whole SmugMug account to a local disk, as album zip archives or as plain files.
 
 The account's folder tree is walked through the SmugMug API v2 (OAuth1-signed)
 and kept under `output_dir`: one folder per SmugMug folder and album, each
-album's photos in the zip archive(s) SmugMug prepares for it. It is a backup,
+album's photos in the zip archive(s) SmugMug prepares for it (the zips layout),
+or as plain files with XMP sidecars, unpacked from them (the files layout). It is a backup,
 not a mirror: a file a run once saved is never deleted or overwritten by a
 later run; what a new backup of an album replaces or no longer has goes to
 `output_dir/.smugmug_download/versions/<run start>/`, kept `keep_versions_days`
@@ -6144,7 +6145,8 @@ class Parser(argparse.ArgumentParser):
 def build_parser():
     parser = Parser(
         prog="smugmug_download.py",
-        description="Back up a whole SmugMug account to a local disk as album zip archives.",
+        description="Back up a whole SmugMug account to a local disk, as album zip archives or as plain "
+                    "files with XMP sidecars (--layout files).",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version="%(prog)s " + __version__)
     setup = parser.add_argument_group("set-up")

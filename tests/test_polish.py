@@ -238,3 +238,14 @@ def test_a_file_where_a_folder_must_go_is_named_and_nothing_is_asked_for_its_alb
     assert not any(k in asked for k in keys) and len(fake.calls("post")) == 1, fake.calls("post")
     assert (run.out / "Travel").read_text() == "not a folder"
     assert any(p.startswith("Home/") and p.endswith(".zip") for p in tree(run.out)), tree(run.out)
+
+
+# 12. --help ####################################################################
+
+def test_help_describes_both_layouts(capsys):
+    with pytest.raises(SystemExit) as exit:
+        sd.main(["--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert exit.value.code == 0
+    assert "as album zip archives or as plain files with XMP sidecars (--layout files)." in out, out
+    assert "or as plain files" in sd.__doc__.splitlines()[0]
