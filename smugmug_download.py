@@ -4992,8 +4992,9 @@ class Reporter:
         s, scheduler = orchestrator.summary, orchestrator.scheduler
         done = s.backed_up + s.unchanged
         known = max(orchestrator.bytes_known, self.meter.done)
-        parts = [(1, "%d of %d album%s" % (done, s.albums_found, plural(s.albums_found))
-                  if s.albums_found or not wait else ""),
+        listing = not s.albums_found and any(kind in ("root", "walk") for kind, _ in orchestrator.futures.values())
+        parts = [(1, "" if wait and not s.albums_found else "listing folders..." if listing    # (no album yet)
+                  else "%d of %d album%s" % (done, s.albums_found, plural(s.albums_found))),
                  (2, "%s of %s" % (human_bytes(self.meter.done), human_bytes(known)) if known else "")]
         rate = self.meter.rate(STATUS_RATE_SPAN)
         left = self.bytes_left(orchestrator)

@@ -13,6 +13,8 @@ import pytest
 
 import smugmug_download as sd
 from conftest import ROOT, spawn, tree, wait_for, write_config
+from conftest import read_pty
+from test_person import on_a_terminal, status_lines
 from test_person2 import authorize_started
 
 
@@ -249,3 +251,20 @@ def test_help_describes_both_layouts(capsys):
     assert exit.value.code == 0
     assert "as album zip archives or as plain files with XMP sidecars (--layout files)." in out, out
     assert "or as plain files" in sd.__doc__.splitlines()[0]
+
+
+# 13. The status line before any album is known ##############################
+
+def test_the_status_line_says_it_lists_folders_until_albums_are_found(fake, tmp_path):
+    """On a terminal, while the first folders are listed (slow API answers): the status line
+    says "listing folders...", never "0 of 0 albums"; then it counts the albums."""
+    folder = fake.add_folder("Deep")
+    fake.add_album("Trip", folder, sizes=(2000,))
+    fake.api_latency = 0.15
+    config = write_config(tmp_path / "config.json", fake.config(tmp_path / "out"))
+    proc, master = on_a_terminal(config, columns=80)
+    drawn = status_lines(read_pty(proc, master))
+    assert proc.returncode == 0, drawn
+    assert drawn and drawn[0].startswith("listing folders..."), drawn
+    assert not any("0 of 0 albums" in d for d in drawn), drawn
+    assert any(d.startswith("0 of 1 album") for d in drawn), sorted(set(drawn))
