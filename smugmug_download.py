@@ -6146,8 +6146,8 @@ class Parser(argparse.ArgumentParser):
 def build_parser():
     parser = Parser(
         prog="smugmug_download.py",
-        description="Back up a whole SmugMug account to a local disk, as album zip archives or as plain "
-                    "files with XMP sidecars (--layout files).",
+        description="Back up a whole SmugMug account to a local disk, as album zip archives or as\n"
+                    "plain files with XMP sidecars (--layout files).",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version="%(prog)s " + __version__)
     setup = parser.add_argument_group("set-up")
