@@ -6792,13 +6792,14 @@ def verify(config, options, status):
             save_state(state, summary)
         seconds = time.monotonic() - started
         incomplete = sum(1 for r in records if not r.complete)
-        log.info("Verified %d album%s, %s in %s (%s/s): %s%s.", len(records), "" if len(records) == 1 else "s",
+        log.info("Verified %d album%s, %s in %s (%s/s): %s%s.", len(records), plural(len(records)),
                  human_bytes(checked[0]), human_seconds(seconds), human_bytes(checked[0] / max(seconds, 0.001)),
-                 "%d damaged (the next run fetches them again)" % damaged if damaged else "all intact",
+                 "%d damaged (the next run fetches %s again)" % (damaged, "it" if damaged == 1 else "them")
+                 if damaged else "all intact",
                  "; %d album%s files SmugMug did not give (named as missing in the metadata.json)" % (
                      incomplete, " lacks" if incomplete == 1 else "s lack") if incomplete else "")
         if damaged and options.quiet:
-            log.error("smugmug_download --verify: %d damaged album%s", damaged, "" if damaged == 1 else "s")
+            log.error("smugmug_download --verify: %d damaged album%s", damaged, plural(damaged))
         return EXIT_ALBUMS_FAILED if damaged or summary.write_error else EXIT_OK
     finally:
         stop.set()

@@ -216,6 +216,10 @@ def test_one_file_and_one_album_are_said_in_the_singular(fake, run):
     assert code == 0, err
     assert "Emptied is empty on SmugMug now: its 1 file from before is kept" in err, err
     assert "1 album moved or renamed on SmugMug: its files moved along." in err.splitlines(), err
+    (zip_name,) = [n for n in os.listdir(run.out / "New Name") if n.endswith(".zip")]
+    (run.out / "New Name" / zip_name).write_bytes(b"not a zip")
+    code, out, err = run("--verify")
+    assert ": 1 damaged (the next run fetches it again)." in out + err, out + err
 
 
 # 10. A file where a folder must go ##########################################
