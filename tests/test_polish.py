@@ -12,8 +12,7 @@ import re
 import pytest
 
 import smugmug_download as sd
-from conftest import ROOT, spawn, tree, wait_for, write_config
-from conftest import read_pty
+from conftest import ROOT, read_pty, spawn, tree, wait_for, write_config
 from test_person import on_a_terminal, status_lines
 from test_person2 import authorize_started
 
