@@ -179,7 +179,7 @@ def test_a_missing_config_names_the_path_given(tmp_path, capsys, monkeypatch):
 
 # 7 and 8. Sidecars turned on in the zips layout, then the switch to files ####
 
-def test_the_unpack_note_and_line_say_what_is_done(fake, run, capsys):
+def test_the_unpack_note_and_line_say_what_is_done(fake, run):
     """A zips backup holding a file the zip lacks: turning on sidecars, the dry run's note says
     sidecars are written (nothing is unpacked); switching to files, the album's line counts the
     file already there as kept, so that its counts add up."""
