@@ -3576,8 +3576,8 @@ class Store:
                         continue
                     if identity in wanted:
                         held.add(identity)
-                    if name == "files":             # SmugMug lists it (other sections: no longer)
-                        listed.add(identity.split(" ")[0])
+                    if name == "files" and record.image_count != 0:   # SmugMug lists it (other sections,
+                        listed.add(identity.split(" ")[0])                 # an album emptied: no longer)
             want = entries.get(record.path)
             for f in record.files if want else ():
                 path = os.path.join(folder, f.name)

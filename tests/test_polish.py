@@ -45,7 +45,7 @@ def test_an_emptied_albums_kept_photos_are_deleted_on_smugmug_and_found_gone(fak
     lists them as deleted on SmugMug (not current), the summary names them found gone, and
     the state records each as gone, where it is kept; the next run finds nothing new."""
     key = fake.add_album("Emptied", sizes=(3000, 4000))
-    fake.add_album("Other", sizes=(2000,))
+    other = fake.add_album("Other", sizes=(2000,))
     assert run(layout=layout)[0] == 0
     names = sorted(im.file_name for im in fake.albums[key].images)
     before = tree(run.out)
@@ -63,9 +63,11 @@ def test_an_emptied_albums_kept_photos_are_deleted_on_smugmug_and_found_gone(fak
     assert sorted(p["FileName"] for p in gone.values()) == names
     assert all(p["Kind"] == "deleted" and p["Where"].startswith("Emptied/")
                and os.path.exists(run.out / p["Where"]) for p in gone.values())
-    code, _, err = run(layout=layout)
+    fake.touch(other)                   # versions to prune: retention still knows them gone
+    code, _, err = run("--keep-versions-days", "0", layout=layout)
     assert code == 0 and "found gone" not in err, err
     assert {r["status"] for r in read_index(run.out) if r["album"] == "Emptied"} == {"deleted on SmugMug"}
+    assert state_of(run.out)["gone"][key] == gone
 
 
 # 2. The dry run's count of files to versions, in the files layout ##########
