@@ -373,15 +373,15 @@ def test_redaction_knows_signed_queries_in_any_form():
 
 
 def test_one_bad_path_fails_only_its_album(fake, run):
-    """Defect 10: a file where an album's folder must go fails that album by name (the OSError
-    names the path); every other album is backed up; exit 1, no traceback."""
+    """Defect 10: a file where an album's folder must go fails that album by name (saying a file
+    is in the way, named); every other album is backed up; exit 1, no traceback."""
     fine = fake.add_album("Fine", sizes=(2000,))
     fake.add_album("Blocked", sizes=(2000,))
     os.makedirs(run.out)
     (run.out / "Blocked").write_bytes(b"a file in the way")
     code, _, err = run()
     assert code == sd.EXIT_ALBUMS_FAILED, err
-    assert "failed: Blocked: could not write %s" % (run.out / "Blocked") in err
+    assert "failed: Blocked: a file is in the way: %s is where a folder must go" % (run.out / "Blocked") in err
     assert "Traceback" not in err and "Stopped" not in err
     assert tree(run.out)["Fine/%s.zip" % fine] == fake.expected_parts(fine)["%s.zip" % fine]
 
