@@ -4190,17 +4190,18 @@ def index_lines(output_dir, state, gone=()):
     """The rows of index.csv, album by album in path order, one manifest read at a time: every
     file each album lists (status current, or deleted on SmugMug for an album gone from it),
     then the photos SmugMug no longer lists or replaced whose last copy the backup still holds:
-    a manifest's own "former" section, and the manifests in versions (newest first), each file
-    that is not the current one named where its copy is (in that versions folder, else the
-    album's), once."""
-    versioned = collections.defaultdict(list)
-    for path, vrel, _stamp in state.versions:
+    a manifest's own "former" section, and the manifests in versions (newest first: their
+    "files" and "former"), each file that is not the current one named where its copy is now
+    (versioned_copy), once; one whose copy is gone (pruned) has no row."""
+    versioned, moves = collections.defaultdict(list), collections.defaultdict(list)
+    for path, vrel, stamp in state.versions:
+        moves[path].append((stamp, vrel))
         if path.rsplit("/", 1)[-1] == MANIFEST_NAME:
-            versioned[path.rsplit("/", 1)[0]].append(vrel)
+            versioned[path.rsplit("/", 1)[0]].append((stamp, vrel))
     gone = set(gone)
     for record in sorted(state.albums.values(), key=lambda r: r.path):
         doc = read_manifest(os.path.join(output_dir, *record.path.split("/"), MANIFEST_NAME)) or {}
-        current, seen = {}, set()
+        current, seen, zips = {}, set(), {}
         emptied = record.image_count == 0           # emptied on SmugMug: its files kept are deleted there
         for row in index_rows(doc, record.path, gone=record.path in gone or emptied):
             if row[0] in ("current", "missing"):
@@ -4208,21 +4209,50 @@ def index_lines(output_dir, state, gone=()):
             else:
                 seen.add((row[3], row[8]))
             yield row
-        for vrel in sorted(versioned.get(record.path, ()), reverse=True):
-            old = read_manifest(os.path.join(output_dir, *vrel.split("/")))
-            folder = vrel.rsplit("/", 1)[0]
-            for item in (old or {}).get("files") or ():
-                row = index_row(record.path, item, "") if isinstance(item, dict) else None
-                if row is None or not row[3] or "missing" in item or current.get(row[3], None) == row[8] \
-                        or (row[3], row[8]) in seen:
+        for stamp, vrel in sorted(versioned.get(record.path, ()), reverse=True):
+            old = read_manifest(os.path.join(output_dir, *vrel.split("/"))) or {}
+            for item in [i for section in ("files", "former") for i in old.get(section) or ()
+                         if isinstance(i, dict) and "missing" not in i]:
+                row = index_row(record.path, item, "")
+                if not row[3] or current.get(row[3], None) == row[8] or (row[3], row[8]) in seen:
                     continue
-                where = item.get("file") or item.get("archive")
-                base = folder if isinstance(where, str) and os.path.exists(
-                    os.path.join(output_dir, *folder.split("/"), where)) else record.path
+                base = versioned_copy(output_dir, moves, record.path, item, stamp, zips)
+                if base is None:
+                    continue
                 row = index_row(record.path, item, INDEX_STATUS["replaced" if row[3] in current else "deleted"],
                                 base)
                 seen.add((row[3], row[8]))
                 yield row
+
+
+def versioned_copy(output_dir, moves, rel, item, stamp, zips):
+    """The versions folder that holds the copy an album's manifest moved to versions at run
+    stamp names (item: an entry of its files or former), or None when none does any more. The
+    file that held it was in the album until that run or a later one moved it (moves: {path:
+    [(run stamp, versions path)]}, from the state): the first such move's copy, if it is there
+    with the item's size (its zip entry's, for a part; zips: {path: {entry: size}}, cached).
+    Never the album's own folder: what a current file holds, its manifest lists."""
+    where = item.get("archive") if isinstance(item.get("entry"), str) else item.get("file")
+    if not isinstance(where, str) or "/" in where or not safe_rel(where):
+        return None
+    later = sorted(m for m in moves.get(rel + "/" + where, ()) if m[0] >= stamp)
+    if not later:
+        return None
+    full = os.path.join(output_dir, *later[0][1].split("/"))
+    size = int_or_none(item.get("size") if item.get("rendition") is True else item.get("ArchivedSize"))
+    if isinstance(item.get("entry"), str):
+        if full not in zips:
+            try:
+                with zipfile.ZipFile(full) as archive:
+                    zips[full] = {n: i.file_size for i in archive.infolist() for n in (i.filename,
+                                                                                        zip_entry_names(i))}
+            except (OSError, zipfile.BadZipFile, ValueError, RuntimeError, NotImplementedError):
+                zips[full] = {}
+        if item["entry"] not in zips[full] or size not in (None, zips[full][item["entry"]]):
+            return None
+    elif not os.path.isfile(full) or size not in (None, os.path.getsize(full)):
+        return None
+    return later[0][1].rsplit("/", 1)[0]
 
 
 class RunLock:

@@ -1,0 +1,86 @@
+"""The seams between issue 25 (an album that changes costs what changed; retention) and issue 26
+(the files layout, capture dates, XMP sidecars, index.csv): each defect a review reproduced,
+end to end against the emulator."""
+
+import csv
+import os
+import zipfile
+
+import smugmug_download as sd
+from test_not_a_mirror import changed
+
+
+def photos(n, size=3000):
+    return [{"file_name": "IMG_%04d.jpg" % (i + 1), "size": size + i} for i in range(n)]
+
+
+def index_of(out):
+    with open(out / sd.INDEX_NAME, encoding="utf-8-sig", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def bytes_at(out, row):
+    """The bytes index.csv says a row's copy has: its file, or its entry of its zip part."""
+    if row["file"]:
+        return (out / row["file"]).read_bytes()
+    with zipfile.ZipFile(out / row["archive"]) as z:
+        return z.read(row["entry"])
+
+
+def check_rows(fake, out, held):
+    """Every row of index.csv names a copy that is there with the row's bytes (its MD5), and
+    every photo in held (ImageKey: bytes, not current) has a row whose copy has those bytes."""
+    import hashlib
+    rows = index_of(out)
+    for row in rows:
+        assert hashlib.md5(bytes_at(out, row)).hexdigest() == row["MD5"], row
+    found = {(r["ImageKey"], hashlib.md5(bytes_at(out, r)).hexdigest()) for r in rows if r["status"] != "current"}
+    for key, data in held.items():
+        assert (key, hashlib.md5(data).hexdigest()) in found, (key, rows)
+    return rows
+
+
+def test_index_names_the_last_copy_of_a_deleted_photo_after_its_zip_moved_to_versions(fake, run):
+    """A photo deleted on SmugMug, still held by a kept zip (the manifest's former), then that zip
+    moved to versions (a switch to the files layout), then every other version pruned: index.csv
+    still lists the photo, where its last copy is (the zip in versions), never at a path in the
+    album that no longer holds it."""
+    key = fake.add_album("Al", images=photos(4))
+    assert run()[0] == 0
+    album = fake.albums[key]
+    gone_bytes = fake.original_bytes(album.images[0].key)
+    gone = album.images.pop(0)
+    changed(fake, key)
+    old = album.images[0]
+    old_bytes = fake.original_bytes(old.key)
+    fake.replace_image(old.key)
+    assert run()[0] == 0                                   # kept zip: former deleted + replaced
+    check_rows(fake, run.out, {gone.key: gone_bytes, old.key: old_bytes})
+    assert run("--layout", "files")[0] == 0                # the zip goes to versions
+    check_rows(fake, run.out, {gone.key: gone_bytes, old.key: old_bytes})
+    code, _, err = run("--layout", "files", "--keep-versions-days", "0")
+    assert code == 0, err
+    rows = check_rows(fake, run.out, {gone.key: gone_bytes})
+    assert [r["status"] for r in rows if r["ImageKey"] == gone.key] == ["deleted on SmugMug"]
+
+
+def test_index_follows_parts_a_fresh_archive_replaced(fake, run):
+    """A deleted photo in a kept part, then a fresh archive (most of the album replaced): the old
+    parts go to versions and new parts of the same names take their place; index.csv names the
+    copies in versions, and after pruning, only the copies still there."""
+    key = fake.add_album("Al", images=photos(4), part_limit=6100)
+    assert run()[0] == 0
+    album = fake.albums[key]
+    gone_bytes = fake.original_bytes(album.images[0].key)
+    gone = album.images.pop(0)
+    changed(fake, key)
+    assert run()[0] == 0
+    olds = {im.key: fake.original_bytes(im.key) for im in album.images[:2]}
+    for im in album.images[:2]:
+        fake.replace_image(im.key)
+    code, out, err = run()
+    assert code == 0 and "2 parts (" in out + err, out + err      # a fresh archive, same part names
+    check_rows(fake, run.out, dict(olds, **{gone.key: gone_bytes}))
+    code, _, err = run("--keep-versions-days", "0")
+    assert code == 0, err
+    check_rows(fake, run.out, {gone.key: gone_bytes})
