@@ -84,3 +84,26 @@ def test_index_follows_parts_a_fresh_archive_replaced(fake, run):
     code, _, err = run("--keep-versions-days", "0")
     assert code == 0, err
     check_rows(fake, run.out, {gone.key: gone_bytes})
+
+
+def dry_line(run, name, *args, **extra):
+    code, out, err = run("--dry-run", *args, **extra)
+    assert code == 0, err
+    (line,) = [ln for ln in out.splitlines() if ln.split()[1:2] == [name]]
+    return line
+
+
+def test_the_dry_run_counts_the_sidecars_a_run_would_move_to_versions(fake, run):
+    """A changed album with XMP sidecars (files layout; zips layout with xmp_sidecars): the dry
+    run's "N old files to versions" is what the run then moves: the replaced photo, the sidecar
+    whose caption changed, the manifest; never every sidecar of the album."""
+    for layout, name in (("files", "Lib"), ("zips", "Zip")):
+        key = fake.add_album(name, images=[dict(p, in_zip=layout == "files") for p in photos(5)])
+        assert run(layout=layout, xmp_sidecars="ext")[0] == 0
+        album = fake.albums[key]
+        fake.replace_image(album.images[0].key)
+        fake.edit_image(album.images[1].key, caption="now with a caption")
+        line = dry_line(run, name, layout=layout, xmp_sidecars="ext")
+        assert "no archive; 3 old files to versions)" in line, line
+        code, out, err = run(layout=layout, xmp_sidecars="ext")
+        assert code == 0 and ", 3 to versions)" in out + err, out + err
