@@ -107,3 +107,23 @@ def test_the_dry_run_counts_the_sidecars_a_run_would_move_to_versions(fake, run)
         assert "no archive; 3 old files to versions)" in line, line
         code, out, err = run(layout=layout, xmp_sidecars="ext")
         assert code == 0 and ", 3 to versions)" in out + err, out + err
+
+
+def test_a_files_layout_album_that_grows_in_the_zips_layout_stays_files(fake, run):
+    """Turning files off: an album of plain files that gains a photo is planned like any changed
+    album (what the README says): the new photo alone is fetched, no archive asked for, its
+    files stay where they are; a fresh archive (most of it changed) makes it zips again."""
+    key = fake.add_album("Lib", images=photos(6))
+    assert run("--layout", "files")[0] == 0
+    files = {n: (run.out / "Lib" / n).read_bytes() for n in os.listdir(run.out / "Lib") if n.endswith(".jpg")}
+    new = fake.add_image(key, file_name="NEW.jpg", size=1000)
+    posts, sent = len(fake.calls(method="POST")), fake.download_bytes
+    assert run()[0] == 0
+    assert len(fake.calls(method="POST")) == posts and fake.download_bytes - sent == new.size
+    assert all((run.out / "Lib" / n).read_bytes() == data for n, data in files.items())
+    assert (run.out / "Lib" / "NEW.jpg").read_bytes() == fake.original_bytes(new.key)
+    assert not [n for n in os.listdir(run.out / "Lib") if n.endswith((".zip", ".xmp"))]
+    fake.touch(key)
+    changed(fake, key)                                   # (a second later than the photo added)
+    assert run()[0] == 0
+    assert sorted(os.listdir(run.out / "Lib")) == sorted(fake.expected_parts(key)) + [sd.MANIFEST_NAME]
