@@ -777,7 +777,7 @@ def text_field(fields, name):
     return value if isinstance(value, str) else ""
 
 
-_XML_INVALID = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ufffe\uffff]")
+_XML_INVALID = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]")
 
 
 def xml_text(text):
@@ -2933,6 +2933,21 @@ def retention_may_go(unheld, since, keep_deleted_days, now):
     return all(i in since and now - since[i] >= keep_deleted_days * 86400 for i, _ in unheld)
 
 
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def utf8_safe(text):
+    """JSON text (ensure_ascii off, so names and captions stay readable) made valid UTF-8: a lone
+    UTF-16 surrogate SmugMug's JSON may carry (a caption cut in the middle of an emoji) is written
+    as its \\u escape, which reads back as the same string."""
+    return _LONE_SURROGATE.sub(lambda m: "\\u%04x" % ord(m.group()), text)
+
+
+def json_text(obj, **kw):
+    """obj as JSON text that is valid UTF-8 (utf8_safe)."""
+    return utf8_safe(json.dumps(obj, ensure_ascii=False, **kw))
+
+
 class PartFile:
     """A NAME.part open for a download worker: OSErrors become LocalWriteError naming the file."""
 
@@ -3376,8 +3391,8 @@ class Store:
             writer = csv.writer(f)
             writer.writerow(INDEX_COLUMNS)
             count = 0
-            for row in rows:
-                writer.writerow(row)
+            for row in rows:            # (a lone surrogate, which UTF-8 cannot hold: "?")
+                writer.writerow([_LONE_SURROGATE.sub("?", c) if isinstance(c, str) else c for c in row])
                 count += 1
             return count
         try:
@@ -3996,7 +4011,7 @@ class BackupState:
         if self._journal is None:
             os.makedirs(self.dir, exist_ok=True)
             self._journal = open_append(self.journal_path)     # a line cut short by a crash: ours starts anew
-        append_lines(self._journal, [json.dumps(entry, ensure_ascii=False)])
+        append_lines(self._journal, [json_text(entry)])
 
     def save_album(self, record):
         self.record({"album": record.to_json()})
@@ -4043,7 +4058,7 @@ class BackupState:
         if self.gone_set_aside:
             data["gone_set_aside"] = self.gone_set_aside
         encoder = json.JSONEncoder(ensure_ascii=False, indent=1, sort_keys=True, default=record_json)
-        write_atomic(self.snapshot_path, encoder.iterencode(data))   # streamed: never the whole text
+        write_atomic(self.snapshot_path, map(utf8_safe, encoder.iterencode(data)))   # streamed: never the whole text
         if self.torn:                   # the journal's unreadable lines outlive it, for a person
             with open_append(os.path.join(self.dir, SET_ASIDE_FILE)) as f:
                 append_lines(f, self.torn)
@@ -6046,7 +6061,7 @@ def commit_outcome(run, folder):
     text = None
     if holds:
         doc = manifest_document(album, replace(plan, locations=locations), parts)
-        text = json.dumps(doc, ensure_ascii=False, indent=2) + "\n"
+        text = json_text(doc, indent=2) + "\n"
         if old_here and old.manifest is not None:
             try:
                 same = read_text(os.path.join(folder, MANIFEST_NAME)) == text

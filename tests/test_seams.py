@@ -7,6 +7,7 @@ import os
 import zipfile
 
 import smugmug_download as sd
+from conftest import tree
 from test_not_a_mirror import changed
 
 
@@ -127,3 +128,28 @@ def test_a_files_layout_album_that_grows_in_the_zips_layout_stays_files(fake, ru
     changed(fake, key)                                   # (a second later than the photo added)
     assert run()[0] == 0
     assert sorted(os.listdir(run.out / "Lib")) == sorted(fake.expected_parts(key)) + [sd.MANIFEST_NAME]
+
+
+def test_a_caption_with_half_an_emoji_is_backed_up_in_both_layouts(fake, run):
+    """SmugMug's JSON may carry a lone UTF-16 surrogate (a caption cut in the middle of an emoji:
+    "\\ud83d"). The album is backed up all the same, in both layouts: its manifest keeps the
+    text as SmugMug gave it (read back equal), the sidecar is XML a parser reads, index.csv is
+    UTF-8; a rerun rewrites nothing and --verify passes."""
+    from test_layout import read_xmp
+    cut = "sunset \ud83d"
+    for layout, name in (("zips", "Zips"), ("files", "Files")):
+        key = fake.add_album(name, images=[{"file_name": "A.jpg", "caption": cut, "keywords": ["x\udc00"]},
+                                           {"file_name": "B.jpg", "in_zip": False, "title": cut}])
+        code, out, err = run(layout=layout, xmp_sidecars="ext")
+        assert code == 0, out + err
+        doc = sd.read_manifest(str(run.out / name / sd.MANIFEST_NAME))
+        assert [f.get("Caption") for f in doc["files"]][0] == cut
+        xmp = read_xmp((run.out / name / "B.jpg.xmp").read_text(encoding="utf-8"))
+        assert xmp["title"] == "sunset "
+        rows = {r["FileName"]: r for r in index_of(run.out) if r["album"] == name}
+        assert rows["A.jpg"]["caption"].startswith("sunset ") and rows["B.jpg"]["title"].startswith("sunset ")
+        before, calls = tree(run.out, manifests=True), len(fake.log)
+        assert run(layout=layout, xmp_sidecars="ext")[0] == 0
+        assert tree(run.out, manifests=True) == before and key
+        code, out, err = run("--verify")
+        assert code == 0, out + err
