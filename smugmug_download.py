@@ -4207,12 +4207,19 @@ def index_lines(output_dir, state, gone=()):
     then the photos SmugMug no longer lists or replaced whose last copy the backup still holds:
     a manifest's own "former" section, and the manifests in versions (newest first: their
     "files" and "former"), each file that is not the current one named where its copy is now
-    (versioned_copy), once; one whose copy is gone (pruned) has no row."""
+    (versioned_copy), once; one whose copy is gone (pruned) has no row. A manifest versioned
+    under a path no album has now (the album renamed or moved since) is its AlbumKey's."""
     versioned, moves = collections.defaultdict(list), collections.defaultdict(list)
     for path, vrel, stamp in state.versions:
         moves[path].append((stamp, vrel))
         if path.rsplit("/", 1)[-1] == MANIFEST_NAME:
-            versioned[path.rsplit("/", 1)[0]].append((stamp, vrel))
+            versioned[path.rsplit("/", 1)[0]].append((stamp, vrel, path.rsplit("/", 1)[0]))
+    paths = {record.path: record for record in state.albums.values()}
+    for path in [p for p in versioned if p not in paths]:
+        for stamp, vrel, _ in versioned.pop(path):
+            key = manifest_album_key(read_manifest(os.path.join(output_dir, *vrel.split("/"))))
+            if key in state.albums:
+                versioned[state.albums[key].path].append((stamp, vrel, path))
     gone = set(gone)
     for record in sorted(state.albums.values(), key=lambda r: r.path):
         doc = read_manifest(os.path.join(output_dir, *record.path.split("/"), MANIFEST_NAME)) or {}
@@ -4224,14 +4231,16 @@ def index_lines(output_dir, state, gone=()):
             else:
                 seen.add((row[3], row[8]))
             yield row
-        for stamp, vrel in sorted(versioned.get(record.path, ()), reverse=True):
+        for stamp, vrel, was in sorted(versioned.get(record.path, ()), reverse=True):
             old = read_manifest(os.path.join(output_dir, *vrel.split("/"))) or {}
+            if manifest_album_key(old) not in (None, record.key):     # another album's, once at this path
+                continue
             for item in [i for section in ("files", "former") for i in old.get(section) or ()
                          if isinstance(i, dict) and "missing" not in i]:
                 row = index_row(record.path, item, "")
                 if not row[3] or current.get(row[3], None) == row[8] or (row[3], row[8]) in seen:
                     continue
-                base = versioned_copy(output_dir, moves, record.path, item, stamp, zips)
+                base = versioned_copy(output_dir, moves, was, item, stamp, zips)
                 if base is None:
                     continue
                 row = index_row(record.path, item, INDEX_STATUS["replaced" if row[3] in current else "deleted"],

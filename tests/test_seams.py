@@ -153,3 +153,22 @@ def test_a_caption_with_half_an_emoji_is_backed_up_in_both_layouts(fake, run):
         assert tree(run.out, manifests=True) == before and key
         code, out, err = run("--verify")
         assert code == 0, out + err
+
+
+def test_index_keeps_a_deleted_photo_of_an_album_renamed_since(fake, run):
+    """A photo deleted on SmugMug (its last copy in versions, under the album's path then), then
+    the album renamed: index.csv still lists the photo, under the album's new path, where its
+    copy is."""
+    key = fake.add_album("Before", images=photos(3))
+    assert run(layout="files")[0] == 0
+    album = fake.albums[key]
+    gone_bytes = fake.original_bytes(album.images[0].key)
+    gone = album.images.pop(0)
+    changed(fake, key)
+    assert run(layout="files")[0] == 0
+    check_rows(fake, run.out, {gone.key: gone_bytes})
+    fake.rename(album.node_id, "After")
+    changed(fake, key)
+    assert run(layout="files")[0] == 0
+    rows = check_rows(fake, run.out, {gone.key: gone_bytes})
+    assert {r["album"] for r in rows} == {"After"}
