@@ -4968,6 +4968,12 @@ class Reporter:
             count = len(record.files)
             notes.append("empty on SmugMug now: its %d file%s %s kept" % (count, plural(count),
                                                                          "is" if count == 1 else "are"))
+        elif plan is not None and run.plain and record.parts:     # a switch to files: its zips unpacked
+            fetch = plan.fetch
+            notes.append("files listed: its %d zip part%s unpacked, %d file%s to fetch on its own, no archive" % (
+                len(record.parts), plural(len(record.parts)), len(fetch), plural(len(fetch))))
+            count = len(record.files) + (record.manifest is not None)
+            notes.append("up to %d old file%s to versions" % (count, plural(count)))
         elif plan is not None and not plan.archive:
             fetch = plan.fetch
             notes.append("files listed: %d file%s to fetch on its own, no archive" % (len(fetch), plural(len(fetch))))
@@ -5692,10 +5698,14 @@ class Orchestrator:
         if status in ("unchanged", "due", "recheck") and needs_unpack(record, run.plain, run.sidecars):
             status = "unpack"
         delta = status == "changed" and record.path == album.rel and plan_from_manifest(record, self.out)
-        if self.options.dry_run and delta and not (run.plain and record.parts):   # (parts to unpack: none read)
+        if self.options.dry_run and delta:
             run.from_disk, run.reason = True, status         # its files are listed, to say what it would fetch
-            return self.submit("check", "dry", (run, run.generation), dry_check, self.client, album,
-                               *run.check_inputs(self.store.abs(album.rel), self.store.abs(transport_rel(album))))
+            inputs = run.check_inputs(self.store.abs(album.rel), self.store.abs(transport_rel(album)))
+            if run.plain and record.parts:      # zips to unpack: what they hold is taken from the manifest (none read)
+                _, folder, old, _ = inputs
+                inputs = ([(f.name, os.path.join(folder, f.name)) for f in record.parts if f.name not in
+                           record.damaged and file_sizes_match(folder, [f])], folder, replace(old, light=True), False)
+            return self.submit("check", "dry", (run, run.generation), dry_check, self.client, album, *inputs)
         if self.options.dry_run:
             return self.reporter.dry_run(run, status)
         if status == "unchanged":

@@ -172,3 +172,19 @@ def test_index_keeps_a_deleted_photo_of_an_album_renamed_since(fake, run):
     assert run(layout="files")[0] == 0
     rows = check_rows(fake, run.out, {gone.key: gone_bytes})
     assert {r["album"] for r in rows} == {"After"}
+
+
+def test_the_dry_run_of_a_switch_says_what_a_changed_album_would_fetch(fake, run):
+    """--dry-run --layout files on a zips backup whose album gained a photo: the album's line says
+    its zips would be unpacked and how many files it would fetch (the one photo), as the run
+    then does; nothing is downloaded by the dry run."""
+    key = fake.add_album("Al", images=photos(6))
+    assert run()[0] == 0
+    new = fake.add_image(key, file_name="NEW.jpg", size=1000)
+    sent = fake.download_bytes
+    line = dry_line(run, "Al", "--layout", "files")
+    assert fake.download_bytes == sent
+    assert "its 1 zip part unpacked, 1 file to fetch on its own, no archive" in line, line
+    code, out, err = run("--layout", "files")
+    assert code == 0 and "6 unpacked, 1 fetched on its own" in out + err, out + err
+    assert fake.download_bytes - sent == new.size
