@@ -5735,7 +5735,7 @@ class Orchestrator:
         folder = self.store.abs(run.album.rel)
         on_disk = {f.name for f in run.record.files if os.path.lexists(os.path.join(folder, f.name))}
         sidecars = sidecar_files(plan.listing, {k: dict(w) for k, w in plan.locations.items()}, run.sidecars,
-                                 folder, [n for n, _ in plan.kept or ()]) if plan.listing else {}
+                                 folder, [n for n, _ in plan.kept or ()], written_sidecars(folder)) if plan.listing else {}
         self.reporter.dry_run(run, "changed", plan, on_disk, sidecars)
         self.dry_lines_ready()
 
@@ -6073,7 +6073,8 @@ def commit_outcome(run, folder):
     loose = sorted({where["file"] for where in locations.values() if "file" in where})
     placed = [n for n, _ in parts if not run.from_disk] + [n for n in loose
                                                            if n in run.fetched or n in plan.extracted]
-    sidecars = sidecar_files(plan.listing, locations, run.sidecars, folder, [n for n, _ in parts])
+    sidecars = sidecar_files(plan.listing, locations, run.sidecars, folder, [n for n, _ in parts],
+                             written_sidecars(folder) if old_here else None)
     holds = bool(parts or loose or plan.listing)
     kept = {n for n, _ in parts} | set(loose) | set(sidecars)
     replaced = [f.name for f in (old.files if old_here else []) if f.name in placed or f.name not in kept]
@@ -6114,9 +6115,19 @@ def commit_outcome(run, folder):
                    {name: text for name, (text, changed) in sidecars.items() if changed})
 
 
-def sidecar_files(listing, locations, style, folder, taken):
-    """The XMP sidecars of an album's plain files: {sidecar name: (text, differs from the one on
-    disk)}; each file's location names its sidecar ("sidecar"). taken: names they must not have."""
+def written_sidecars(folder):
+    """{ImageKey: its entry} of the files the album's metadata.json in folder says have a sidecar:
+    the fields the tool wrote that sidecar from."""
+    doc = read_manifest(os.path.join(folder, MANIFEST_NAME)) or {}
+    return {item["ImageKey"]: item for item in doc.get("files") or ()
+            if isinstance(item, dict) and isinstance(item.get("ImageKey"), str) and item.get("sidecar")}
+
+
+def sidecar_files(listing, locations, style, folder, taken, written=None):
+    """The XMP sidecars of an album's plain files: {sidecar name: (text, to be written)}; each
+    file's location names its sidecar ("sidecar"). taken: names they must not have. written
+    (written_sidecars): a sidecar there that the tool wrote from the same metadata stays as it
+    is, whatever an application wrote into it since; otherwise one that differs is written."""
     videos = {f.key for f in listing if f.is_video}
     plain = [(f, locations[f.key]["file"]) for f in listing if "file" in (locations.get(f.key) or {})]
     names = sidecar_names([(name, f.key in videos) for f, name in plain], style, list(taken) + [MANIFEST_NAME])
@@ -6126,6 +6137,11 @@ def sidecar_files(listing, locations, style, folder, taken):
             continue
         locations[f.key]["sidecar"] = names[name]
         text = xmp_sidecar(dict(f.fields))
+        before = (written or {}).get(f.key)
+        if before is not None and before.get("sidecar") == names[name] and xmp_sidecar(before) == text and \
+                os.path.isfile(os.path.join(folder, names[name])):
+            out[names[name]] = (text, False)      # SmugMug's metadata for it has not changed
+            continue
         try:
             changed = read_text(os.path.join(folder, names[name])) != text
         except (OSError, ValueError):

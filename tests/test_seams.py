@@ -188,3 +188,29 @@ def test_the_dry_run_of_a_switch_says_what_a_changed_album_would_fetch(fake, run
     code, out, err = run("--layout", "files")
     assert code == 0 and "6 unpacked, 1 fetched on its own" in out + err, out + err
     assert fake.download_bytes - sent == new.size
+
+
+def test_a_sidecar_an_application_edited_stays_until_smugmugs_metadata_changes(fake, run):
+    """darktable and digiKam write their edits into IMG.jpg.xmp. The album changing on SmugMug
+    (another photo added) leaves that sidecar as it is (its photo's metadata did not change);
+    a caption edited on SmugMug for that photo writes it again, the edited one to versions."""
+    from test_layout import read_xmp
+    from test_not_a_mirror import versions
+    key = fake.add_album("Al", images=[dict(p, caption="first") for p in photos(3)])
+    assert run(layout="files")[0] == 0
+    side = run.out / "Al" / "IMG_0001.jpg.xmp"
+    edited = side.read_text(encoding="utf-8").replace(
+        "</rdf:Description>", "<dc:rights>mine</dc:rights></rdf:Description>")
+    side.write_text(edited, encoding="utf-8")
+    fake.add_image(key, file_name="NEW.jpg", size=1000, caption="new")
+    assert run(layout="files")[0] == 0
+    assert side.read_text(encoding="utf-8") == edited
+    assert not [n for n in versions(run.out) if n.endswith(".xmp")]
+    code, out, err = run("--verify")
+    assert code == 0, out + err
+    fake.edit_image(fake.albums[key].images[0].key, caption="second")
+    line = dry_line(run, "Al", layout="files")
+    assert "2 old files to versions" in line, line
+    assert run(layout="files")[0] == 0
+    assert read_xmp(side.read_text(encoding="utf-8"))["description"] == "second"
+    assert [v for n, v in versions(run.out).items() if n.endswith(".xmp")] == [edited.encode("utf-8")]
