@@ -214,3 +214,35 @@ def test_a_sidecar_an_application_edited_stays_until_smugmugs_metadata_changes(f
     assert run(layout="files")[0] == 0
     assert read_xmp(side.read_text(encoding="utf-8"))["description"] == "second"
     assert [v for n, v in versions(run.out).items() if n.endswith(".xmp")] == [edited.encode("utf-8")]
+
+
+def test_a_kill_in_the_middle_of_a_switch_to_files_loses_nothing_and_downloads_nothing(fake, run):
+    """Killed (SIGKILL) while a switch to the files layout unpacks an album's zip: no file is at
+    its final name unfinished, the zip is still whole (in the album or in versions); the next
+    run finishes the switch without a download, and --verify passes."""
+    import signal
+    from conftest import spawn, wait_for
+    from test_not_a_mirror import versions
+    key = fake.add_album("Big", images=photos(8, size=2_000_000))
+    assert run()[0] == 0
+    folder = run.out / "Big"
+    (zip_name,) = [n for n in os.listdir(folder) if n.endswith(".zip")]
+    whole = (folder / zip_name).read_bytes()
+    proc = spawn(run.config(layout="files"))
+    assert wait_for(lambda: any(".jpg" in n for n in os.listdir(folder)), timeout=30, step=0.001)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    listed = {im.file_name: fake.original_bytes(im.key) for im in fake.albums[key].images}
+    for name in os.listdir(folder):
+        if name.endswith(".jpg"):
+            assert (folder / name).read_bytes() == listed[name], name
+    assert whole in [(folder / zip_name).read_bytes() if (folder / zip_name).exists() else None,
+                     versions(run.out).get("Big/" + zip_name)]
+    sent = fake.download_bytes
+    code, out, err = run(layout="files")
+    assert code == 0, out + err
+    assert fake.download_bytes == sent
+    assert {n: (folder / n).read_bytes() for n in os.listdir(folder) if n.endswith(".jpg")} == listed
+    assert versions(run.out)["Big/" + zip_name] == whole
+    code, out, err = run("--verify")
+    assert code == 0, out + err
