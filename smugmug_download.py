@@ -4203,7 +4203,8 @@ def classify(album, record, output_dir, recheck_days=0, now=None):
 
 def index_lines(output_dir, state, gone=()):
     """The rows of index.csv, album by album in path order, one manifest read at a time: every
-    file each album lists (status current, or deleted on SmugMug for an album gone from it),
+    file each album lists (status current, or deleted on SmugMug for an album gone from it or
+    emptied there),
     then the photos SmugMug no longer lists or replaced whose last copy the backup still holds:
     a manifest's own "former" section, and the manifests in versions (newest first: their
     "files" and "former"), each file that is not the current one named where its copy is now

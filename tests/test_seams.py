@@ -246,3 +246,17 @@ def test_a_kill_in_the_middle_of_a_switch_to_files_loses_nothing_and_downloads_n
     assert versions(run.out)["Big/" + zip_name] == whole
     code, out, err = run("--verify")
     assert code == 0, out + err
+
+
+def test_index_says_deleted_for_the_photos_of_an_album_emptied_on_smugmug(fake, run):
+    """Every photo of an album deleted on SmugMug (the album stays, empty): its files are kept,
+    and index.csv says they are deleted on SmugMug, where they are; not "current"."""
+    key = fake.add_album("Emptied", images=photos(2))
+    fake.add_album("Kept", images=photos(1))
+    assert run()[0] == 0
+    fake.albums[key].images.clear()
+    changed(fake, key)
+    assert run()[0] == 0
+    rows = check_rows(fake, run.out, {})
+    assert sorted((r["album"], r["status"]) for r in rows) == [
+        ("Emptied", "deleted on SmugMug"), ("Emptied", "deleted on SmugMug"), ("Kept", "current")]
