@@ -4215,7 +4215,7 @@ def index_lines(output_dir, state, gone=()):
         moves[path].append((stamp, vrel))
         if path.rsplit("/", 1)[-1] == MANIFEST_NAME:
             versioned[path.rsplit("/", 1)[0]].append((stamp, vrel, path.rsplit("/", 1)[0]))
-    paths = {record.path: record for record in state.albums.values()}
+    paths = {record.path for record in state.albums.values()}
     for path in [p for p in versioned if p not in paths]:
         for stamp, vrel, _ in versioned.pop(path):
             key = manifest_album_key(read_manifest(os.path.join(output_dir, *vrel.split("/"))))
