@@ -2332,8 +2332,10 @@ class OldBackup:
 # (a rendition with what it was checked against).
 HOLDER_KEYS = ("archive", "entry", "file", "rendition", "size", "md5", "transcode")
 # What the manifest keeps of a file a kept zip part still holds that is no longer current.
+# (with what index.csv gives of every photo: its capture time, place and web address)
 FORMER_KEYS = ("FileName", "ImageKey", "IsVideo", "ArchivedSize", "ArchivedMD5", "Title", "Caption",
-               "Keywords", "DateTimeOriginal", "LastUpdated", "Serial")
+               "Keywords", "KeywordArray", "DateTimeOriginal", "DateTimeUploaded", "Date", "Latitude", "Longitude",
+               "Altitude", "WebUri", "LastUpdated", "Serial")
 FORMER_DELETED, FORMER_REPLACED = "deleted on SmugMug", "replaced"
 
 

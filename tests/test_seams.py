@@ -260,3 +260,21 @@ def test_index_says_deleted_for_the_photos_of_an_album_emptied_on_smugmug(fake, 
     rows = check_rows(fake, run.out, {})
     assert sorted((r["album"], r["status"]) for r in rows) == [
         ("Emptied", "deleted on SmugMug"), ("Emptied", "deleted on SmugMug"), ("Kept", "current")]
+
+
+def test_index_rows_of_a_former_photo_carry_its_date_place_and_address(fake, run):
+    """A photo deleted on SmugMug that a kept zip still holds (the manifest's former): its row in
+    index.csv has what a current row has: its capture time (here only DateTimeUploaded), place,
+    keywords and web address."""
+    key = fake.add_album("Al", images=[dict(p, date_time_original=None, date_time_uploaded="2018-05-06T07:08:09+02:00",
+                                            latitude=47.5, longitude=8.25, keywords=["a", "b"]) for p in photos(3)])
+    assert run()[0] == 0
+    before = {r["ImageKey"]: r for r in index_of(run.out)}
+    album = fake.albums[key]
+    gone = album.images.pop(0)
+    changed(fake, key)
+    assert run()[0] == 0
+    (row,) = [r for r in index_of(run.out) if r["status"] != "current"]
+    assert row["archive"] and row["ImageKey"] == gone.key
+    assert {k: v for k, v in row.items() if k != "status"} == {
+        k: v for k, v in before[gone.key].items() if k != "status"}
