@@ -4206,27 +4206,27 @@ def classify(album, record, output_dir, recheck_days=0, now=None):
 def index_lines(output_dir, state, gone=()):
     """The rows of index.csv, album by album in path order, one manifest read at a time: every
     file each album lists (status current, or deleted on SmugMug for an album gone from it or
-    emptied there),
-    then the photos SmugMug no longer lists or replaced whose last copy the backup still holds:
-    a manifest's own "former" section, and the manifests in versions (newest first: their
-    "files" and "former"), each file that is not the current one named where its copy is now
-    (versioned_copy), once; one whose copy is gone (pruned) has no row. A manifest versioned
-    under a path no album has now (the album renamed or moved since) is its AlbumKey's."""
-    versioned, moves = collections.defaultdict(list), collections.defaultdict(list)
+    emptied there), then the photos SmugMug no longer lists or replaced whose last copy the
+    backup still holds: a manifest's own "former" section, and the manifests in versions (newest
+    first: their "files" and "former"), each file that is not the current one named where its
+    copy is, once. A manifest in versions describes the files that went to versions beside it
+    (the album's files before that run: versioned_copy); a file it names that is not there (it
+    stayed, and a later manifest names it; or it was pruned) has no row from it. A manifest
+    versioned under a path no album has now (the album renamed or moved since) is its AlbumKey's."""
+    versioned = collections.defaultdict(list)
     for path, vrel, stamp in state.versions:
-        moves[path].append((stamp, vrel))
         if path.rsplit("/", 1)[-1] == MANIFEST_NAME:
-            versioned[path.rsplit("/", 1)[0]].append((stamp, vrel, path.rsplit("/", 1)[0]))
+            versioned[path.rsplit("/", 1)[0]].append((stamp, vrel))
     paths = {record.path for record in state.albums.values()}
     for path in [p for p in versioned if p not in paths]:
-        for stamp, vrel, _ in versioned.pop(path):
+        for stamp, vrel in versioned.pop(path):
             key = manifest_album_key(read_manifest(os.path.join(output_dir, *vrel.split("/"))))
             if key in state.albums:
-                versioned[state.albums[key].path].append((stamp, vrel, path))
+                versioned[state.albums[key].path].append((stamp, vrel))
     gone = set(gone)
     for record in sorted(state.albums.values(), key=lambda r: r.path):
         doc = read_manifest(os.path.join(output_dir, *record.path.split("/"), MANIFEST_NAME)) or {}
-        current, seen, zips = {}, set(), {}
+        current, seen = {}, set()
         emptied = record.image_count == 0           # emptied on SmugMug: its files kept are deleted there
         for row in index_rows(doc, record.path, gone=record.path in gone or emptied):
             if row[0] in ("current", "missing"):
@@ -4234,52 +4234,41 @@ def index_lines(output_dir, state, gone=()):
             else:
                 seen.add((row[3], row[8]))
             yield row
-        for stamp, vrel, was in sorted(versioned.get(record.path, ()), reverse=True):
+        for _stamp, vrel in sorted(versioned.get(record.path, ()), reverse=True):
             old = read_manifest(os.path.join(output_dir, *vrel.split("/"))) or {}
             if manifest_album_key(old) not in (None, record.key):     # another album's, once at this path
                 continue
+            folder, zips = vrel.rsplit("/", 1)[0], {}
             for item in [i for section in ("files", "former") for i in old.get(section) or ()
                          if isinstance(i, dict) and "missing" not in i]:
                 row = index_row(record.path, item, "")
-                if not row[3] or current.get(row[3], None) == row[8] or (row[3], row[8]) in seen:
-                    continue
-                base = versioned_copy(output_dir, moves, was, item, stamp, zips)
-                if base is None:
+                if not row[3] or current.get(row[3], None) == row[8] or (row[3], row[8]) in seen \
+                        or not versioned_copy(output_dir, folder, item, zips):
                     continue
                 row = index_row(record.path, item, INDEX_STATUS["replaced" if row[3] in current else "deleted"],
-                                base)
+                                folder)
                 seen.add((row[3], row[8]))
                 yield row
 
 
-def versioned_copy(output_dir, moves, rel, item, stamp, zips):
-    """The versions folder that holds the copy an album's manifest moved to versions at run
-    stamp names (item: an entry of its files or former), or None when none does any more. The
-    file that held it was in the album until that run or a later one moved it (moves: {path:
-    [(run stamp, versions path)]}, from the state): the first such move's copy, if it is there
-    with the item's size (its zip entry's, for a part; zips: {path: {entry: size}}, cached).
-    Never the album's own folder: what a current file holds, its manifest lists."""
+def versioned_copy(output_dir, folder, item, zips):
+    """Is the copy a versioned manifest's entry (of its files or former) names in the versions
+    folder beside it, with the entry's size (its zip entry's, for a part; zips: {path: {entry:
+    size}}, cached)?"""
     where = item.get("archive") if isinstance(item.get("entry"), str) else item.get("file")
     if not isinstance(where, str) or "/" in where or not safe_rel(where):
-        return None
-    later = sorted(m for m in moves.get(rel + "/" + where, ()) if m[0] >= stamp)
-    if not later:
-        return None
-    full = os.path.join(output_dir, *later[0][1].split("/"))
+        return False
+    full = os.path.join(output_dir, *folder.split("/"), where)
     size = int_or_none(item.get("size") if item.get("rendition") is True else item.get("ArchivedSize"))
-    if isinstance(item.get("entry"), str):
-        if full not in zips:
-            try:
-                with zipfile.ZipFile(full) as archive:
-                    zips[full] = {n: i.file_size for i in archive.infolist() for n in (i.filename,
-                                                                                        zip_entry_names(i))}
-            except (OSError, zipfile.BadZipFile, ValueError, RuntimeError, NotImplementedError):
-                zips[full] = {}
-        if item["entry"] not in zips[full] or size not in (None, zips[full][item["entry"]]):
-            return None
-    elif not os.path.isfile(full) or size not in (None, os.path.getsize(full)):
-        return None
-    return later[0][1].rsplit("/", 1)[0]
+    if not isinstance(item.get("entry"), str):
+        return os.path.isfile(full) and size in (None, os.path.getsize(full))
+    if full not in zips:
+        try:
+            with zipfile.ZipFile(full) as archive:
+                zips[full] = {n: i.file_size for i in archive.infolist() for n in (i.filename, zip_entry_names(i))}
+        except (OSError, zipfile.BadZipFile, ValueError, RuntimeError, NotImplementedError):
+            zips[full] = {}
+    return item["entry"] in zips[full] and size in (None, zips[full][item["entry"]])
 
 
 class RunLock:

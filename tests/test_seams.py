@@ -6,6 +6,8 @@ import csv
 import os
 import zipfile
 
+import pytest
+
 import smugmug_download as sd
 from conftest import tree
 from test_not_a_mirror import changed
@@ -278,3 +280,46 @@ def test_index_rows_of_a_former_photo_carry_its_date_place_and_address(fake, run
     assert row["archive"] and row["ImageKey"] == gone.key
     assert {k: v for k, v in row.items() if k != "status"} == {
         k: v for k, v in before[gone.key].items() if k != "status"}
+
+
+@pytest.mark.parametrize("seed", [2, 5])
+def test_a_year_of_changes_across_both_layouts_keeps_every_photo_findable(fake, run, seed):
+    """An album that grows, loses photos, has photos replaced and captions edited, is switched
+    between the layouts both ways, taken again whole (all replaced) and pruned with
+    --keep-versions-days 0, in a random order: after every run, each current row of index.csv
+    has SmugMug's bytes now, every row's copy is where it says with its MD5, every photo ever
+    deleted is still listed with its copy, and --verify passes."""
+    import datetime
+    import hashlib
+    import random
+    rnd = random.Random(seed)
+    key = fake.add_album("Al", images=photos(10), part_limit=12500)
+    album, deleted, layout = fake.albums[key], {}, "zips"
+    assert run(layout=layout)[0] == 0
+    steps = ["grow", "delete", "replace", "edit", "switch", "grow", "delete", "replace", "switch", "touch",
+             "prune"] + [rnd.choice(["grow", "delete", "replace", "edit", "switch", "touch", "prune"]) for _ in range(8)]
+    for step in steps:
+        if step == "grow":
+            fake.add_image(key, file_name="N%d.jpg" % rnd.randrange(10 ** 6), size=2000 + rnd.randrange(1000))
+        elif step == "delete" and len(album.images) > 2:
+            im = rnd.choice(album.images)
+            deleted[im.key] = fake.original_bytes(im.key)
+            album.images.remove(im)
+            changed(fake, key)
+        elif step == "replace":
+            fake.replace_image(rnd.choice(album.images).key)
+        elif step == "edit":
+            fake.edit_image(rnd.choice(album.images).key, caption="edited %d" % rnd.randrange(100))
+        elif step == "touch":
+            was = album.last_updated
+            fake.touch(key)
+            album.last_updated = album.images_last_updated = max(album.last_updated, was + datetime.timedelta(seconds=1))
+        elif step == "switch":
+            layout = "files" if layout == "zips" else "zips"
+        code, out, err = run(*(("--keep-versions-days", "0") if step == "prune" else ()), layout=layout)
+        assert code == 0, (step, out + err)
+        rows = check_rows(fake, run.out, deleted)
+        now = {r["ImageKey"]: r["MD5"] for r in rows if r["status"] == "current"}
+        assert now == {im.key: hashlib.md5(fake.original_bytes(im.key)).hexdigest() for im in album.images}, step
+        code, out, err = run("--verify")
+        assert code == 0, (step, out + err)
