@@ -100,8 +100,8 @@ def test_the_dry_run_counts_the_sidecars_a_run_would_move_to_versions(fake, run)
     """A changed album with XMP sidecars (files layout; zips layout with xmp_sidecars): the dry
     run's "N old files to versions" is what the run then moves: the replaced photo, the sidecar
     whose caption changed, the manifest; never every sidecar of the album."""
-    for layout, name in (("files", "Lib"), ("zips", "Zip")):
-        key = fake.add_album(name, images=[dict(p, in_zip=layout == "files") for p in photos(5)])
+    for layout, name in (("zips", "Zip"), ("files", "Lib")):
+        key = fake.add_album(name, images=[dict(p, in_zip=layout == "files" or i > 1) for i, p in enumerate(photos(5))])
         assert run(layout=layout, xmp_sidecars="ext")[0] == 0
         album = fake.albums[key]
         fake.replace_image(album.images[0].key)
