@@ -2562,6 +2562,12 @@ def check_album(client, album, parts, folder, old, plain=False):
                 entries.extend(scan_zip(path, name, want_md5, client.stop))
             except BadArchive as exc:
                 bad[name] = str(exc)
+    if bad and plain and old and all(path == os.path.join(folder, name) for name, path in parts):
+        # the files layout unpacking an earlier backup's zips: a damaged one costs the files it held,
+        # fetched on their own (it goes to versions with the others), not a new archive of the album
+        for name, why in sorted(bad.items()):
+            log.warning("%s: %s; its files are fetched on their own", album.rel, why)
+        parts, bad = [(name, path) for name, path in parts if name not in bad], {}
     if bad:
         return AlbumPlan(tuple(listing), {}, (), bad, held_before=held, incomplete=short)
     found = match_files(listing, entries)

@@ -323,3 +323,30 @@ def test_a_year_of_changes_across_both_layouts_keeps_every_photo_findable(fake, 
         assert now == {im.key: hashlib.md5(fake.original_bytes(im.key)).hexdigest() for im in album.images}, step
         code, out, err = run("--verify")
         assert code == 0, (step, out + err)
+
+
+def test_a_damaged_zip_found_by_a_switch_to_files_costs_only_its_files(fake, run):
+    """Small damage costs small downloads in a switch too: one of two zip parts on disk has a CRC
+    error when the switch to files unpacks it; the other part is unpacked, the photos the damaged
+    one held are fetched on their own (no archive asked for), the damaged copy goes to versions."""
+    from test_not_a_mirror import versions
+    key = fake.add_album("Al", images=photos(6), part_limit=9100)
+    assert run()[0] == 0
+    parts = sorted(n for n in os.listdir(run.out / "Al") if n.endswith(".zip"))
+    with zipfile.ZipFile(run.out / "Al" / parts[0]) as z:
+        held = [i.filename for i in z.infolist()]
+    path = run.out / "Al" / parts[0]
+    data = bytearray(path.read_bytes())
+    data[200] ^= 0xFF
+    path.write_bytes(bytes(data))
+    posts, sent = len(fake.calls(method="POST")), fake.download_bytes
+    code, out, err = run(layout="files")
+    assert code == 0, out + err
+    assert len(fake.calls(method="POST")) == posts
+    images = {im.file_name: im for im in fake.albums[key].images}
+    assert fake.download_bytes - sent == sum(images[n].size for n in held)
+    for name, im in images.items():
+        assert (run.out / "Al" / name).read_bytes() == fake.original_bytes(im.key)
+    assert versions(run.out)["Al/" + parts[0]] == bytes(data)
+    code, out, err = run("--verify")
+    assert code == 0, out + err
