@@ -29,6 +29,9 @@ Not run by default (they take minutes; times on 2 cores):
                each add two photos and one that replaces a photo and edits a caption
                (five seeds): per night the bytes downloaded as a share of the album and
                the growth of versions, every photo held and --verify passing.
+  growing-month  thirty nights of one growing album (two photos a night; every seventh
+               night one deleted, one replaced, one caption edited), three seeds: the
+               versions added against the album's size; about 5 minutes.
   huge         peak RSS of a first run and an unchanged rerun of 2,000 albums of 50 photos
                (100,000) and of 10,000 albums of 5, each against 500 albums of as many photos
                an album, tiny photos prepared at once, three seeds: about 20 minutes.
@@ -659,6 +662,61 @@ def growing_account(seed):
         shutil.rmtree(folder, ignore_errors=True)
 
 
+def growing_month(seed, nights=30):
+    """Thirty nights of a yearly album as people keep it: two photos added every night, and every
+    seventh night one photo deleted, one replaced and one caption edited. (downloaded bytes,
+    versions growth, album bytes at the end, the largest share of the album one night
+    downloaded, nights with a photo missing or --verify failing)."""
+    rng = random.Random(seed)
+    fake = fake_smugmug.FakeSmugMug().start()
+    fake.prep_seconds = 0.2
+    folder = tempfile.mkdtemp(prefix="bench-month-")
+    try:
+        key = fake.add_album("Family 2026", images=[{"file_name": "IMG_%04d.JPG" % i,
+                                                    "size": rng.randint(150_000, 250_000)} for i in range(60)])
+        config = write_config(folder, fake)
+        out = os.path.join(folder, "backup")
+        versions = os.path.join(out, ".smugmug_download", "versions")
+        number, worst_share, bad = 60, 0.0, 0
+        assert run_measured(tool(config))[0] == 0
+        start_sent, start_kept = fake.download_bytes, folder_bytes(versions)
+        for night in range(1, nights + 1):
+            for _ in range(2):
+                fake.add_image(key, file_name="IMG_%04d.JPG" % number, size=rng.randint(150_000, 250_000))
+                number += 1
+            images = fake.albums[key].images
+            if night % 7 == 0:
+                with fake.lock:
+                    images.pop(rng.randrange(len(images)))
+                fake.replace_image(images[rng.randrange(len(images))].key)
+                fake.edit_image(images[rng.randrange(len(images))].key, caption="edited on night %d" % night)
+            sent = fake.download_bytes
+            code, _, _, _ = run_measured(tool(config))
+            size = sum(im.size for im in fake.albums[key].images)
+            worst_share = max(worst_share, (fake.download_bytes - sent) / size)
+            missing = album_holds(os.path.join(out, "Family 2026"), fake, key)
+            verify, _, _, _ = run_measured(tool(config, "--verify"))
+            bad += bool(code or missing or verify)
+        return (fake.download_bytes - start_sent, folder_bytes(versions) - start_kept, size, worst_share, bad)
+    finally:
+        fake.stop()
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def scenario_growing_month(rows, keep, seeds=(1, 2, 3)):
+    """growing-month: thirty nights of a growing album (growing_month), the worst over the seeds:
+    the versions it adds against its own size (issue: at most about its size over any 30 nights)."""
+    for seed in seeds:
+        sent, grown, size, share, bad = growing_month(seed)
+        print("# growing-month seed %d: downloaded %.1f MB, versions +%.2f MB, album %.1f MB, worst night %.1f %%, "
+              "bad nights %d" % (seed, sent / MB, grown / MB, size / MB, 100 * share, bad), file=sys.stderr, flush=True)
+        rows.append(("growing-month", "seed %d: 30 nights" % seed,
+                     "downloaded %.1f MB in all (worst night %.1f %% of the album); versions +%.2f MB for an album "
+                     "of %.1f MB; %d nights with a photo missing or --verify failing" % (
+                         sent / MB, 100 * share, grown / MB, size / MB, bad),
+                     "versions <= the album: %s" % ok(grown <= size and bad == 0)))
+
+
 def scenario_growing(rows, keep, seeds=(1, 2, 3, 4, 5)):
     """One album of 60 photos (about 12 MB) and three others; five nights that each add two
     photos, one that replaces one photo and edits one caption: per night, the bytes downloaded
@@ -690,7 +748,8 @@ def scenario_growing(rows, keep, seeds=(1, 2, 3, 4, 5)):
 SCENARIOS = {"account": scenario_account, "slow-prep": scenario_slow_prep, "slow-link": scenario_slow_link,
              "walk": scenario_walk, "prep-spread": scenario_prep_spread, "outage": scenario_outage,
              "account-shape": scenario_account_shape, "prep-bound": scenario_prep_bound,
-             "quota": scenario_quota, "recheck": scenario_recheck, "growing": scenario_growing}
+             "quota": scenario_quota, "recheck": scenario_recheck, "growing": scenario_growing,
+             "growing-month": scenario_growing_month}
 
 
 def main(argv=None):
