@@ -70,7 +70,7 @@ import unicodedata
 import urllib.parse
 import zipfile
 import zlib
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from http.client import HTTPException, IncompleteRead, RemoteDisconnected
 from typing import Dict, List, Optional, Tuple
 
@@ -3618,6 +3618,17 @@ class Store:
 
 # State ######################################################################
 
+def slotted(cls):
+    """The dataclass cls with __slots__ and no __dict__ (dataclass(slots=True) of Python 3.10,
+    for 3.9): a record held for each of 10,000 albums costs its fields alone."""
+    names = tuple(f.name for f in fields(cls))
+    body = {k: v for k, v in cls.__dict__.items() if k not in names + ("__dict__", "__weakref__")}
+    made = type(cls)(cls.__name__, cls.__bases__, dict(body, __slots__=names))
+    made.__qualname__ = cls.__qualname__
+    return made
+
+
+@slotted
 @dataclass
 class SavedFile:
     """One file of an album's backup, in the album's folder."""
@@ -3626,6 +3637,7 @@ class SavedFile:
     kind: str = "archive"        # "archive" (a zip part), "file" (a plain file), "sidecar" (a file's XMP)
 
 
+@slotted
 @dataclass
 class AlbumRecord:
     """What the state knows of a backed-up album. Typed and validated on load."""
@@ -3678,7 +3690,7 @@ class AlbumRecord:
                 raise ValueError("files.size")
             if kind not in ("archive", "file", "sidecar"):
                 raise ValueError("files.kind")
-            files.append(SavedFile(name, size, kind))
+            files.append(SavedFile(name, size, sys.intern(kind)))
         manifest = data.get("manifest")
         if manifest is not None and (int_or_none(manifest) is None or isinstance(manifest, str)):
             raise ValueError("manifest")
@@ -5212,6 +5224,11 @@ class AlbumRun:
     Every retry counter is in tries.
     """
 
+    __slots__ = ("album", "record", "reason", "state", "ticket", "tries", "asked_at", "first_asked_at",
+                 "answered_at", "looks", "generation", "_cancel", "running", "outstanding", "parts", "sizes",
+                 "from_disk", "by_file", "plan", "fetched", "missing", "unfetched", "plain", "sidecars",
+                 "tally")    # no __dict__: an AlbumRun waits for each album found, 10,000 of them
+
     MOVES = {
         "new": ("waiting", "checking", "done", "failed"),
         "waiting": ("requesting", "failed"),
@@ -5249,6 +5266,7 @@ class AlbumRun:
         self.unfetched = {}           # ImageKey -> why it could not be fetched (retry next run)
         self.plain = False            # the files layout: every file plain, parts downloaded to transport/
         self.sidecars = "none"        # XMP sidecar names: ext, noext, none
+        self.tally = None             # the orchestrator's count of its runs by state, while one of them
 
     def release(self):
         """The album is settled (done or failed): what it needed in flight (its listing and plan,
@@ -5262,6 +5280,9 @@ class AlbumRun:
         """Move to state; a move the table does not allow is a bug, said loudly."""
         if state not in self.MOVES[self.state]:
             raise RuntimeError("album %s: %s -> %s is not a move" % (self.album.rel, self.state, state))
+        if self.tally is not None:
+            self.tally[self.state] -= 1
+            self.tally[state] += 1
         self.state = state
 
     @property
@@ -5504,7 +5525,8 @@ class Orchestrator:
         self.pools = stage_pools(client, workers)
         self.scheduler = Scheduler(config, workers, client.link, client.gate, reporter.meter)
         self.futures = {}                       # future -> (kind, payload)
-        self.runs = {}                          # AlbumKey -> AlbumRun of this run
+        self.runs = {}                          # AlbumKey -> AlbumRun of this run (enlist, settled)
+        self.states = collections.Counter()     # those runs by state, counted as they move (count())
         store.owners.begin(state.albums.values())
         self.walk = Walk(options)
         self.halt = False                       # start nothing new (a fatal write error, SmugMug unreachable)
@@ -5663,15 +5685,15 @@ class Orchestrator:
         album = self.store.owners.place(album, record)
         run = AlbumRun(album, record, "new")
         if album.album_key in self.store.blocked and not self.options.dry_run:
-            self.runs[album.album_key] = run
+            self.enlist(run)
             return self.fail(run, self.store.blocked[album.album_key])
         run.plain, run.sidecars = self.config.layout == "files", self.config.sidecars
         in_way = None if self.options.dry_run else file_in_the_way(self.out, album.rel)
         if in_way is not None:                  # it cannot be placed: nothing is asked for
-            self.runs[album.album_key] = run
+            self.enlist(run)
             return self.fail(run, in_the_way_message(in_way))
         if record and record.path != album.rel and not self.options.dry_run and not self.halt:
-            self.runs[album.album_key] = run
+            self.enlist(run)
             try:
                 run.record = self.store.move_album(record, album.rel)
                 self.summary.moved += 1
@@ -5710,7 +5732,7 @@ class Orchestrator:
             self.summary.unchanged += 1
         elif not self.halt:
             run.reason = status
-            self.runs[album.album_key] = run
+            self.enlist(run)
             if album.image_count == 0:
                 self.emptied(run)
             elif status in ("recheck", "due", "unpack") or delta or (run.plain and record and status == "changed"):
@@ -5954,8 +5976,22 @@ class Orchestrator:
         """An album is done or failed: it lets go of what it held in flight, and a done one
         leaves self.runs (a failed one stays: finish() keeps its unfinished downloads)."""
         run.release()
-        if run.state == "done":
-            self.runs.pop(run.album.album_key, None)
+        if run.state == "done" and self.runs.get(run.album.album_key) is run:
+            del self.runs[run.album.album_key]
+            self.states[run.state] -= 1
+            run.tally = None
+
+    def enlist(self, run):
+        """run is one of this run's albums (self.runs), counted by state from now on."""
+        old = self.runs.get(run.album.album_key)
+        if old is run:
+            return
+        if old is not None:                 # (an AlbumKey the walk found twice: the last one counts)
+            self.states[old.state] -= 1
+            old.tally = None
+        self.runs[run.album.album_key] = run
+        self.states[run.state] += 1
+        run.tally = self.states
 
     def stop_new_work(self, why):
         """A fatal write error, or SmugMug unreachable: start nothing new (the walk included)."""
@@ -5973,7 +6009,9 @@ class Orchestrator:
     # -- the end --
 
     def count(self, *states):
-        return sum(1 for r in self.runs.values() if r.state in states)
+        """How many of this run's albums are in these states: kept as they move, not counted
+        here (the reporter asks on every turn of the loop)."""
+        return sum(self.states[state] for state in states)
 
     def finish(self):
         """Gone albums, clean-up and retention: only after a run that saw the whole account
