@@ -3891,13 +3891,14 @@ class BackupState:
             intents, versions = data.get("intents") or {}, data.get("versions") or []
             if not isinstance(intents, dict) or not isinstance(versions, list):
                 raise ValueError("intents or versions of the wrong type")
-            entries = ([{"album": raw, "key": key} for key, raw in data["albums"].items()]
-                       + [{"partial": [path, raw]} for path, raw in partials.items()]
-                       + [{"intent": intent} for intent in intents.values()]
-                       + [{"versions": [item]} for item in versions]
-                       + [{"gone": [[key, identity, photo]]} for raw in (data.get("gone"), data.get("gone_set_aside"))
-                          for key, photos in (raw if isinstance(raw, dict) else {}).items()
-                          for identity, photo in (photos if isinstance(photos, dict) else {}).items()])
+            rest = ([{"partial": [path, raw]} for path, raw in partials.items()]
+                    + [{"intent": intent} for intent in intents.values()]
+                    + [{"versions": [item]} for item in versions]
+                    + [{"gone": [[key, identity, photo]]} for raw in (data.get("gone"), data.get("gone_set_aside"))
+                       for key, photos in (raw if isinstance(raw, dict) else {}).items()
+                       for identity, photo in (photos if isinstance(photos, dict) else {}).items()])
+            albums = data["albums"]     # each raw record let go as it becomes an AlbumRecord: not both at once
+            entries = itertools.chain(({"album": albums.pop(key), "key": key} for key in list(albums)), rest)
             wrong = 0
             for entry in entries:
                 try:
