@@ -66,6 +66,7 @@ import stat
 import sys
 import threading
 import time
+import types
 import unicodedata
 import urllib.parse
 import zipfile
@@ -5225,10 +5226,12 @@ class AlbumRun:
     Every retry counter is in tries.
     """
 
-    __slots__ = ("album", "record", "reason", "state", "ticket", "tries", "asked_at", "first_asked_at",
-                 "answered_at", "looks", "generation", "_cancel", "running", "outstanding", "parts", "sizes",
+    __slots__ = ("album", "record", "reason", "state", "ticket", "_tries", "asked_at", "first_asked_at",
+                 "answered_at", "looks", "generation", "_cancel", "_running", "outstanding", "parts", "sizes",
                  "from_disk", "by_file", "plan", "fetched", "missing", "unfetched", "plain", "sidecars",
                  "tally")    # no __dict__: an AlbumRun waits for each album found, 10,000 of them
+    NOTHING = types.MappingProxyType({})   # the parts and files of an album that has none yet: one for
+    NO_TICKET = ArchiveTicket()            # all, read-only; the ticket of an archive not asked for yet
 
     MOVES = {
         "new": ("waiting", "checking", "done", "failed"),
@@ -5247,24 +5250,24 @@ class AlbumRun:
         self.record = record          # AlbumRecord before this run, or None
         self.reason = reason          # new / changed / recheck / due
         self.state = "new"
-        self.ticket = ArchiveTicket()  # the archive this album waits for
-        self.tries = collections.Counter()   # error, removed, lost, part_check, refresh
+        self.ticket = self.NO_TICKET  # the archive this album waits for
+        self._tries = None            # error, removed, lost, part_check, refresh (tries)
         self.asked_at = 0.0           # when the current archive was requested (monotonic)
         self.first_asked_at = 0.0     # the timeout spans every request
         self.answered_at = 0.0        # when SmugMug answered that request: the looks' waits count from it
         self.looks = 0                # looks at the current request
         self.generation = 0           # bumped when an archive is given up: its downloads are stale
         self._cancel = None           # set when the current archive is given up (made when first asked for)
-        self.running = collections.Counter()  # downloads in flight, by generation
+        self._running = None          # downloads in flight, by generation (running)
         self.outstanding = 0          # downloads (parts or files) of this step not finished
-        self.parts = {}               # local part name -> ArchivePart of the current archive
-        self.sizes = {}               # local part name -> size on disk
+        self.parts = self.NOTHING     # local part name -> ArchivePart of the current archive
+        self.sizes = self.NOTHING     # local part name -> size on disk
         self.from_disk = False        # the parts are the recorded final files (a recheck)
         self.by_file = ""             # why the album is saved file by file, if it is
         self.plan = None              # AlbumPlan from the check stage
-        self.fetched = {}             # loose file name -> size
-        self.missing = {}             # ImageKey -> why SmugMug would not give it (refused)
-        self.unfetched = {}           # ImageKey -> why it could not be fetched (retry next run)
+        self.fetched = self.NOTHING   # loose file name -> size (each a dict from fetching on)
+        self.missing = self.NOTHING   # ImageKey -> why SmugMug would not give it (refused)
+        self.unfetched = self.NOTHING  # ImageKey -> why it could not be fetched (retry next run)
         self.plain = False            # the files layout: every file plain, parts downloaded to transport/
         self.sidecars = "none"        # XMP sidecar names: ext, noext, none
         self.tally = None             # the orchestrator's count of its runs by state, while one of them
@@ -5273,9 +5276,23 @@ class AlbumRun:
         """The album is settled (done or failed): what it needed in flight (its listing and plan,
         its parts, what it fetched) is let go. What stays of a backed-up album is its record in
         the state, so that a run's memory does not grow with the photos it has saved."""
-        self.plan, self.parts, self.sizes, self.fetched = None, {}, {}, {}
-        self.missing, self.unfetched = {}, {}
-        self.ticket = ArchiveTicket()
+        self.plan, self.parts, self.sizes, self.fetched = None, self.NOTHING, self.NOTHING, self.NOTHING
+        self.missing, self.unfetched = self.NOTHING, self.NOTHING
+        self.ticket = self.NO_TICKET
+
+    @property
+    def tries(self):
+        """The retry counters (made when first counted: none for an album waiting its turn)."""
+        if self._tries is None:
+            self._tries = collections.Counter()
+        return self._tries
+
+    @property
+    def running(self):
+        """Downloads in flight, by generation (made when the first starts)."""
+        if self._running is None:
+            self._running = collections.Counter()
+        return self._running
 
     def to(self, state):
         """Move to state; a move the table does not allow is a bug, said loudly."""
@@ -5284,6 +5301,8 @@ class AlbumRun:
         if self.tally is not None:
             self.tally[self.state] -= 1
             self.tally[state] += 1
+        if state == "fetching":             # (entered once: then done or failed)
+            self.fetched, self.missing, self.unfetched = {}, {}, {}
         self.state = state
 
     @property
