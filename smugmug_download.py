@@ -3422,7 +3422,9 @@ class Store:
         """Remove the NAME.part files no album will resume: those of albums (None: of every album
         but keep's) that no journalled change still needs."""
         pending = {step[1] for intent in self.state.intents.values() for step in intent.get("steps") or []}
-        for rel, partial in list(self.state.partials.items()):
+        partials = self.state.partials
+        for rel, partial in ([(rel, partials[rel]) for key in albums for rel in self.state.partials_of.get(key, ())]
+                             if albums is not None else list(partials.items())):
             if (partial.album not in albums if albums is not None else partial.album in keep) \
                     or rel + ".part" in pending:
                 continue
@@ -3853,6 +3855,7 @@ class BackupState:
         self.unreadable = None
         self.albums = {}
         self.partials = {}
+        self.partials_of = {}           # AlbumKey -> the paths in partials that are its (set)
         self.requested = set()
         self.set_aside = {}
         self.intents = {}               # changes journalled and not yet done: id -> intent (Store.recover)
@@ -3985,13 +3988,19 @@ class BackupState:
             self.albums.pop(entry["drop"], None)
         if "partial" in entry:
             path, raw = entry["partial"]
-            if raw is None:
-                self.partials.pop(path, None)
+            try:
+                partial = None if raw is None else Partial.from_json(path, raw)
+            except ValueError:
+                log.warning("state entry for %r is damaged: ignored", path)
             else:
-                try:
-                    self.partials[path] = Partial.from_json(path, raw)
-                except ValueError:
-                    log.warning("state entry for %r is damaged: ignored", path)
+                old = self.partials.pop(path, None)
+                if old is not None:
+                    self.partials_of[old.album].discard(path)
+                    if not self.partials_of[old.album]:
+                        del self.partials_of[old.album]
+                if partial is not None:
+                    self.partials[path] = partial
+                    self.partials_of.setdefault(partial.album, set()).add(path)
         if "requested" in entry:
             key, on = entry["requested"]
             (self.requested.add if on else self.requested.discard)(key)
@@ -4637,7 +4646,8 @@ class Scheduler:
         self.looks = LookPlanner(config.poll_seconds, config.poll_max_seconds, clock)
         self.waiting = collections.deque()      # AlbumRuns waiting for a window slot
         self.delayed = []                       # heap of (when, seq, AlbumRun): asking again soon
-        self.queue = collections.deque()        # DownloadTasks waiting for a worker
+        self.queue = collections.deque()        # DownloadTasks waiting for a worker (_queued counts them)
+        self.queued = collections.Counter()     # of the queue: bytes, parts, part_bytes (asked every turn)
         self.running = []                       # DownloadTasks at work
         self.in_window = set()                  # AlbumRuns requested and not yet prepared
         self.link_rate = 0.0                    # the best download rate seen: what the link takes
@@ -4691,6 +4701,17 @@ class Scheduler:
 
     def queue_download(self, task):
         self.queue.append(task)
+        self._queued(task, 1)
+
+    def _queued(self, task, sign):
+        """The sums over the queue, kept as tasks join it (sign 1) and leave it (-1); exactly 0
+        when it is empty (sizes that are not whole numbers leave no rounding behind)."""
+        if not self.queue:
+            return self.queued.clear()
+        self.queued["bytes"] += sign * task.size
+        if task.part is not None:
+            self.queued["parts"] += sign
+            self.queued["part_bytes"] += sign * task.size
 
     def download_done(self, task):
         if task in self.running:
@@ -4752,7 +4773,7 @@ class Scheduler:
         rate = max(self.link_rate, self.busy_rate())
         if end is None or not rate or not self.prepared:
             return 0.0
-        left = sum(t.size for t in self.queue) + sum(max(0, t.size - t.done) for t in self.running)
+        left = self.queued["bytes"] + sum(max(0, t.size - t.done) for t in self.running)
         coming = len(self.looks.albums) * self.prepared_bytes / self.prepared
         return max(0.0, end - self._clock() - (left + coming) / rate)
 
@@ -4763,6 +4784,7 @@ class Scheduler:
             return started
         while self.queue and len(self.running) < self.workers:
             task = self.queue.popleft()
+            self._queued(task, -1)
             run = task.run
             if task.generation != run.generation or run.state in ("done", "failed"):
                 continue                                     # an archive given up on
@@ -4774,12 +4796,14 @@ class Scheduler:
             self.running.append(task)
             started.append(task)
         self.queue.extendleft(reversed(skipped))
+        for task in skipped:
+            self._queued(task, 1)
         return started
 
     def stock_seconds(self):
         """Seconds of downloading queued or under way, at the link's best rate (None: no rate yet,
         and less than a task per worker)."""
-        left = sum(t.size for t in self.queue) + sum(max(0, t.size - t.done) for t in self.running)
+        left = self.queued["bytes"] + sum(max(0, t.size - t.done) for t in self.running)
         if not self.link_rate:
             return None if len(self.queue) + len(self.running) < self.workers else LOOK_STOCK
         return left / self.link_rate
@@ -4789,11 +4813,10 @@ class Scheduler:
         waits for a download worker, plus what the albums in preparation will bring, exceeds
         READY_HORIZON seconds of the best download rate seen (before any rate is known: while
         two archives per worker wait)."""
-        parts = [t for t in self.queue if t.part is not None]
         if not self.link_rate:
-            return len(parts) >= 2 * self.workers
+            return self.queued["parts"] >= 2 * self.workers
         album_bytes = self.prepared_bytes / self.prepared if self.prepared else 0
-        coming = sum(t.size for t in parts) + len(self.in_window) * album_bytes
+        coming = self.queued["part_bytes"] + len(self.in_window) * album_bytes
         return coming > self.link_rate * READY_HORIZON
 
     def adjust_window(self):
@@ -4803,7 +4826,7 @@ class Scheduler:
         self._last_adjust = now
         throttled, self._pressure_seen = self.gate.pressure > self._pressure_seen, self.gate.pressure
         self.link_rate = max(self.link_rate, self.meter.rate(RATE_SPAN) or 0)
-        ready = sum(1 for t in self.queue if t.part is not None)
+        ready = self.queued["parts"]
         self.window.adjust(idle_workers=self.workers - len(self.running), ready_waiting=ready,
                            throttled=throttled, wanted=bool(self.waiting))
 
@@ -4826,6 +4849,7 @@ class Scheduler:
         self.waiting.clear()
         self.delayed.clear()
         self.queue.clear()
+        self.queued.clear()
         self.looks.albums.clear()
 
 
