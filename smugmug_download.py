@@ -374,7 +374,8 @@ class Album:
     images_last_updated: str = ""
     image_count: Optional[int] = None
     has_details: bool = False    # timestamps known (from _expand or a GET)
-    info: tuple = ()             # (field, value) pairs of ALBUM_FIELDS, for the manifest
+    info: tuple = ()             # field, value, field, value... of ALBUM_FIELDS, for the manifest (flat:
+                                 # no tuple for each pair, an Album waits for each album found)
 
     @property
     def rel(self):
@@ -711,7 +712,7 @@ def match_files(listing, entries):
 
 def manifest_document(album, plan, parts):
     """The metadata.json of an album: the album, its parts, and each listed file with where it is."""
-    info = dict(album.info)
+    info = dict(zip(album.info[::2], album.info[1::2]))
     info.setdefault("AlbumKey", album.album_key)
     info.setdefault("NodeID", album.node_id)
     info["LastUpdated"], info["ImagesLastUpdated"] = album.last_updated, album.images_last_updated
@@ -1790,7 +1791,7 @@ def with_details(album, details):
                    images_last_updated=str(details.get("ImagesLastUpdated") or ""),
                    image_count=int_or_none(details.get("ImageCount")),
                    has_details=True,
-                   info=tuple((k, details[k]) for k in ALBUM_FIELDS if k in details))
+                   info=tuple(x for k in ALBUM_FIELDS if k in details for x in (k, details[k])))
 
 
 def walk_folder(client, folder):
