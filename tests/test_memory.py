@@ -18,6 +18,7 @@ import smugmug_download as sd
 from conftest import Runner
 
 PER_ALBUM = 2100    # bytes held at the end of a run for each album backed up (measured 1,708; 1,800 before __slots__)
+PER_WAITING = 1750  # bytes held for each album waiting its turn (measured 1,445-1,516; 2,124 before)
 PHOTO = {"size": 300, "title": "a photo with a title", "caption": "and a caption"}
 
 
@@ -141,6 +142,44 @@ def test_memory_held_at_the_end_grows_little_with_the_albums(fake, run, at_finis
             other.stop()
     per_album = (held[1] - held[0]) / (160 - 40)
     assert per_album < PER_ALBUM, "%.0f bytes per album still held at the end of the run" % per_album
+
+
+def test_an_album_waiting_its_turn_costs_little(fake, run, tmp_path, capsys, monkeypatch):
+    """When the walk has listed a folder of 40 albums, and one of 160 (each a new account), every
+    album found waits its turn as an AlbumRun: what the tool holds then grows by less than
+    PER_WAITING bytes an album (its Album and AlbumRun with no containers of their own yet).
+    With a __dict__, two Counters, five empty dicts and a ticket of its own for each, and
+    Album.info a tuple of pairs, it grew by about 2.1 KB."""
+    fake.prep_seconds = 0.0
+    fake.add_album("Warm-up", images=photos(1))
+    assert run()[0] == 0
+    seen, held = [], []
+    original = sd.Orchestrator.on_walk
+
+    def on_walk(self, folder, result):
+        original(self, folder, result)
+        snapshot = tracemalloc.take_snapshot().filter_traces(
+            [tracemalloc.Filter(True, sd.__file__, all_frames=True)])
+        seen.append(sum(stat.size for stat in snapshot.statistics("filename")))
+    monkeypatch.setattr(sd.Orchestrator, "on_walk", on_walk)
+    for albums in (40, 160):
+        other = fake_smugmug.FakeSmugMug().start()
+        other.prep_seconds = 0.0
+        try:
+            for i in range(albums):
+                other.add_album("Album %02d" % i, images=photos(1))
+            (tmp_path / str(albums)).mkdir()
+            tracemalloc.start(8)
+            try:
+                code, _, err = Runner(other, tmp_path / str(albums), capsys)()
+            finally:
+                tracemalloc.stop()
+            assert code == 0, err
+            held.append(seen[-1])
+        finally:
+            other.stop()
+    per_album = (held[1] - held[0]) / (160 - 40)
+    assert per_album < PER_WAITING, "%.0f bytes per album waiting its turn" % per_album
 
 
 def test_the_loops_counts_of_albums_by_state_stay_right(fake, run, monkeypatch):
