@@ -624,9 +624,10 @@ def album_holds(folder, fake, key):
     return [im.file_name for im in fake.albums[key].images if im.content().md5() not in held]
 
 
-def growing_account(seed):
-    """The growing scenario of one seed: [(night, downloaded share of the album, versions growth
-    in bytes, album bytes, listed photos missing from its folder, --verify exit code)]."""
+@contextlib.contextmanager
+def yearly_album(seed, others=0):
+    """(rng, fake, key, config, out): an emulator with one album of 60 photos of 150-250 KB
+    ("Family 2026") and `others` albums of 5 photos, and a config for a backup of it."""
     rng = random.Random(seed)
     fake = fake_smugmug.FakeSmugMug().start()
     fake.prep_seconds = 0.2
@@ -634,10 +635,18 @@ def growing_account(seed):
     try:
         key = fake.add_album("Family 2026", images=[{"file_name": "IMG_%04d.JPG" % i,
                                                     "size": rng.randint(150_000, 250_000)} for i in range(60)])
-        for i in range(3):
+        for i in range(others):
             fake.add_album("Other %d" % i, images=images_of(rng, rng.randint(500_000, 1_500_000), 5))
-        config = write_config(folder, fake)
-        out = os.path.join(folder, "backup")
+        yield rng, fake, key, write_config(folder, fake), os.path.join(folder, "backup")
+    finally:
+        fake.stop()
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def growing_account(seed):
+    """The growing scenario of one seed: [(night, downloaded share of the album, versions growth
+    in bytes, album bytes, listed photos missing from its folder, --verify exit code)]."""
+    with yearly_album(seed, others=3) as (rng, fake, key, config, out):
         versions = os.path.join(out, ".smugmug_download", "versions")
         nights, number = [], len(fake.albums[key].images)
         for night in range(7):
@@ -657,9 +666,6 @@ def growing_account(seed):
             nights.append((night, code, (fake.download_bytes - sent) / size, folder_bytes(versions) - kept, size,
                            missing, verify))
         return nights
-    finally:
-        fake.stop()
-        shutil.rmtree(folder, ignore_errors=True)
 
 
 def growing_month(seed, nights=30):
@@ -667,15 +673,7 @@ def growing_month(seed, nights=30):
     seventh night one photo deleted, one replaced and one caption edited. (downloaded bytes,
     versions growth, album bytes at the end, the largest share of the album one night
     downloaded, nights with a photo missing or --verify failing)."""
-    rng = random.Random(seed)
-    fake = fake_smugmug.FakeSmugMug().start()
-    fake.prep_seconds = 0.2
-    folder = tempfile.mkdtemp(prefix="bench-month-")
-    try:
-        key = fake.add_album("Family 2026", images=[{"file_name": "IMG_%04d.JPG" % i,
-                                                    "size": rng.randint(150_000, 250_000)} for i in range(60)])
-        config = write_config(folder, fake)
-        out = os.path.join(folder, "backup")
+    with yearly_album(seed) as (rng, fake, key, config, out):
         versions = os.path.join(out, ".smugmug_download", "versions")
         number, worst_share, bad = 60, 0.0, 0
         assert run_measured(tool(config))[0] == 0
@@ -698,9 +696,6 @@ def growing_month(seed, nights=30):
             verify, _, _, _ = run_measured(tool(config, "--verify"))
             bad += bool(code or missing or verify)
         return (fake.download_bytes - start_sent, folder_bytes(versions) - start_kept, size, worst_share, bad)
-    finally:
-        fake.stop()
-        shutil.rmtree(folder, ignore_errors=True)
 
 
 def scenario_growing_month(rows, keep, seeds=(1, 2, 3)):
