@@ -9,7 +9,7 @@ import time
 import pytest
 
 import smugmug_download as sd
-from conftest import SAMPLE_PATHS, expected_tree, sample_expected, tree
+from conftest import expected_tree, tree
 
 
 @pytest.fixture

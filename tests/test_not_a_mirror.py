@@ -163,7 +163,7 @@ def test_a_repair_of_one_part_versions_none_of_the_parts_it_fetched_again_unchan
     album is fetched again (one archive), the parts come back, and the part whose new copy is
     byte for byte the same stays where it is instead of filling versions with a duplicate; the
     part that differs goes to versions."""
-    key = fake.add_album("Parts", sizes=(3000, 4000, 5000))
+    fake.add_album("Parts", sizes=(3000, 4000, 5000))
     assert run()[0] == 0
     before = tree(run.out)
     names = sorted(n for n in before if n.startswith("Parts/"))

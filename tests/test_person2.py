@@ -8,14 +8,13 @@ import os
 import re
 import socket
 import subprocess
-import sys
 import tempfile
 import urllib.request
 
 import pytest
 
 import smugmug_download as sd
-from conftest import ROOT, SCRIPT, read_pty, spawn, tree, write_config
+from conftest import ROOT, read_pty, spawn, tree, write_config
 from test_cli import read_until
 from test_person import on_a_terminal, status_lines
 

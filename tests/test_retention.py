@@ -4,7 +4,6 @@ last copy until keep_deleted_days (absent or null: forever) from the run that fi
 
 End to end against the emulator, then the deciding functions on their own."""
 
-import datetime
 import io
 import json
 import os
