@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """A quick simulation of the tool's Scheduler (window, backlog bound, LookPlanner) on virtual time.
 
-    python tests/pacing_sim.py [--accounts 40] [--shape spread|tail|bench-tail|account|slowprep|long]
+    python tests/pacing_sim.py [--accounts 40] [--shape spread|tail|bench-tail|account|prepbound|slowprep|long]
+                               [--verbose] [--set NAME=VALUE ...]
     python tests/pacing_sim.py --frontier [--shape spread]
 
 Not collected by pytest. Drives the real Scheduler and LookPlanner of smugmug_download.py with a
@@ -10,6 +11,11 @@ its request; downloads share the link's capacity among at most `workers` connect
 call takes `latency`), and reports, over many random accounts, the worst wall / lower bound and
 the worst API calls per album (requests, looks, listings; walk not simulated: add its share).
 It is a tuning aid: the figures that count come from tests/benchmark.py against the emulator.
+--verbose prints a line per account: its calls by kind (looks split into scouts, sent before any
+archive was seen ready, and exploring looks; misses: looks that found nothing) and where its
+wall goes over the bound of a link-bound account: the first download later than the walk plus
+the quickest preparation ("late start"), the link idle after the first download ("idle"), and
+the rest ("end": the last listings). --set NAME=VALUE changes a constant of the tool for the run.
 
 --frontier asks how close a look policy could come to the targets. It replaces the LookPlanner
 by an oracle told the shape's exact distribution of preparation times (which no real run knows
@@ -162,6 +168,7 @@ def simulate(albums, cap=60 * MB, workers=4, latency=0.03, step=0.01, walk=0.3, 
     pending = collections.deque()      # requests waiting for a request thread
     requesting = 0
     first_ready = first_download = None
+    idle = 0.0                         # seconds the link idled after the first download
     clock.now = walk
     for run in runs:
         scheduler.want_archive(run)
@@ -178,8 +185,11 @@ def simulate(albums, cap=60 * MB, workers=4, latency=0.03, step=0.01, walk=0.3, 
             calls["probe"] += probe
             run.asked = clock.now + latency * (1 + probe)
             events.append((run.asked, "requested", run))
+        explore_after = scheduler.looks.explore_after
         for run in scheduler.looks_now():
             calls["look"] += 1
+            calls["scout"] += not scheduler.looks.found
+            calls["explore"] += scheduler.looks.explore_after != explore_after
             events.append((clock.now + latency, "looked", run))
         for task in scheduler.downloads():
             task.run.running[0] += 1
@@ -188,6 +198,8 @@ def simulate(albums, cap=60 * MB, workers=4, latency=0.03, step=0.01, walk=0.3, 
         # the link: share the capacity among the running downloads
         active = list(scheduler.running)
         busy[int(clock.now)] += bool(active)
+        if first_download is not None and not active:
+            idle += step
         if active:
             share = cap * step / len(active)
             for task in active:
@@ -212,6 +224,7 @@ def simulate(albums, cap=60 * MB, workers=4, latency=0.03, step=0.01, walk=0.3, 
                 scheduler.preparing(run, clock.now)
             elif kind == "looked":
                 ready = clock.now - latency >= run.asked + run.prep
+                calls["miss"] += not ready
                 scheduler.looked(run, ready)
                 if ready:
                     run.state = "downloading"
@@ -224,7 +237,10 @@ def simulate(albums, cap=60 * MB, workers=4, latency=0.03, step=0.01, walk=0.3, 
     bound = walk + max(min(p for p, _ in albums) + total / cap, max(p + s / cap for p, s in albums))
     simulate.busy = busy
     simulate.gap = (first_download - first_ready) if first_download is not None else None
-    return clock.now / bound, sum(calls.values()) / len(albums), calls
+    late = (first_download if first_download is not None else clock.now) - walk - min(p for p, _ in albums)
+    simulate.parts = {"late start": late, "idle": idle, "end": clock.now - bound - late - idle}
+    counted = sum(n for k, n in calls.items() if k not in ("scout", "miss", "explore"))
+    return clock.now / bound, counted / len(albums), calls
 
 
 def frontier(args):
@@ -260,7 +276,14 @@ def main(argv=None):
     parser.add_argument("--verbose", action="store_true", help="a line per account")
     parser.add_argument("--walk-calls", type=float, default=0.17,
                         help="the walk's API calls per album (benchmark prep-spread: 0.17)")
+    parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
+                        help="a constant of the tool for this run (e.g. SCOUT_GROWTH=1.3), to weigh a setting")
     args = parser.parse_args(argv)
+    for setting in args.set:
+        name, value = setting.split("=", 1)
+        if not hasattr(sd, name):
+            parser.error("no constant %s in smugmug_download" % name)
+        setattr(sd, name, type(getattr(sd, name))(value))
     if args.frontier:
         return frontier(args)
     results = []
@@ -269,8 +292,9 @@ def main(argv=None):
         ratio, per_album, calls = simulate(albums, cap=args.cap * MB)
         results.append((ratio, per_album + args.walk_calls, seed, dict(calls), simulate.gap))
         if args.verbose:
-            print("seed %d: wall/bound %.3f, calls/album %.2f %s, first download %.2f s after the first ready"
-                  % (seed, ratio, per_album + args.walk_calls, dict(calls), simulate.gap))
+            print("seed %d: wall/bound %.3f, calls/album %.2f %s, first download %.2f s after the first ready; "
+                  "over the bound: %s" % (seed, ratio, per_album + args.walk_calls, dict(calls), simulate.gap,
+                                          ", ".join("%s %.2f s" % kv for kv in simulate.parts.items())))
     worst_ratio = max(results)
     worst_calls = max(results, key=lambda r: r[1])
     worst_gap = max(results, key=lambda r: r[4])
