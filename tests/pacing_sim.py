@@ -124,7 +124,7 @@ class Oracle(sd.LookPlanner):
             return 1.0
         return (self.cdf(wait) - self.cdf(last)) / (1.0 - self.cdf(last))
 
-    def plan(self, now, need, limit, stock=0.0):
+    def plan(self, now, need, limit, stock=0.0, spare=0.0):     # spare: not used by the oracle
         stock = stock or 0.0
         threshold = self.low + (self.high - self.low) * min(1.0, stock / self.stock)
         odds = sorted(((self.chance(item, now), run) for run, item in self.albums.items() if not item.looking),
