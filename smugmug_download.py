@@ -766,11 +766,11 @@ def position(fields):
 
 
 def keywords_of(fields):
-    """The file's keywords: KeywordArray, else Keywords split on ';' (and ',')."""
+    """The file's keywords: KeywordArray, else Keywords split on ';' (and ','), or as a list."""
     words = fields.get("KeywordArray")
     if not isinstance(words, list):
         text = fields.get("Keywords")
-        words = re.split(r"[;,]", text) if isinstance(text, str) else []
+        words = text if isinstance(text, list) else re.split(r"[;,]", text) if isinstance(text, str) else []
     return [w.strip() for w in words if isinstance(w, str) and w.strip()]
 
 
@@ -2440,8 +2440,8 @@ def held_on_disk(listing, folder, parts, loose):
 
 def same_file(listed, item):
     """Is this manifest entry the listed file: the same ImageKey and FileName, and the same MD5,
-    or where SmugMug gives no MD5, the same size (where given) and LastUpdated and Serial? Never
-    by its name alone."""
+    or where SmugMug gives no MD5, the same size (where given) and LastUpdated and Serial (those
+    it gives: null or "" proves nothing)? Never by its name alone."""
     if item.get("ImageKey") != listed.key or item.get("FileName") != listed.file_name:
         return False
     md5 = item.get("ArchivedMD5")
@@ -2451,7 +2451,7 @@ def same_file(listed, item):
     if listed.archived_md5:
         return True
     fields = dict(listed.fields)
-    stamps = [k for k in ("LastUpdated", "Serial") if k in fields]
+    stamps = [k for k in ("LastUpdated", "Serial") if fields.get(k) not in (None, "")]
     return bool(stamps) and all(item.get(k) == fields[k] for k in stamps)
 
 
@@ -2556,7 +2556,8 @@ def check_album(client, album, parts, folder, old, plain=False):
     light = bool(old and old.light and previous)
     if old and old.light and not previous and not plain:      # nothing to plan from: an archive
         return AlbumPlan(tuple(listing), {}, held_before=held, incomplete=short, archive="no manifest to plan from")
-    want_md5 = any(f.archived_md5 for f in listing)
+    want_md5 = plain or any(f.archived_md5 for f in listing)    # plain: an entry replaces a file only
+                                                                # when their MD5s differ
     entries, bad = [], {}
     if not light:
         for name, path in parts:

@@ -592,6 +592,9 @@ class FakeSmugMug:
         self.sizes_as_strings = False   # ArchivedSize and OriginalSize as digit strings
         self.image_fields_absent = set()    # AlbumImage fields left out of every !images object, e.g.
                                         # {"Serial"} (as the recorded listing) or {"Uris"}
+        self.image_variant = None       # a function (obj, FakeImage) editing each !images object in
+                                        # place: any other variant a server may send (null fields,
+                                        # MD5 in capitals, other date forms, Keywords as a list...)
         self.short_files_once = set()   # image keys: the first fetch of each of its files (original,
                                         # transcode, rendition) sends the whole Content-Length, half
                                         # the body, then closes the connection
@@ -1272,6 +1275,8 @@ class FakeSmugMug:
                 del obj[name]
         for name in self.image_fields_absent:
             obj.pop(name, None)
+        if self.image_variant is not None:
+            self.image_variant(obj, image)
         return obj
 
     def largest_image_json(self, image):

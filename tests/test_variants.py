@@ -1,8 +1,10 @@
 """Plausible variants of SmugMug's answers (shared/smugmug-api.md, the UNCERTAIN points and the
 recorded answers): the real script against the emulator over HTTP, byte for byte."""
 
+import csv
 import json
 import os
+import zipfile
 
 import pytest
 
@@ -226,6 +228,64 @@ def test_image_count_as_a_string(fake, run):
     assert code == sd.EXIT_OK, err
     assert [e["path"] for e in fake.calls("post")] == ["/api/v2/album/%s!download" % key]
     assert tree(run.out) == album_files(fake, key, "Full")
+
+
+# A photo's fields: what a changed album, the files layout and the index read ##################
+
+def unzipped(path):
+    with zipfile.ZipFile(path) as z:
+        return {i.filename: z.read(i) for i in z.infolist()}
+
+
+@pytest.mark.parametrize("given", [None, ""])
+def test_null_identity_fields_prove_no_photo_the_same(fake, run, given):
+    """ArchivedMD5, ArchivedSize, LastUpdated and Serial sent as null (or ""): nothing proves a
+    listed photo is the one the backup holds, so a photo replaced on SmugMug under the same
+    ImageKey and FileName is fetched again, never taken as held by its old bytes."""
+    def variant(obj, image):
+        obj.update(dict.fromkeys(("ArchivedMD5", "ArchivedSize", "LastUpdated", "Serial"), given))
+    fake.image_variant = variant
+    key = fake.add_album("V", images=[{"file_name": "a.jpg", "size": 1000}, {"file_name": "b.jpg", "size": 1000}])
+    assert run()[0] == sd.EXIT_OK
+    photo = fake.replace_image(fake.albums[key].images[0].key)
+    code, _, err = run()
+    assert code == sd.EXIT_OK, err
+    zips = [n for n in os.listdir(run.out / "V") if n.endswith(".zip")]
+    held = {}
+    for name in zips:
+        held.update(unzipped(run.out / "V" / name))
+    assert held["a.jpg"] == fake.original_bytes(photo.key)
+
+
+def test_files_layout_without_md5_takes_the_new_bytes_of_a_fresh_archive(fake, run):
+    """The files layout, a listing without ArchivedMD5: a photo replaced on SmugMug (same size) is
+    unpacked from the fresh archive over the old file; an entry is never taken as the file on
+    disk by its size alone."""
+    fake.image_fields_absent = {"ArchivedMD5"}
+    key = fake.add_album("V", images=[{"file_name": "a.jpg", "size": 1000}, {"file_name": "b.jpg", "size": 1000}])
+    assert run("--layout", "files")[0] == sd.EXIT_OK
+    for image in fake.albums[key].images[:2]:      # most of the album: a fresh archive
+        fake.replace_image(image.key)
+    fake.add_image(key, file_name="c.jpg", size=1000)
+    code, _, err = run("--layout", "files")
+    assert code == sd.EXIT_OK, err
+    assert len(fake.calls("post")) == 2
+    for image in fake.albums[key].images:
+        assert (run.out / "V" / image.file_name).read_bytes() == fake.original_bytes(image.key)
+
+
+def test_keywords_as_a_list_without_keyword_array(fake, run):
+    """Keywords sent as a list (and no KeywordArray): the sidecar's dc:subject and the index's
+    keywords column have them."""
+    def variant(obj, image):
+        obj["Keywords"] = obj.pop("KeywordArray")
+    fake.image_variant = variant
+    fake.add_album("V", images=[{"file_name": "a.jpg", "keywords": ["sea", "Zürich"]}])
+    code, _, err = run("--layout", "files")
+    assert code == sd.EXIT_OK, err
+    assert "<rdf:li>sea</rdf:li>" in (run.out / "V" / "a.jpg.xmp").read_text(encoding="utf-8")
+    with open(run.out / sd.INDEX_NAME, encoding="utf-8-sig", newline="") as f:
+        assert [r["keywords"] for r in csv.DictReader(f)] == ["sea; Zürich"]
 
 
 # Pure helpers ################################################################
