@@ -488,7 +488,7 @@ class Summary:
     emptied: List[str] = field(default_factory=list)         # albums now empty on SmugMug (files kept)
     failed: Dict[str, str] = field(default_factory=dict)     # album path -> reason
     gone: List[str] = field(default_factory=list)
-    gone_photos: list = field(default_factory=list)          # [(album path, file, where kept, kind)]
+    gone_photos: list = field(default_factory=list)          # [(album path, file, where kept, kind, identity)]
     last_copies_removed: int = 0                             # gone photos whose keep_deleted_days ran out
     write_error: str = ""        # why the run stopped (a full disk, SmugMug unreachable...)
     reached: bool = False        # SmugMug answered the first calls (the account was found)
@@ -3489,7 +3489,7 @@ class Store:
                     found.append((vf.album_key, identity, photo))
                     gone[identity], since[identity] = (vf.album_key, photo), now
                     if summary is not None:
-                        summary.gone_photos.append((vf.album_path, name, vf.rel, photo.kind))
+                        summary.gone_photos.append((vf.album_path, name, vf.rel, photo.kind, identity))
         self.set_gone(found)
         removed, kept, dropped = [], set(), set()
         for vf in candidates:
@@ -5205,11 +5205,11 @@ def print_summary(summary, options):
 
 
 def print_gone_photos(photos, groups=5, names=5):
-    """The photos a run found gone from SmugMug ([(album path, file, where kept, kind)]): how many,
+    """The photos a run found gone from SmugMug ([(album path, file, where kept, kind, identity)]): how many,
     then a line per file that keeps them (a few of each, then counts)."""
     log.info("%d photo%s found gone from SmugMug, kept in the backup:", len(photos), plural(len(photos)))
     held = collections.OrderedDict()
-    for album, name, where, kind in photos:
+    for album, name, where, kind, _identity in photos:
         held.setdefault(where, []).append("%s%s" % (name, " (replaced)" if kind == "replaced" else ""))
     for where, files in list(held.items())[:groups]:
         log.info("  %s%s: in %s", ", ".join(files[:names]),
@@ -5976,6 +5976,19 @@ class Orchestrator:
         if lacking:
             self.fail(run, lacking, done=True)
 
+    def moved_not_gone(self):
+        """After a run that saw the whole account: a photo this run found gone from one album that
+        another album lists (moved on SmugMug, or collected in both) is not gone from SmugMug: it
+        leaves the summary and the record of gone photos (as a later run's retention would do)."""
+        found = self.summary.gone_photos
+        if not found:
+            return
+        _, listed = self.store.held_now({p[4] for p in found}, {})
+        if listed:
+            self.summary.gone_photos = [p for p in found if p[4].split(" ")[0] not in listed]
+            self.store.set_gone([(key, i, None) for key, photos in self.state.gone.items() for i in photos
+                                 if i.split(" ")[0] in listed])
+
     def note_gone(self, run, rel=None):
         """After a commit (or an album emptied: rel, where its files stay): the photos the previous
         backup held that SmugMug no longer has are recorded (from now: keep_deleted_days) with
@@ -5994,7 +6007,7 @@ class Orchestrator:
             if where is None or identity in recorded:
                 continue
             changes.append((key, identity, GonePhoto(name, iso_now(), "deleted", where)))
-            self.summary.gone_photos.append((rel, name, where, "deleted"))
+            self.summary.gone_photos.append((rel, name, where, "deleted", identity))
         self.store.set_gone(changes)
 
     def fail(self, run, reason, where=None, folder=True, done=False):
@@ -6074,6 +6087,7 @@ class Orchestrator:
                 log.error("retention of old versions stopped: %s", exc)
                 self.summary.write_error = self.summary.write_error or str(exc)
                 pruned = 0
+            self.moved_not_gone()
             if pruned:
                 log.info("removed %d versions folder%s older than keep_versions_days (%g)", pruned,
                          plural(pruned), self.config.keep_versions_days)

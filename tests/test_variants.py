@@ -288,6 +288,31 @@ def test_keywords_as_a_list_without_keyword_array(fake, run):
         assert [r["keywords"] for r in csv.DictReader(f)] == ["sea; Zürich"]
 
 
+def test_a_photo_moved_to_another_album_is_not_named_gone(fake, run):
+    """A photo moved on SmugMug from one album to another keeps its ImageKey: the run that sees
+    the move does not name it gone from SmugMug (the index has it current in its new album); once
+    deleted from there too, it is."""
+    one = fake.add_album("A", images=[{"file_name": "p%d.jpg" % i, "size": 1000 + i} for i in range(3)])
+    two = fake.add_album("B", images=[{"file_name": "q.jpg", "size": 500}])
+    assert run()[0] == sd.EXIT_OK
+    photo = fake.albums[one].images.pop(0)
+    fake.albums[two].images.append(photo)
+    for key in (one, two):
+        album = fake.albums[key]
+        album.last_updated = album.images_last_updated = fake._later(album)
+    code, out, err = run()
+    assert code == sd.EXIT_OK, err
+    assert "found gone" not in out + err
+    with open(run.out / sd.INDEX_NAME, encoding="utf-8-sig", newline="") as f:
+        rows = [(r["status"], r["album"]) for r in csv.DictReader(f) if r["ImageKey"] == photo.key]
+    assert ("current", "B") in rows
+    fake.albums[two].images.pop()
+    fake.albums[two].last_updated = fake.albums[two].images_last_updated = fake._later(fake.albums[two])
+    code, out, err = run()
+    assert code == sd.EXIT_OK, err
+    assert "1 photo found gone from SmugMug" in out + err and "p0.jpg" in out + err
+
+
 # Pure helpers ################################################################
 
 def test_following_page_where_next_page_is_missing():
