@@ -2654,7 +2654,7 @@ def unpack_files(listing, found, names, part_paths, folder, old, stop=None):
         name, md5 = names[f.key], f.archived_md5 or entry.md5
         if old and name in old.loose and file_is(os.path.join(folder, name), entry.size, md5, stop):
             continue
-        wanted[entry.part][entry.name] = (name, md5)
+        wanted[entry.part].setdefault(entry.name, []).append((name, md5))    # a zip may hold one name twice
     extracted = {}
     for part, entries in wanted.items():
         extracted.update(Store.unpack(part_paths[part], part, entries, folder, stop))
@@ -3130,27 +3130,41 @@ class Store:
 
     @staticmethod
     def unpack(zip_path, part_name, entries, folder, stop=None):
-        """Entries of a zip on disk, each into folder/NAME.part ({entry name: (NAME, MD5 or "")}),
-        streamed, their MD5 checked: {NAME: size}. Where a zip holds two entries of one name,
-        the one with the listed MD5 is taken. BadArchive names what is wrong."""
-        done, pending = {}, dict(entries)
+        """Entries of a zip on disk, each into folder/NAME.part ({entry name: (NAME, MD5 or "")},
+        or a list of those where a zip holds two entries of one name), streamed, their MD5
+        checked: {NAME: size}. Of entries of one name, each goes to the file its MD5 is listed
+        for (or, without one, the next). BadArchive names what is wrong."""
+        done = {}
+        pending = {entry: [targets] if isinstance(targets, tuple) else list(targets)
+                   for entry, targets in entries.items()}
 
         def visit(info, entry, chunks):
-            name, md5 = pending[entry]
+            targets = pending[entry]
+            first = os.path.join(folder, targets[0][0]) + ".part"
             digest = hashlib.md5()
-            with PartFile(os.path.join(folder, name) + ".part", False) as out:   # (writes: LocalWriteError)
+            with PartFile(first, False) as out:   # (writes: LocalWriteError)
                 for chunk in chunks:
                     digest.update(chunk)
                     out.write(chunk)
                 out.sync()
-            if bytes_differ(info.file_size, digest.hexdigest(), None, md5):
+            match = [t for t in targets if not bytes_differ(info.file_size, digest.hexdigest(), None, t[1])]
+            if not match:
                 return                  # not the file listed (another entry of its name may be)
+            name = match[0][0]
+            if name != targets[0][0]:
+                try:
+                    os.replace(first, os.path.join(folder, name) + ".part")
+                except OSError as exc:
+                    raise LocalWriteError(first, exc) from exc
             done[name] = info.file_size
-            del pending[entry]
+            targets.remove(match[0])
+            if not targets:
+                del pending[entry]
         read_zip(zip_path, part_name, visit, stop, wanted=lambda entry: entry in pending)
         if pending:
+            count = sum(map(len, pending.values()))
             raise BadArchive("%s: %d entr%s missing or not the file listed (MD5): %s" % (
-                part_name, len(pending), "y" if len(pending) == 1 else "ies", ", ".join(sorted(pending)[:3])))
+                part_name, count, "y" if count == 1 else "ies", ", ".join(sorted(pending)[:3])))
         return done
 
     @staticmethod

@@ -9,7 +9,7 @@ import zipfile
 import pytest
 
 import smugmug_download as sd
-from conftest import expected_tree, tree
+from conftest import expected_tree, manifest, tree
 
 
 def album_files(fake, key, rel):
@@ -311,6 +311,18 @@ def test_a_photo_moved_to_another_album_is_not_named_gone(fake, run):
     code, out, err = run()
     assert code == sd.EXIT_OK, err
     assert "1 photo found gone from SmugMug" in out + err and "p0.jpg" in out + err
+
+
+def test_files_layout_from_a_zip_holding_one_name_twice(fake, run):
+    """A zip that holds two entries of one name (photos of one FileName, zipped as they are
+    named, no -1 suffix): in the files layout each becomes its own file by its MD5, none lost."""
+    fake.zip_clash = "keep"
+    key = fake.add_album("V", images=[{"file_name": "a.jpg", "size": 1000 + i} for i in range(3)])
+    code, _, err = run("--layout", "files")
+    assert code == sd.EXIT_OK, err
+    doc = manifest(run.out / "V")
+    assert [(item["ImageKey"], (run.out / "V" / item["file"]).read_bytes()) for item in doc["files"]] == [
+        (image.key, fake.original_bytes(image.key)) for image in fake.albums[key].images]
 
 
 # Pure helpers ################################################################
