@@ -766,9 +766,10 @@ def position(fields):
 
 
 def keywords_of(fields):
-    """The file's keywords: KeywordArray, else Keywords split on ';' (and ','), or as a list."""
+    """The file's keywords: KeywordArray, else (absent or empty) Keywords split on ';' (and ','),
+    or as a list."""
     words = fields.get("KeywordArray")
-    if not isinstance(words, list):
+    if not isinstance(words, list) or not words:
         text = fields.get("Keywords")
         words = text if isinstance(text, list) else re.split(r"[;,]", text) if isinstance(text, str) else []
     return [w.strip() for w in words if isinstance(w, str) and w.strip()]

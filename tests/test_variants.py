@@ -274,11 +274,15 @@ def test_files_layout_without_md5_takes_the_new_bytes_of_a_fresh_archive(fake, r
         assert (run.out / "V" / image.file_name).read_bytes() == fake.original_bytes(image.key)
 
 
-def test_keywords_as_a_list_without_keyword_array(fake, run):
-    """Keywords sent as a list (and no KeywordArray): the sidecar's dc:subject and the index's
-    keywords column have them."""
+@pytest.mark.parametrize("form", ["list", "string, empty array"])
+def test_keywords_as_a_list_or_beside_an_empty_keyword_array(fake, run, form):
+    """Keywords sent as a list (and no KeywordArray), or as a string beside an empty KeywordArray:
+    the sidecar's dc:subject and the index's keywords column have them."""
     def variant(obj, image):
-        obj["Keywords"] = obj.pop("KeywordArray")
+        if form == "list":
+            obj["Keywords"] = obj.pop("KeywordArray")
+        else:
+            obj["KeywordArray"] = []
     fake.image_variant = variant
     fake.add_album("V", images=[{"file_name": "a.jpg", "keywords": ["sea", "Zürich"]}])
     code, _, err = run("--layout", "files")
