@@ -737,11 +737,12 @@ def manifest_document(album, plan, parts):
 def capture_time(fields):
     """When a file was taken, as SmugMug gives it: (ISO 8601 text, epoch seconds) from
     DateTimeOriginal, else DateTimeUploaded, else Date; (None, None) when none parses. The
-    offset is used as given (SmugMug reads a camera time without a zone as its own)."""
+    offset is used as given (SmugMug reads a camera time without a zone as its own; none given:
+    UTC); the text in XMP's form (2019-01-12T21:06:08+01:00), however SmugMug wrote it."""
     for name in ("DateTimeOriginal", "DateTimeUploaded", "Date"):
         moment = parse_time(fields.get(name))
         if moment is not None:
-            return fields[name].strip(), moment.timestamp()
+            return moment.isoformat(), moment.timestamp()
     return None, None
 
 

@@ -2,8 +2,10 @@
 recorded answers): the real script against the emulator over HTTP, byte for byte."""
 
 import csv
+import datetime
 import json
 import os
+import re
 import zipfile
 
 import pytest
@@ -327,6 +329,30 @@ def test_files_layout_from_a_zip_holding_one_name_twice(fake, run):
     doc = manifest(run.out / "V")
     assert [(item["ImageKey"], (run.out / "V" / item["file"]).read_bytes()) for item in doc["files"]] == [
         (image.key, fake.original_bytes(image.key)) for image in fake.albums[key].images]
+
+
+XMP_DATE = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?(Z|[+-]\d\d:\d\d)$")
+
+
+@pytest.mark.parametrize("given, utc", [("2019-01-12 21:06:08+01:00", "2019-01-12T20:06:08"),
+                                        ("2019-01-12T20:06:08Z", "2019-01-12T20:06:08"),
+                                        ("2019-01-12T21:06:08.5+0100", "2019-01-12T20:06:08.5"),
+                                        ("2019-01-12T20:06:08", "2019-01-12T20:06:08")])
+def test_capture_times_in_other_forms(fake, run, given, utc):
+    """DateTimeOriginal with a space, Z, fractional seconds, an offset without a colon, or no
+    offset (read as UTC): the file is dated that moment, and the sidecar and the index give it in
+    XMP's date form."""
+    fake.add_album("V", images=[{"file_name": "a.jpg", "date_time_original": given}])
+    code, _, err = run("--layout", "files")
+    assert code == sd.EXIT_OK, err
+    moment = datetime.datetime.fromisoformat(utc).replace(tzinfo=datetime.timezone.utc).timestamp()
+    assert (run.out / "V" / "a.jpg").stat().st_mtime == moment
+    written = re.search("<exif:DateTimeOriginal>(.*)</exif:DateTimeOriginal>",
+                        (run.out / "V" / "a.jpg.xmp").read_text(encoding="utf-8")).group(1)
+    with open(run.out / sd.INDEX_NAME, encoding="utf-8-sig", newline="") as f:
+        taken = [r["taken"] for r in csv.DictReader(f)]
+    assert XMP_DATE.match(written) and taken == [written]
+    assert datetime.datetime.fromisoformat(written).timestamp() == moment
 
 
 # Pure helpers ################################################################
