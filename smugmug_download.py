@@ -1712,11 +1712,25 @@ def find_root(client, config):
     return nickname, Folder(root_id, node_uri + "!children", ())
 
 
+LIST_CHANGED = "SmugMug's count changed while the list was read:"
+
+
 def list_all(client, link, first=None, expected=None, **extra):
+    """list_pages(), read once more when its pages gave different Totals (items added or
+    removed on SmugMug while it was read: one may have been skipped)."""
+    for attempt in range(2):
+        objects, expansions, short = list_pages(client, link, None if attempt else first, expected, **extra)
+        if not short.startswith(LIST_CHANGED):
+            break
+    return objects, expansions, short
+
+
+def list_pages(client, link, first=None, expected=None, **extra):
     """Every object of a paged list, all pages, each once, in order, and the Expansions of
     every page: (objects, expansions, short). short: "" when the list is whole, else why not
     (fewer objects than its Pages.Total; where no page gives a Total, fewer than expected,
-    the count the list's owner gives, such as an album's ImageCount).
+    the count the list's owner gives, such as an album's ImageCount; pages that give different
+    Totals: items were added or removed meanwhile, so some may have been skipped).
 
     first: the answer to link when already had (a POST's). Pages are followed as
     following_page() says, with extra added to each link (a NextPage may leave
@@ -1726,7 +1740,7 @@ def list_all(client, link, first=None, expected=None, **extra):
     listing (a server that ignores start), except an empty page the server
     itself links past.
     """
-    objects, expansions, seen, asked = [], {}, set(), set()
+    objects, expansions, seen, asked, totals = [], {}, set(), set(), {}
     body, guessed, total = first, False, None
     while link:
         if len(asked) >= MAX_PAGES:
@@ -1744,6 +1758,7 @@ def list_all(client, link, first=None, expected=None, **extra):
         pages = response.get("Pages") if isinstance(response, dict) else None
         if isinstance(pages, dict) and int_or_none(pages.get("Total")) is not None:
             total = int_or_none(pages.get("Total"))
+            totals[total] = True
         fresh = [(hash(json.dumps(o, sort_keys=True, default=str)), o) for o in page]
         fresh = [(h, o) for h, o in fresh if h not in seen]
         if len(asked) > 1 and not fresh and (page or guessed):
@@ -1761,7 +1776,9 @@ def list_all(client, link, first=None, expected=None, **extra):
             break
         body = None
     short = ""
-    if total is not None and len(objects) < total:
+    if len(totals) > 1:             # items added or removed while it was read: some may be skipped
+        short = "%s %s" % (LIST_CHANGED, " then ".join(map(str, totals)))
+    elif total is not None and len(objects) < total:
         short = "SmugMug listed %d of %d" % (len(objects), total)
     elif total is None and expected is not None and len(objects) < expected:
         short = "SmugMug listed %d of its %d" % (len(objects), expected)
@@ -2295,8 +2312,9 @@ def scan_zip(path, part_name, want_md5, stop=None, progress=None):
 def list_images(client, album):
     """Every file of the album (!images, all pages, only the fields used) as ListedFiles, and
     why the listing is not whole ("" when it is): shorter than its Pages.Total, or, with no
-    Total given, than the album's ImageCount. (ImageCount is not trusted over a Total: what
-    it counts beside the listing's files is not documented.)"""
+    Total given, than the album's ImageCount (which is not trusted over a Total: what it
+    counts beside the listing's files is not documented), or its Total changed between pages
+    in two listings running (list_all)."""
     extra = {"_filter": ",".join(IMAGE_FIELDS), "_filteruri": ",".join(IMAGE_URIS)}
     objects, _, short = list_all(client, add_query(album.uri + "!images", count=IMAGES_PAGE_COUNT, **extra),
                                  expected=album.image_count, **extra)

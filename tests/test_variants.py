@@ -355,6 +355,30 @@ def test_capture_times_in_other_forms(fake, run, given, utc):
     assert datetime.datetime.fromisoformat(written).timestamp() == moment
 
 
+def test_a_photo_deleted_while_the_listing_is_read_skips_none(fake, run):
+    """A photo deleted on SmugMug between two pages of an album's listing shifts the next page,
+    so a photo is skipped while the Totals say nothing is missing: pages that give different
+    Totals are a list that changed, read again; no current file goes to versions or is called
+    gone."""
+    key = fake.add_album("V", images=[{"file_name": "p%d.jpg" % i, "size": 1000 + i} for i in range(5)])
+    assert run("--layout", "files")[0] == sd.EXIT_OK
+    fake.images_max_count = 2
+    album = fake.albums[key]
+    doomed = album.images[0]
+
+    def variant(obj, image):
+        if image is album.images[1] and doomed in album.images:    # the end of page 1 is being served
+            album.images.remove(doomed)
+    fake.image_variant = variant
+    album.last_updated = album.images_last_updated = fake._later(album)
+    code, out, err = run("--layout", "files")
+    assert code == sd.EXIT_OK, err
+    assert sorted(os.listdir(run.out / "V")) == sorted(
+        ["metadata.json"] + [n for im in album.images for n in (im.file_name, im.file_name + ".xmp")])
+    assert "p2.jpg" not in out + err
+    assert [item["ImageKey"] for item in manifest(run.out / "V")["files"]] == [im.key for im in album.images]
+
+
 # Pure helpers ################################################################
 
 def test_following_page_where_next_page_is_missing():
