@@ -6115,13 +6115,13 @@ class Orchestrator:
         if whole and not self.options.dry_run:
             self.store.discard_parts(keep={k for k, r in self.runs.items() if r.state != "done"})
             try:
+                self.moved_not_gone()
                 pruned = self.store.prune_versions(self.config.keep_versions_days, self.config.keep_deleted_days,
                                                    summary=self.summary)
             except LocalWriteError as exc:
                 log.error("retention of old versions stopped: %s", exc)
                 self.summary.write_error = self.summary.write_error or str(exc)
                 pruned = 0
-            self.moved_not_gone()
             if pruned:
                 log.info("removed %d versions folder%s older than keep_versions_days (%g)", pruned,
                          plural(pruned), self.config.keep_versions_days)
