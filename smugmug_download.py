@@ -2647,7 +2647,8 @@ def check_album(client, album, parts, folder, old, plain=False):
         sizes = dict(zip((f.key for f in listing), known_sizes([f.archived_size for f in listing])))
         average = sum(sizes.values()) / len(sizes) if sizes else 1
         dead = sum(int_or_none(e.get("ArchivedSize")) or average for e in former)
-        needed = sum(t.size if t.size is not None else sizes[t.key] for t in tasks)
+        needed = sum(sizes[t.key] for t in tasks)      # as the listing counts them (a rendition's own
+                                                        # size is not in its unit: no ArchivedSize)
         if not short:
             archive = delta_or_archive(needed, sum(sizes.values()), dead, sum(s for _, s in kept))
     elif previous and not plain:    # the parts on disk (a recheck) keep what they held before

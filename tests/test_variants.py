@@ -379,6 +379,22 @@ def test_a_photo_deleted_while_the_listing_is_read_skips_none(fake, run):
     assert [item["ImageKey"] for item in manifest(run.out / "V")["files"]] == [im.key for im in album.images]
 
 
+def test_a_photo_added_to_an_album_listed_without_archived_fields_is_fetched_alone(fake, run):
+    """An album listed with no Archived* fields (as the recorded protected album): a photo added
+    costs its own rendition, not a fresh archive; the rendition's known size is not weighed
+    against the listing's unknown ones (counted at 1 each, it looked like most of the album)."""
+    fake.image_fields_absent = {"ArchivedUri", "ArchivedSize", "ArchivedMD5"}
+    key = fake.add_album("V", images=[{"file_name": "a%d.jpg" % i, "size": 1000 + i} for i in range(4)])
+    assert run()[0] == sd.EXIT_OK
+    fake.add_image(key, file_name="n.jpg", size=500)
+    calls = len(fake.log)
+    code, _, err = run()
+    assert code == sd.EXIT_OK, err
+    assert [e["kind"] for e in fake.log[calls:] if e["kind"] not in ("walk", "images", "album")] == [
+        "largestimage", "file"]
+    assert (run.out / "V" / "n.jpg").read_bytes() == fake.rendition_bytes(fake.albums[key].images[-1].key)
+
+
 # Pure helpers ################################################################
 
 def test_following_page_where_next_page_is_missing():
