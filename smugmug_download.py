@@ -209,6 +209,7 @@ WINDOW_START = 32         # albums asked for at once before anything is known
 WINDOW_FLOOR = 2
 WINDOW_STEP = 0.25        # seconds between two sizings of the window
 READY_HORIZON = 60.0      # no new request while more than a minute of downloading is prepared or coming
+BACKLOG_PER_WORKER = 16   # ... or while this many archives per download worker wait for one (tiny albums)
 RATE_SPAN = 5.0           # seconds over which the download rate is measured for pacing
 LOOK_FIRST_PROBES = 16    # new albums that look for an archive SmugMug already has before asking for one
 # Looks at archives in preparation (see LookPlanner).
@@ -3862,6 +3863,93 @@ class GonePhoto:
         return {"FileName": self.file_name, "Since": self.since, "Kind": self.kind, "Where": self.where}
 
 
+class JsonStream:
+    """A JSON text read from a file a piece at a time: members() walks an object member by member,
+    value() decodes one value, so a state file of 10,000 albums is never held whole, as its text
+    or as every record's parsed JSON. ValueError: the text is not JSON (or not of that shape)."""
+
+    CHUNK = 1 << 20                   # characters read at a time (more while one value is longer)
+    SPACE = re.compile(r"[ \t\n\r]*")
+    decode = json.JSONDecoder().raw_decode
+
+    def __init__(self, f):
+        self.f, self.text, self.pos, self.eof = f, "", 0, False
+
+    def _more(self):
+        piece = self.f.read(max(self.CHUNK, len(self.text) - self.pos))
+        self.eof = not piece
+        self.text, self.pos = self.text[self.pos:] + piece, 0
+        return not self.eof
+
+    def peek(self):
+        """The next character past white space ("" at the end)."""
+        while True:
+            self.pos = self.SPACE.match(self.text, self.pos).end()
+            if self.pos < len(self.text) or not self._more():
+                return self.text[self.pos:self.pos + 1]
+
+    def value(self):
+        self.peek()
+        while True:
+            try:               # a value ends before the text read does (a number may go on), or at the end
+                value, end = self.decode(self.text, self.pos)
+                if end < len(self.text) or self.eof:
+                    self.pos = end
+                    return value
+            except ValueError:            # cut short where the piece read ends, or not JSON
+                if self.eof:
+                    raise
+            self._more()
+
+    def members(self):
+        """The names of the object here, one at a time, each with the stream at its value: the
+        caller reads it (value(), or members() of an object) before asking for the next."""
+        if self.peek() != "{":
+            raise ValueError("not an object")
+        self.pos += 1
+        if self.peek() == "}":
+            self.pos += 1
+            return
+        while True:
+            if self.peek() != '"':
+                raise ValueError("a name expected")
+            name = self.value()
+            if self.peek() != ":":
+                raise ValueError("':' expected")
+            self.pos += 1
+            yield name
+            after = self.peek()
+            self.pos += 1
+            if after == "}":
+                return
+            if after != ",":
+                raise ValueError("',' expected")
+
+
+def read_state_file(path, album):
+    """The state snapshot's document, its "albums" (when an object) made album(AlbumKey, raw
+    record) record by record as it is read: the file is never held whole, nor every record's
+    parsed JSON at once. A file that is not such JSON is read again whole by json.loads: its
+    errors (OSError, ValueError) are what they have always been."""
+    with open(path, encoding="utf-8") as f:
+        stream, data = JsonStream(f), {}
+        try:
+            for name in stream.members():
+                if name == "albums" and stream.peek() == "{":
+                    data[name] = {key: album(key, stream.value()) for key in stream.members()}
+                else:
+                    data[name] = stream.value()
+            if not stream.peek():
+                return data
+        except ValueError:
+            pass
+    data = json.loads(read_text(path))
+    if isinstance(data, dict) and isinstance(data.get("albums"), dict):
+        raw = data["albums"]
+        data["albums"] = {key: album(key, raw.pop(key)) for key in list(raw)}
+    return data
+
+
 def record_json(obj):
     """json's default for the state snapshot: an AlbumRecord as it is stored."""
     if not isinstance(obj, AlbumRecord):
@@ -3915,7 +4003,7 @@ class BackupState:
         """Read snapshot + journal; an unreadable or future state warns (unless not warn) and
         starts empty (self.unreadable says why)."""
         try:
-            data = json.loads(read_text(self.snapshot_path))
+            data = read_state_file(self.snapshot_path, self._record_as_read)
             if not isinstance(data, dict) or not isinstance(data.get("albums"), dict):
                 raise ValueError("not a state record")
             version = data.get("version")
@@ -3938,7 +4026,7 @@ class BackupState:
                     + [{"gone": [[key, identity, photo]]} for raw in (data.get("gone"), data.get("gone_set_aside"))
                        for key, photos in (raw if isinstance(raw, dict) else {}).items()
                        for identity, photo in (photos if isinstance(photos, dict) else {}).items()])
-            albums = data["albums"]     # each raw record let go as it becomes an AlbumRecord: not both at once
+            albums = data["albums"]
             entries = itertools.chain(({"album": albums.pop(key), "key": key} for key in list(albums)), rest)
             wrong = 0
             for entry in entries:
@@ -3966,6 +4054,15 @@ class BackupState:
         for record in self.albums.values():
             record.listed = record.listed or now    # unknown (an older version): its rechecks start now
         return self
+
+    @staticmethod
+    def _record_as_read(key, raw):
+        """A raw record of the snapshot as it is read: its AlbumRecord (the raw one let go), or raw
+        when it is not one (_apply sets it aside, with its warning, in turn)."""
+        try:
+            return AlbumRecord.from_json(key, raw) if key else raw
+        except ValueError:
+            return raw
 
     def _set_aside_file(self):
         """Keep a bad state file under another name rather than overwrite it silently."""
@@ -4014,7 +4111,7 @@ class BackupState:
             raw = entry["album"]
             key = entry.get("key") or raw["AlbumKey"]
             try:
-                self.albums[key] = AlbumRecord.from_json(key, raw)
+                self.albums[key] = raw if isinstance(raw, AlbumRecord) else AlbumRecord.from_json(key, raw)
                 self.set_aside.pop(key, None)
             except ValueError as exc:
                 log.warning("state record of album %s is damaged (bad %s): set aside, the album "
@@ -4849,7 +4946,12 @@ class Scheduler:
         """Would another request let archives pile up? They expire: no new request while what
         waits for a download worker, plus what the albums in preparation will bring, exceeds
         READY_HORIZON seconds of the best download rate seen (before any rate is known: while
-        two archives per worker wait)."""
+        two archives per worker wait), or BACKLOG_PER_WORKER archives per worker wait: each is
+        an album held whole (its listing, its plan) until downloaded, and tiny albums make many
+        archives of a second of the link; that many keep every worker busy while the next ones
+        are prepared."""
+        if self.queued["parts"] >= BACKLOG_PER_WORKER * self.workers:
+            return True
         if not self.link_rate:
             return self.queued["parts"] >= 2 * self.workers
         album_bytes = self.prepared_bytes / self.prepared if self.prepared else 0
