@@ -358,6 +358,16 @@ class Config:
         return [getattr(self, k) for k in SECRET_KEYS if getattr(self, k)]
 
 
+def slotted(cls):
+    """The dataclass cls with __slots__ and no __dict__ (dataclass(slots=True) of Python 3.10,
+    for 3.9): a record held for each of 10,000 albums costs its fields alone."""
+    names = tuple(f.name for f in fields(cls))
+    body = {k: v for k, v in cls.__dict__.items() if k not in names + ("__dict__", "__weakref__")}
+    made = type(cls)(cls.__name__, cls.__bases__, dict(body, __slots__=names))
+    made.__qualname__ = cls.__qualname__
+    return made
+
+
 @dataclass(frozen=True)
 class Folder:
     node_id: str
@@ -365,6 +375,7 @@ class Folder:
     path: Tuple[str, ...]        # cleaned names from output_dir down
 
 
+@slotted
 @dataclass(frozen=True)
 class Album:
     node_id: str
@@ -375,8 +386,8 @@ class Album:
     images_last_updated: str = ""
     image_count: Optional[int] = None
     has_details: bool = False    # timestamps known (from _expand or a GET)
-    info: tuple = ()             # field, value, field, value... of ALBUM_FIELDS, for the manifest (flat:
-                                 # no tuple for each pair, an Album waits for each album found)
+    info: str = ""               # the ALBUM_FIELDS of its Album object as JSON text, for the manifest (one
+                                 # string, not one for each: an Album waits for each album found)
 
     @property
     def rel(self):
@@ -713,7 +724,7 @@ def match_files(listing, entries):
 
 def manifest_document(album, plan, parts):
     """The metadata.json of an album: the album, its parts, and each listed file with where it is."""
-    info = dict(zip(album.info[::2], album.info[1::2]))
+    info = json.loads(album.info) if album.info else {}
     info.setdefault("AlbumKey", album.album_key)
     info.setdefault("NodeID", album.node_id)
     info["LastUpdated"], info["ImagesLastUpdated"] = album.last_updated, album.images_last_updated
@@ -1811,7 +1822,8 @@ def with_details(album, details):
                    images_last_updated=str(details.get("ImagesLastUpdated") or ""),
                    image_count=int_or_none(details.get("ImageCount")),
                    has_details=True,
-                   info=tuple(x for k in ALBUM_FIELDS if k in details for x in (k, details[k])))
+                   info=json.dumps({k: details[k] for k in ALBUM_FIELDS if k in details}, ensure_ascii=False,
+                                   separators=(",", ":")))
 
 
 def walk_folder(client, folder):
@@ -3658,16 +3670,6 @@ class Store:
 
 
 # State ######################################################################
-
-def slotted(cls):
-    """The dataclass cls with __slots__ and no __dict__ (dataclass(slots=True) of Python 3.10,
-    for 3.9): a record held for each of 10,000 albums costs its fields alone."""
-    names = tuple(f.name for f in fields(cls))
-    body = {k: v for k, v in cls.__dict__.items() if k not in names + ("__dict__", "__weakref__")}
-    made = type(cls)(cls.__name__, cls.__bases__, dict(body, __slots__=names))
-    made.__qualname__ = cls.__qualname__
-    return made
-
 
 @slotted
 @dataclass
