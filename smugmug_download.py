@@ -3748,8 +3748,8 @@ class AlbumRecord:
         count = data.get("ImageCount")
         if count is not None and (not isinstance(count, int) or isinstance(count, bool) or count < 0):
             raise ValueError("ImageCount")
-        return cls(key, strings["NodeID"], strings["path"], strings["LastUpdated"],
-                   strings["ImagesLastUpdated"], files, manifest, complete, list(damaged), listed, count)
+        return cls(key, strings["NodeID"], strings["path"], strings["LastUpdated"], strings["ImagesLastUpdated"],
+                   files, manifest, complete, list(damaged), sys.intern(listed), count)   # one string a second
 
     def to_json(self):
         return {"AlbumKey": self.key, "NodeID": self.node_id, "path": self.path,
