@@ -210,6 +210,8 @@ WINDOW_FLOOR = 2
 WINDOW_STEP = 0.25        # seconds between two sizings of the window
 READY_HORIZON = 60.0      # no new request while more than a minute of downloading is prepared or coming
 BACKLOG_PER_WORKER = 16   # ... or while this many archives per download worker wait for one (tiny albums)
+WALK_AHEAD = 2            # folder listings in flight (or not yet handled) per walk thread: each holds its albums
+WALK_WAITING = 1000       # no folder is listed while this many albums found wait for a request
 RATE_SPAN = 5.0           # seconds over which the download rate is measured for pacing
 LOOK_FIRST_PROBES = 16    # new albums that look for an archive SmugMug already has before asking for one
 # Looks at archives in preparation (see LookPlanner).
@@ -5229,7 +5231,8 @@ class Reporter:
         s, scheduler = orchestrator.summary, orchestrator.scheduler
         done = s.backed_up + s.unchanged
         known = max(orchestrator.bytes_known, self.meter.done)
-        listing = not s.albums_found and any(kind in ("root", "walk") for kind, _ in orchestrator.futures.values())
+        listing = not s.albums_found and (any(kind in ("root", "walk") for kind, _ in orchestrator.futures.values())
+                                          or bool(orchestrator.walk.to_list))
         parts = [(1, "" if wait and not s.albums_found else "listing folders..." if listing    # (no album yet)
                   else "%d of %d album%s" % (done, s.albums_found, plural(s.albums_found))),
                  (2, "%s of %s" % (human_bytes(self.meter.done), human_bytes(known)) if known else "")]
@@ -5258,7 +5261,8 @@ class Reporter:
         """(bytes still to download, extrapolated?) once it can be told: the walk done, and a few
         archives listed (the albums whose archive is not yet listed counted at the average
         archive seen so far); else None."""
-        if any(kind in ("root", "walk", "details") for kind, _ in orchestrator.futures.values()):
+        if orchestrator.walk.to_list or any(kind in ("root", "walk", "details")
+                                            for kind, _ in orchestrator.futures.values()):
             return None
         unknown = orchestrator.count("new", "waiting", "requesting", "preparing")
         prepared, size = orchestrator.scheduler.prepared, orchestrator.scheduler.prepared_bytes
@@ -5640,6 +5644,8 @@ class Walk:
         self.includes, self.excludes = options.includes, options.excludes
         self.nodes, self.paths, self.include_hits, self.keys = set(), set(), set(), set()
         self.complete = True
+        self.to_list = collections.deque()      # folders found, not yet submitted for listing
+        self.listing = 0                        # folders submitted for listing, their result not yet handled
 
     def selected(self, rel):
         return is_selected(rel, self.includes, self.excludes)
@@ -5682,9 +5688,13 @@ class Walk:
         return [p for p in self.includes if p not in self.include_hits]
 
 
+def walk_threads(workers):
+    return max(4, 2 * workers)
+
+
 def stage_pools(client, workers):
     """The stages' thread pools, by name; each thread's API calls go with its stage's priority."""
-    sizes = {"walk": max(4, 2 * workers), "request": workers, "look": workers, "check": workers,
+    sizes = {"walk": walk_threads(workers), "request": workers, "look": workers, "check": workers,
              "download": workers}
     return {name: concurrent.futures.ThreadPoolExecutor(size, name, initializer=client.set_priority,
                                                         initargs=(PRIORITY.get(name, PRIORITY["walk"]),))
@@ -5714,6 +5724,7 @@ class Orchestrator:
         self.states = collections.Counter()     # those runs by state, counted as they move (count())
         store.owners.begin(state.albums.values())
         self.walk = Walk(options)
+        self.walk_ahead = WALK_AHEAD * walk_threads(workers)
         self.halt = False                       # start nothing new (a fatal write error, SmugMug unreachable)
         self.bytes_known = 0
         self.nickname = None                    # the account's, once found (the walk has begun)
@@ -5730,7 +5741,7 @@ class Orchestrator:
     def run(self):
         self.submit("walk", "root", None, find_root, self.client, self.config)
         try:
-            while self.futures or (not self.halt and self.scheduler.has_work()):
+            while self.futures or (not self.halt and (self.scheduler.has_work() or self.walk.to_list)):
                 self.start_work()
                 done, _ = concurrent.futures.wait(list(self.futures), timeout=self.scheduler.timeout(),
                                                   return_when=concurrent.futures.FIRST_COMPLETED)
@@ -5747,6 +5758,7 @@ class Orchestrator:
         """Start what the scheduler says may start now."""
         if self.halt:
             return
+        self.list_folders()
         for run in self.scheduler.requests():
             run.to("requesting")
             run.asked_at = time.monotonic()
@@ -5769,10 +5781,22 @@ class Orchestrator:
         if not self.futures:
             self.client.stop.wait(self.scheduler.timeout())
 
+    def list_folders(self):
+        """Folders the walk found are listed a few at a time: not while listings the loop has not
+        yet handled hold walk_ahead folders' albums, nor while WALK_WAITING albums found wait for
+        a request (each waits whole: 10,000 at once would cost their memory at once)."""
+        walk = self.walk
+        while walk.to_list and walk.listing < self.walk_ahead and len(self.scheduler.waiting) < WALK_WAITING:
+            folder = walk.to_list.popleft()
+            walk.listing += 1
+            self.submit("walk", "walk", folder, walk_folder, self.client, folder)
+
     def finished(self, future):
         """A finished piece of work: its result goes to its handler, unless it is stale (its album
         gave up the archive it was for); errors go by the one policy."""
         kind, payload = self.futures.pop(future)
+        if kind == "walk":
+            self.walk.listing -= 1
         if kind == "root":
             return self.on_root(future)
         task = payload if isinstance(payload, DownloadTask) else None
@@ -5833,7 +5857,7 @@ class Orchestrator:
         else:
             log.info("Backing up account %s into %s", self.nickname, self.out)
         self.walk.nodes.add(root.node_id)
-        self.submit("walk", "walk", root, walk_folder, self.client, root)
+        self.walk.to_list.append(root)
 
     def walk_failed(self, folder, exc):
         self.walk.complete = False
@@ -5857,7 +5881,7 @@ class Orchestrator:
         for sub in self.walk.folders(folders) if not self.halt else ():
             if not self.options.dry_run and self.walk.selected("/".join(sub.path)):
                 self.store.make_folders("/".join(sub.path), quiet=True)
-            self.submit("walk", "walk", sub, walk_folder, self.client, sub)
+            self.walk.to_list.append(sub)
         for album in self.walk.albums(albums):
             self.found(album)
         self.dry_lines_ready()
@@ -5932,7 +5956,8 @@ class Orchestrator:
         if self.options.dry_run and not any(kind == "root" for kind, _ in self.futures.values()):
             self.reporter.dry_lines_ready([
                 tuple(payload.path) if kind == "walk" else payload[0].album.path
-                for kind, payload in self.futures.values() if kind in ("walk", "details", "dry")])
+                for kind, payload in self.futures.values() if kind in ("walk", "details", "dry")]
+                + [tuple(folder.path) for folder in self.walk.to_list])
 
     def on_dry_check(self, run, plan):
         """A dry run's changed album, its files listed: what it would fetch, or an archive (and

@@ -110,3 +110,29 @@ def test_the_state_read_record_by_record_is_what_json_reads(tmp_path):
                 assert repr(got) == repr(want), (chunk, text[:40])
         finally:
             sd.JsonStream.CHUNK = 1 << 20
+
+
+def test_the_walk_waits_while_many_albums_found_wait(fake, run, monkeypatch):
+    """12 folders of 5 albums, the walk allowed 4 listings ahead of the loop and no listing while
+    4 albums found wait for a request (WALK_WAITING): albums waiting never pass what the
+    listings under way can bring on top of that (4 + 4 x 5); folder listings never pass 4; and
+    every album is backed up (the walk goes on as they are requested)."""
+    monkeypatch.setattr(sd, "WALK_WAITING", 4)
+    monkeypatch.setattr(sd, "WALK_AHEAD", 1)
+    fake.prep_seconds = 0.0
+    for f in range(12):
+        folder = fake.add_folder("Event %02d" % f)
+        for a in range(5):
+            fake.add_album("Album %d" % a, folder, images=[dict(PHOTO, file_name="IMG_0001.JPG")])
+    seen = []
+    original = sd.Reporter.tick
+
+    def tick(self, orchestrator):
+        seen.append((len(orchestrator.scheduler.waiting), orchestrator.walk.listing))
+        return original(self, orchestrator)
+    monkeypatch.setattr(sd.Reporter, "tick", tick)
+    code, _, err = run(workers=1, max_preparing=2)
+    assert code == 0, err
+    assert "60 albums backed up" in err, err
+    assert max(w for w, _ in seen) <= 4 + 4 * 5, seen
+    assert max(n for _, n in seen) <= 4, seen

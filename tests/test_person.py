@@ -161,6 +161,7 @@ def test_the_total_is_a_floor_until_enough_archive_sizes_are_known():
     states = {"preparing": 9, "done": 1}
     orchestrator = types.SimpleNamespace(
         summary=sd.Summary(albums_found=10, backed_up=1), futures={}, bytes_known=4_000_000,
+        walk=types.SimpleNamespace(to_list=()),
         scheduler=types.SimpleNamespace(prepared=1, prepared_bytes=4_000_000, queue=[], running=[], window=None),
         count=lambda *wanted: sum(n for state, n in states.items() if state in wanted))
     assert reporter.line(orchestrator, None)[1] == (2, "0 B of at least 4.0 MB")
