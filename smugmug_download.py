@@ -3048,8 +3048,11 @@ class PathOwners:
 
     def begin(self, records):
         """The run begins (an earlier run's changes finished): the album folders the records
-        hold now stay theirs for place() the whole run, even once their album moves away."""
-        self._at_start = {self._key(r.path): r.key for r in records}
+        hold now stay theirs for place() the whole run, even once their album moves away. Each
+        folder's key is the string the owners hold (not a second one for each album)."""
+        folders = {self._key(r.path): r.key for r in records}
+        self._at_start = {k: folders.pop(k) for k in self._owner if k in folders}
+        self._at_start.update(folders)
 
     @staticmethod
     def _key(rel):
