@@ -5663,15 +5663,16 @@ class Walk:
         return fresh
 
     def albums(self, albums):
-        """The albums to back up: each once, selected (not counted otherwise)."""
+        """The albums to back up: each once (by AlbumKey: the walk keeps no second set of their
+        node ids), selected (not counted otherwise)."""
         if self.includes:                   # the paths are for the message of an --include unmatched
             self.paths.update(a.rel for a in albums)
-        fresh = [a for a in albums if a.node_id not in self.nodes]
-        self.nodes.update(a.node_id for a in fresh)
-        fresh = [a for a in fresh if self.selected(a.rel)]
-        for album in fresh:
-            self.include_hits.update(p for p in self.includes if path_matches([p], album.rel))
-            self.keys.add(album.album_key)
+        fresh = []
+        for album in albums:
+            if album.album_key not in self.keys and self.selected(album.rel):
+                self.include_hits.update(p for p in self.includes if path_matches([p], album.rel))
+                self.keys.add(album.album_key)
+                fresh.append(album)
         return fresh
 
     @property
