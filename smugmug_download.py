@@ -211,7 +211,7 @@ WINDOW_STEP = 0.25        # seconds between two sizings of the window
 READY_HORIZON = 60.0      # no new request while more than a minute of downloading is prepared or coming
 BACKLOG_PER_WORKER = 16   # ... or while this many archives per download worker wait for one (tiny albums)
 WALK_AHEAD = 2            # folder listings in flight (or not yet handled) per walk thread: each holds its albums
-WALK_WAITING = 1000       # no folder is listed while this many albums found wait for a request
+WALK_WAITING = 2          # no folder is listed while this many albums per max_preparing wait for a request
 RATE_SPAN = 5.0           # seconds over which the download rate is measured for pacing
 LOOK_FIRST_PROBES = 16    # new albums that look for an archive SmugMug already has before asking for one
 # Looks at archives in preparation (see LookPlanner).
@@ -5729,6 +5729,7 @@ class Orchestrator:
         store.owners.begin(state.albums.values())
         self.walk = Walk(options)
         self.walk_ahead = WALK_AHEAD * walk_threads(workers)
+        self.walk_waiting = WALK_WAITING * max(1, config.max_preparing)     # twice what the window may hold
         self.halt = False                       # start nothing new (a fatal write error, SmugMug unreachable)
         self.bytes_known = 0
         self.nickname = None                    # the account's, once found (the walk has begun)
@@ -5787,10 +5788,10 @@ class Orchestrator:
 
     def list_folders(self):
         """Folders the walk found are listed a few at a time: not while listings the loop has not
-        yet handled hold walk_ahead folders' albums, nor while WALK_WAITING albums found wait for
+        yet handled hold walk_ahead folders' albums, nor while walk_waiting albums found wait for
         a request (each waits whole: 10,000 at once would cost their memory at once)."""
         walk = self.walk
-        while walk.to_list and walk.listing < self.walk_ahead and len(self.scheduler.waiting) < WALK_WAITING:
+        while walk.to_list and walk.listing < self.walk_ahead and len(self.scheduler.waiting) < self.walk_waiting:
             folder = walk.to_list.popleft()
             walk.listing += 1
             self.submit("walk", "walk", folder, walk_folder, self.client, folder)

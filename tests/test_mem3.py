@@ -114,10 +114,9 @@ def test_the_state_read_record_by_record_is_what_json_reads(tmp_path):
 
 def test_the_walk_waits_while_many_albums_found_wait(fake, run, monkeypatch):
     """12 folders of 5 albums, the walk allowed 4 listings ahead of the loop and no listing while
-    4 albums found wait for a request (WALK_WAITING): albums waiting never pass what the
-    listings under way can bring on top of that (4 + 4 x 5); folder listings never pass 4; and
-    every album is backed up (the walk goes on as they are requested)."""
-    monkeypatch.setattr(sd, "WALK_WAITING", 4)
+    4 albums found wait for a request (WALK_WAITING twice max_preparing, 2): albums waiting never
+    pass what the listings under way can bring on top of that (4 + 4 x 5); folder listings never
+    pass 4; and every album is backed up (the walk goes on as they are requested)."""
     monkeypatch.setattr(sd, "WALK_AHEAD", 1)
     fake.prep_seconds = 0.0
     for f in range(12):
