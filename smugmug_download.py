@@ -3697,7 +3697,7 @@ class AlbumRecord:
     files: List[SavedFile] = field(default_factory=list)
     manifest: Optional[int] = None   # size of metadata.json; None: not written yet (a version 1 backup)
     complete: bool = True        # False: files were missing or still processing: look again next run
-    damaged: List[str] = field(default_factory=list)   # what --verify found wrong
+    damaged: List[str] = field(default_factory=list)   # what --verify found wrong (none read: ())
     listed: str = ""             # when its files were last listed (UTC, ISO 8601): the rolling recheck
     image_count: Optional[int] = None   # ImageCount when backed up: the timestamps have whole seconds,
                                         # so a count that moved is a change they may not show
@@ -3754,7 +3754,8 @@ class AlbumRecord:
         if count is not None and (not isinstance(count, int) or isinstance(count, bool) or count < 0):
             raise ValueError("ImageCount")
         return cls(key, strings["NodeID"], strings["path"], strings["LastUpdated"], strings["ImagesLastUpdated"],
-                   files, manifest, complete, list(damaged), sys.intern(listed), count)   # one string a second
+                   files[:], manifest, complete, list(damaged) if damaged else (),       # (no spare room: a
+                   sys.intern(listed), count)                # record each album; Listed one string a second)
 
     def to_json(self):
         return {"AlbumKey": self.key, "NodeID": self.node_id, "path": self.path,
@@ -7115,7 +7116,7 @@ def verify(config, options, status):
                         options.print_line("damaged   %s: %s" % (record.path, "; ".join(
                             p if name in p else "%s: %s" % (name, p) for name, p in problems)))
                     names = sorted({name for name, _ in problems})
-                    if names != record.damaged and not write_error:
+                    if names != list(record.damaged) and not write_error:
                         try:
                             state.save_album(replace(record, damaged=names))
                         except OSError as exc:
