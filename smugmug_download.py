@@ -3723,8 +3723,10 @@ class AlbumRecord:
             raise ValueError("path")
         raw = data.get("files")
         if raw is None:        # version 1: archive parts only
-            raw = [{"name": p.get("FileName"), "size": p.get("size")} if isinstance(p, dict) else p
-                   for p in (data.get("parts") or [])]
+            raw = data.get("parts") or []
+            if not isinstance(raw, list):
+                raise ValueError("parts")
+            raw = [{"name": p.get("FileName"), "size": p.get("size")} if isinstance(p, dict) else p for p in raw]
         if not isinstance(raw, list):
             raise ValueError("files")
         files = []
