@@ -67,6 +67,20 @@ class Runner:
 
 
 @pytest.fixture
+def planner_adds(monkeypatch):
+    """{AlbumKey: (when its wait counts from, whether its looks teach preparation times)} for
+    each album the run's LookPlanner is given, as LookPlanner.add is called."""
+    added = {}
+    add = smugmug_download.LookPlanner.add
+
+    def spy(self, album_run, asked, learn=True):
+        added[album_run.album.album_key] = (asked, learn)
+        return add(self, album_run, asked, learn)
+    monkeypatch.setattr(smugmug_download.LookPlanner, "add", spy)
+    return added
+
+
+@pytest.fixture
 def run(fake, tmp_path, capsys):
     return Runner(fake, tmp_path, capsys)
 

@@ -121,22 +121,15 @@ def test_an_archive_smugmug_has_for_a_new_album_is_reused(sample, run):
     assert tree(run.out) == sample_expected(sample)
 
 
-def test_an_archive_reused_in_preparation_teaches_the_looks_nothing(sample, run, monkeypatch):
+def test_an_archive_reused_in_preparation_teaches_the_looks_nothing(sample, run, planner_adds):
     """An archive SmugMug was already preparing (asked for before this run) has waited longer
     than this run can tell: the look planner must not learn a preparation time from it. Every
     archive this run asked for does teach it."""
     key = sample.keys["xmas"]
     sample.prep_seconds = 0.3
     sample.new_archive(key).prep_seconds = 1.0                  # still preparing at the first look
-    learnt = {}
-    add = sd.LookPlanner.add
-
-    def spy(self, album_run, asked, learn=True):
-        learnt[album_run.album.album_key] = learn
-        return add(self, album_run, asked, learn)
-
-    monkeypatch.setattr(sd.LookPlanner, "add", spy)
     code, _, err = run()
+    learnt = {k: learn for k, (_, learn) in planner_adds.items()}
     assert code == 0, err
     assert [e for e in sample.calls("post") if "/%s!" % key in e["path"]] == []
     assert learnt.pop(key) is False

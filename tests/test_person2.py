@@ -33,6 +33,18 @@ def authorize_started(path):
     return proc, re.search(r"<b id='code'>(\d{6})</b>", urllib.request.urlopen(url).read().decode()).group(1)
 
 
+def authorize_refusing(fake, tmp_path, then):
+    """--authorize answered first with a code SmugMug refuses, then `then`, then the right code:
+    (its exit code, its stderr, the config's path)."""
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({"app_key": fake.app_key, "app_key_secret": fake.app_secret,
+                                "output_dir": str(tmp_path / "out"), "api_base": fake.base}))
+    proc, code = authorize_started(path)
+    wrong = "%06d" % ((int(code) + 1) % 1000000)
+    _, err = proc.communicate(("%s\n%s\n%s\n" % (wrong, then, code)).encode(), timeout=30)
+    return proc.returncode, err.decode(), path
+
+
 def first_line(err):
     """The summary's first line in a run's stderr."""
     return [line for line in err.splitlines() if re.match(r"(Done|Stopped|Interrupted) after ", line)][-1]
@@ -204,14 +216,8 @@ def test_keys_beginning_with_an_underscore_are_comments(fake, tmp_path, capsys):
 def test_a_mistyped_authorization_code_is_asked_for_again(fake, tmp_path):
     """A wrong code (refused by SmugMug) and a malformed one are each asked for again with the
     reason; the right code then completes the same flow (the same URL): exit 0, token saved."""
-    path = tmp_path / "config.json"
-    path.write_text(json.dumps({"app_key": fake.app_key, "app_key_secret": fake.app_secret,
-                                "output_dir": str(tmp_path / "out"), "api_base": fake.base}))
-    proc, code = authorize_started(path)
-    wrong = "%06d" % ((int(code) + 1) % 1000000)
-    _, err = proc.communicate(("%s\n12 34\n%s\n" % (wrong, code)).encode(), timeout=30)
-    err = err.decode()
-    assert proc.returncode == 0, err
+    returncode, err, path = authorize_refusing(fake, tmp_path, "12 34")
+    assert returncode == 0, err
     assert "did not accept the code" in err and "six digits" in err and "Error" not in err, err
     assert json.loads(path.read_text())["access_key"] in fake.tokens
 

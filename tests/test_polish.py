@@ -14,7 +14,7 @@ import pytest
 import smugmug_download as sd
 from conftest import ROOT, read_pty, spawn, tree, wait_for, write_config
 from test_person import on_a_terminal, status_lines
-from test_person2 import authorize_started
+from test_person2 import authorize_refusing
 
 
 def versions_line(out, rel):
@@ -149,14 +149,8 @@ def test_a_fresh_config_from_the_example_names_the_placeholder_first(fake, tmp_p
 def test_authorize_says_why_a_code_is_refused_in_one_clean_sentence(fake, tmp_path):
     """A code SmugMug refuses, then one with letters, then the right one: each refusal is one
     clean line (no library text, no ".;"), the second says digits; the flow then completes."""
-    path = tmp_path / "config.json"
-    path.write_text(json.dumps({"app_key": fake.app_key, "app_key_secret": fake.app_secret,
-                                "output_dir": str(tmp_path / "out"), "api_base": fake.base}))
-    proc, code = authorize_started(path)
-    wrong = "%06d" % ((int(code) + 1) % 1000000)
-    _, err = proc.communicate(("%s\nabcdef\n%s\n" % (wrong, code)).encode(), timeout=30)
-    err = err.decode()
-    assert proc.returncode == 0, err
+    returncode, err, _ = authorize_refusing(fake, tmp_path, "abcdef")
+    assert returncode == 0, err
     lines = [l.split("code SmugMug shows: ")[-1] for l in err.splitlines() if "try again" in l]
     assert lines[0] == "SmugMug did not accept the code (wrong or expired? HTTP 401, permission_denied); " \
                        "try again (2 more tries)", err
