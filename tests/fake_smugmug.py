@@ -1496,8 +1496,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         now = time.monotonic()
         headers = {}
         if fake.rate_remaining is not None:
-            headers = {"X-RateLimit-Remaining": str(fake.rate_remaining),
-                       "X-RateLimit-Reset": str(int(time.time()) + 1)}
+            headers = {"X-RateLimit-Remaining": str(fake.rate_remaining),      # a whole second, 1-2 s on
+                       "X-RateLimit-Reset": str(math.ceil(time.time()) + 1)}
         if fake.quota:
             self.api_headers, wait = fake.take_quota(arrived, path)
             if wait is not None:
