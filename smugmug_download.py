@@ -5756,8 +5756,8 @@ class Orchestrator:
                 while done:                     # popped: a result (an album's listing...) is held
                     self.finished(done.pop())   # no longer than it is handled
                 self.reporter.tick(self)
-        except Unreachable as exc:            # like a write error: stop, keep what is done
-            self.stop_new_work(str(exc))
+        except Unreachable as exc:            # like a write error: stop, keep what is done (the wait's
+            self.stop_new_work(str(exc), say=False)     # line named the cause, the summary names it)
             self.client.stop.set()
         self.finish()
         return self.summary
@@ -6224,10 +6224,12 @@ class Orchestrator:
         self.states[run.state] += 1
         run.tally = self.states
 
-    def stop_new_work(self, why):
-        """A fatal write error, or SmugMug unreachable: start nothing new (the walk included)."""
+    def stop_new_work(self, why, say=True):
+        """A fatal write error, or SmugMug unreachable: start nothing new (the walk included).
+        say: name why now (a run that goes on with the downloads under way); the summary says it
+        at the end either way."""
         if not self.halt:
-            if self.nickname is not None:       # (before SmugMug answered, the summary alone says why)
+            if say and self.nickname is not None:   # (before SmugMug answered, the summary alone says why)
                 log.error("stopping new downloads: %s", why)
             self.summary.write_error = why
         self.halt = True

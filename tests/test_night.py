@@ -59,17 +59,24 @@ def test_an_outage_at_the_start_is_waited_for(fake, run, quick_probes):
     assert "SmugMug unreachable since" in err
 
 
-def test_an_outage_past_unreachable_minutes_stops_the_run_keeping_everything(fake, run, quick_probes):
+@pytest.mark.parametrize("quiet", [False, True])
+def test_an_outage_past_unreachable_minutes_stops_the_run_keeping_everything(fake, run, quick_probes, quiet):
     """After unreachable_minutes without SmugMug the run stops like a write error: exit 1, one
-    stopped summary, .part files kept, and the next run completes the backup, resuming them."""
+    stopped summary, .part files kept, and the next run completes the backup, resuming them. The
+    cause is named twice: when the wait begins (with the time the run gives up) and in the
+    summary, never a third time in an error line between them; with --quiet the summary is the
+    one line."""
     paths = albums_of(fake, count=4)
     fake.bandwidth = 300_000
     fake.outage_at = {"download_bytes": 100_000}
     fake.outage_seconds = 4.0
-    code, _, err = run(unreachable_minutes=0.02)
+    code, _, err = run(*(["--quiet"] if quiet else []), unreachable_minutes=0.02)
     assert code == sd.EXIT_ALBUMS_FAILED, err
-    assert re.search(r"^Stopped after \d+ s: \d+ albums? backed up, 0 unchanged, 0 failed, \d+ not attempted "
-                     r"\(SmugMug unreachable since \d\d:\d\d:\d\d: [^)]+\)\.$", err, re.MULTILINE), err
+    stopped = re.search(r"^Stopped after \d+ s: \d+ albums? backed up, 0 unchanged, 0 failed, \d+ not attempted "
+                        r"\(SmugMug unreachable since \d\d:\d\d:\d\d: ([^)]+)\)\.$", err, re.MULTILINE)
+    assert stopped, err
+    assert sum(stopped.group(1) in line for line in err.splitlines()) == (1 if quiet else 2), err
+    assert len(err.splitlines()) == 1 or not quiet, err
     assert any(name.endswith(".part") for name in tree(run.out))
     while fake.in_outage():
         time.sleep(0.05)
