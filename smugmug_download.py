@@ -2434,6 +2434,11 @@ def photo_identity(key, md5="", size=None):
     return "%s md5:%s" % (key, md5) if md5 else "%s size:%d" % (key, size) if size is not None else key
 
 
+def identity_key(identity):
+    """The ImageKey of a photo_identity()."""
+    return identity.split(" ")[0]
+
+
 def manifest_photos(doc, keys=None):
     """(identity, FileName, holder) of every photo a manifest says it holds, and where: its
     "files", and any other list of entries with an ImageKey (photos no longer listed that a kept
@@ -2458,7 +2463,7 @@ def gone_photos(before, listing):
     SmugMug no longer lists: [(identity, FileName, holder)]. (A photo it lists with other bytes is
     not gone: its old bytes are a version like any other.)"""
     listed = {f.key for f in listing}
-    return [p for p in dict.fromkeys(before) if p[0].split(" ")[0] not in listed]
+    return [p for p in dict.fromkeys(before) if identity_key(p[0]) not in listed]
 
 
 def held_on_disk(listing, folder, parts, loose):
@@ -2965,7 +2970,7 @@ def retention_unheld(photos, order, held_now, listed, newest):
     these bytes (held_now: identities), or other bytes of a photo SmugMug still lists (listed:
     ImageKeys: the version is an old one of a live photo, kept keep_versions_days like any), and
     no version later in order does (newest: identity -> the order of the last version holding it)."""
-    return [(i, name) for i, name in photos if i not in held_now and i.split(" ")[0] not in listed
+    return [(i, name) for i, name in photos if i not in held_now and identity_key(i) not in listed
             and newest.get(i, order) <= order]
 
 
@@ -3559,9 +3564,9 @@ class Store:
             dropped.update(i for i, _ in unheld[vf.rel])
         if removed:
             self.journal({"pruned_files": removed})
-        lost = [i for i in gone if i not in held_now and i.split(" ")[0] not in listed and i not in kept
+        lost = [i for i in gone if i not in held_now and identity_key(i) not in listed and i not in kept
                 and not (i in newest and newest[i][0] not in old)]
-        back = [i for i in gone if i.split(" ")[0] in listed]     # listed again (in another album, say)
+        back = [i for i in gone if identity_key(i) in listed]     # listed again (in another album, say)
         self.set_gone([(gone[i][0], i, None) for i in lost + back])   # no copy left, or not gone: forgotten
         last = len(dropped.intersection(lost))
         if summary is not None:
@@ -3646,7 +3651,7 @@ class Store:
         (read one at a time), the file there and not found damaged; and zip entries no manifest
         named (entries: album path -> identities), in that album's current parts or its loose files
         of the same name, size and CRC."""
-        held, keys = set(), {i.split(" ")[0] for i in wanted}
+        held, keys = set(), {identity_key(i) for i in wanted}
         listed = set()
         for record in list(self.state.albums.values()):
             folder = self.abs(record.path)
@@ -3658,7 +3663,7 @@ class Store:
                     if identity in wanted:
                         held.add(identity)
                     if name == "files" and record.image_count != 0:   # SmugMug lists it (other sections,
-                        listed.add(identity.split(" ")[0])                 # an album emptied: no longer)
+                        listed.add(identity_key(identity))                 # an album emptied: no longer)
             want = entries.get(record.path)
             for f in record.files if want else ():
                 path = os.path.join(folder, f.name)
@@ -6157,9 +6162,9 @@ class Orchestrator:
             return
         _, listed = self.store.held_now({p[4] for p in found}, {})
         if listed:
-            self.summary.gone_photos = [p for p in found if p[4].split(" ")[0] not in listed]
+            self.summary.gone_photos = [p for p in found if identity_key(p[4]) not in listed]
             self.store.set_gone([(key, i, None) for key, photos in self.state.gone.items() for i in photos
-                                 if i.split(" ")[0] in listed])
+                                 if identity_key(i) in listed])
 
     def note_gone(self, run, rel=None):
         """After a commit (or an album emptied: rel, where its files stay): the photos the previous
