@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """A quick simulation of the tool's Scheduler (window, backlog bound, LookPlanner) on virtual time.
 
-    python tests/pacing_sim.py [--accounts 40] [--shape spread|tail|bench-tail|account|prepbound|slowprep|long]
+    python tests/pacing_sim.py [--accounts 40] [--first-seed 0] [--shape spread|tail|bench-tail|account|prepbound|slowprep|long]
                                [--verbose] [--set NAME=VALUE ...]
     python tests/pacing_sim.py --frontier [--shape spread]
 
@@ -269,6 +269,7 @@ def frontier(args):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--accounts", type=int, default=40)
+    parser.add_argument("--first-seed", type=int, default=0, help="the accounts are seeds first-seed, first-seed + 1...")
     parser.add_argument("--shape", default="spread")
     parser.add_argument("--albums", type=int, default=None, help="albums per account (80; account: 120)")
     parser.add_argument("--cap", type=float, default=60.0, help="MB/s")
@@ -287,7 +288,7 @@ def main(argv=None):
     if args.frontier:
         return frontier(args)
     results = []
-    for seed in range(args.accounts):
+    for seed in range(args.first_seed, args.first_seed + args.accounts):
         albums = account(random.Random(seed), args.shape, args.albums)
         ratio, per_album, calls = simulate(albums, cap=args.cap * MB)
         results.append((ratio, per_album + args.walk_calls, seed, dict(calls), simulate.gap))
@@ -303,6 +304,17 @@ def main(argv=None):
           "worst %.2f (seed %d %s); first ready to first download mean %.2f s worst %.2f s (seed %d)"
           % (args.shape, len(results), mean(0), worst_ratio[0], worst_ratio[2], args.walk_calls, mean(1),
              worst_calls[1], worst_calls[2], worst_calls[3], mean(4), worst_gap[4], worst_gap[2]))
+    print("  percentiles 80 / 95: wall/bound %s; calls/album %s; first ready to first download %s s" % tuple(
+        " / ".join("%.3f" % value for value in percentiles([r[i] for r in results], (0.8, 0.95))) for i in (0, 1, 4)))
+
+
+def percentiles(values, points):
+    """The values at these points of their sorted order (0.95: the 95th percentile). The worst of
+    several accounts is a noisy figure: over 40 accounts, it moved by up to 0.05 of the bound from
+    one set of seeds to the next, for the same planner; the worst of the benchmark's five accounts
+    lies near the 87th percentile (0.87 ** 5 is a half). Weigh a setting on these, over 120 or more."""
+    ordered = sorted(values)
+    return [ordered[min(len(ordered) - 1, int(point * len(ordered)))] for point in points]
 
 
 if __name__ == "__main__":

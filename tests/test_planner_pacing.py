@@ -208,3 +208,10 @@ def test_looks_count_their_wait_from_the_requests_answer(fake, run, planner_adds
     assert preparing
     for key in preparing:
         assert asked[key] >= fake.archives[key][0].created
+
+
+def test_the_simulations_percentiles_are_points_of_the_sorted_values():
+    """pacing_sim weighs a setting on percentiles over many accounts, not on the noisy worst."""
+    values = [5.0, 1.0, 4.0, 2.0, 3.0, 10.0, 9.0, 8.0, 7.0, 6.0]
+    assert pacing_sim.percentiles(values, (0.0, 0.5, 0.8, 0.95, 1.0)) == [1.0, 6.0, 9.0, 10.0, 10.0]
+    assert pacing_sim.percentiles([3.0], (0.8, 0.95)) == [3.0, 3.0]
