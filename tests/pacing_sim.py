@@ -266,6 +266,15 @@ def frontier(args):
                     "  both met" if wall <= 1.15 and calls <= 4.0 else ""))
 
 
+def percentiles(values, points):
+    """The values at these points of their sorted order (0.95: the 95th percentile). The worst of
+    several accounts is a noisy figure: over 40 accounts, it moved by up to 0.05 of the bound from
+    one set of seeds to the next, for the same planner; the worst of the benchmark's five accounts
+    lies near the 87th percentile (0.87 ** 5 is a half). Weigh a setting on these, over 120 or more."""
+    ordered = sorted(values)
+    return [ordered[min(len(ordered) - 1, int(point * len(ordered)))] for point in points]
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--accounts", type=int, default=40)
@@ -306,15 +315,6 @@ def main(argv=None):
              worst_calls[1], worst_calls[2], worst_calls[3], mean(4), worst_gap[4], worst_gap[2]))
     print("  percentiles 80 / 95: wall/bound %s; calls/album %s; first ready to first download %s s" % tuple(
         " / ".join("%.3f" % value for value in percentiles([r[i] for r in results], (0.8, 0.95))) for i in (0, 1, 4)))
-
-
-def percentiles(values, points):
-    """The values at these points of their sorted order (0.95: the 95th percentile). The worst of
-    several accounts is a noisy figure: over 40 accounts, it moved by up to 0.05 of the bound from
-    one set of seeds to the next, for the same planner; the worst of the benchmark's five accounts
-    lies near the 87th percentile (0.87 ** 5 is a half). Weigh a setting on these, over 120 or more."""
-    ordered = sorted(values)
-    return [ordered[min(len(ordered) - 1, int(point * len(ordered)))] for point in points]
 
 
 if __name__ == "__main__":
